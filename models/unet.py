@@ -1,0 +1,539 @@
+"""VideoUNet: the Stable Diffusion 1.x UNet, made to see time (MagicVideo, arXiv 2211.11018).
+
+The 2D part is the SD1.x UNet in the LDM key layout (``input_blocks.*``, ``middle_block.*``,
+``output_blocks.*``, ``time_embed.*``, ``out.*``), so SD1.5 weights load by name. Three
+ideas are added, each with its own keys and each initialised so that a fresh model equals
+the image model exactly:
+
+- ``FrameAdaptor`` after every 2D convolution: ``z_i = S_i * Conv2d(z_i) + B_i`` with a
+  per-frame, per-channel scale and shift (S=1, B=0 at start). Keys contain ``adaptor``.
+- ``DirectedTemporalAttention`` beside the spatial self-attention of every transformer
+  block, summed as the paper does (``z = z + S-Attn(z) + T-Attn(z)``): attention over the
+  frame axis at each spatial position, frame p sees frames q <= p. Zero-initialised output
+  projection. Keys contain ``temporal``.
+- fps conditioning ``Linear(SiLU(Linear(sinusoid(fps))))`` added to the timestep embedding,
+  last Linear zero-initialised. Keys contain ``fps_embed``.
+
+Optional conditioning channels (Magic 1-For-1's image prior: reference latents + mask) go
+through ``cond_in``, a zero-initialised conv summed with ``input_blocks.0.0``: a conv over
+``concat(x, cond)`` equals ``conv_x(x) + conv_cond(cond)`` (split its weight along input
+channels), so this is the channel-concat model while SD1.5's input conv keeps its shape.
+
+Frames ride in the batch dimension, ``[(b f), c, h, w]``; every layer that mixes or
+indexes frames receives ``num_frames`` explicitly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+# Substrings that mark the parameters the image model does not have. Together they are
+# the motion-only file (adaptors + temporal attention + fps embedding + conditioning conv).
+MOTION_KEY_MARKERS = ("adaptor", "temporal", "fps_embed", "cond_in.")
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass
+class UNetConfig:
+    """Architecture of a VideoUNet. Defaults are SD1.5 plus MagicVideo's video fields."""
+
+    # the SD1.x image UNet
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (4, 2, 1)  # downsampling factors with a transformer
+    num_heads: int = 8
+    transformer_depth: int = 1
+    context_dim: int = 768
+    norm_groups: int = 32
+    # MagicVideo
+    max_frames: int = 16  # frames a FrameAdaptor has parameters for (MagicVideo's 16 keyframes)
+    temporal_bidirectional: bool = False  # ablation: every frame sees every frame
+    temporal_position: bool = True  # sinusoidal frame-index encoding on temporal queries/keys
+    fps_embed: bool = True
+    default_fps: float = 8.0  # used when forward() gets fps=None
+    cond_channels: int = 0  # e.g. 5 = reference latents (4) + mask (1)
+    prediction_type: str = "epsilon"  # metadata for the sampler: "epsilon" | "v_prediction"
+
+    def __post_init__(self):
+        self.channel_mult = tuple(int(m) for m in self.channel_mult)
+        self.attention_resolutions = tuple(int(r) for r in self.attention_resolutions)
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
+        if self.max_frames < 1:
+            raise ValueError(f"max_frames must be at least 1, got {self.max_frames}")
+        for mult in self.channel_mult:
+            ch = self.model_channels * mult
+            if ch % self.norm_groups:
+                raise ValueError(f"channels {ch} are not divisible by norm_groups {self.norm_groups}")
+            if ch % self.num_heads:
+                raise ValueError(f"channels {ch} are not divisible by num_heads {self.num_heads}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["channel_mult"] = list(self.channel_mult)
+        d["attention_resolutions"] = list(self.attention_resolutions)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "UNetConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown UNetConfig fields: {unknown}")
+        return cls(**d)
+
+    @property
+    def image_fields(self) -> dict:
+        """The fields that shape the 2D (SD) part; the rest are MagicVideo's."""
+        names = ("in_channels", "out_channels", "model_channels", "channel_mult", "num_res_blocks",
+                 "attention_resolutions", "num_heads", "transformer_depth", "context_dim", "norm_groups")
+        return {k: getattr(self, k) for k in names}
+
+
+def is_motion_key(name: str) -> bool:
+    """True for parameters MagicVideo adds to the image UNet (the motion-only file)."""
+    return any(marker in name for marker in MOTION_KEY_MARKERS)
+
+
+def motion_state_dict(unet: nn.Module) -> dict[str, torch.Tensor]:
+    """The motion-only part of a VideoUNet's state dict (adaptors, temporal, fps, cond)."""
+    return {k: v for k, v in unet.state_dict().items() if is_motion_key(k)}
+
+
+def check_num_frames(num_frames: int, max_frames: int) -> None:
+    if num_frames > max_frames:
+        raise ValueError(
+            f"{num_frames} frames requested but this model supports at most max_frames={max_frames}; "
+            "use fewer frames per window (e.g. the sliding window) or a model with a larger max_frames"
+        )
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be at least 1, got {num_frames}")
+
+
+def sinusoidal_embedding(values: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """[n] -> [n, dim] float32: cos then sin features, as LDM's timestep embedding."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=values.device) / half)
+    args = values[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+# ----------------------------------------------------------------------------- frame adaptor
+
+
+class FrameAdaptor(nn.Module):
+    """Per-frame, per-channel affine map after a shared conv: ``z_i = S_i * z_i + B_i``."""
+
+    def __init__(self, channels: int, max_frames: int):
+        super().__init__()
+        self.max_frames = max_frames
+        self.scale = nn.Parameter(torch.empty(max_frames, channels))
+        self.shift = nn.Parameter(torch.empty(max_frames, channels))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.init.ones_(self.scale)
+        nn.init.zeros_(self.shift)
+
+    def forward(self, h: torch.Tensor, num_frames: int) -> torch.Tensor:
+        check_num_frames(num_frames, self.max_frames)
+        scale = self.scale[:num_frames].to(h.dtype)
+        shift = self.shift[:num_frames].to(h.dtype)
+        h = rearrange(h, "(b f) c h w -> b f c h w", f=num_frames)
+        h = torch.addcmul(shift[:, :, None, None], h, scale[:, :, None, None])
+        return rearrange(h, "b f c h w -> (b f) c h w")
+
+
+class FramewiseConv2d(nn.Conv2d):
+    """A 2D conv shared by all frames, followed by its FrameAdaptor.
+
+    The conv keeps nn.Conv2d's own keys (``weight``, ``bias``) so SD weights load by name;
+    the adaptor's parameters sit under ``<conv>.adaptor.*``.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, *, max_frames: int, stride=1, padding=0):
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding)
+        self.adaptor = FrameAdaptor(out_channels, max_frames)
+
+    def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+        return self.adaptor(super().forward(x), num_frames)
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+@dataclass
+class BlockInputs:
+    """What every block needs besides the features: passed explicitly, never global."""
+
+    emb: torch.Tensor  # [(b f), time_embed_dim]
+    context: torch.Tensor  # [(b f), seq, context_dim]
+    num_frames: int
+
+
+class ResBlock(nn.Module):
+    """SD's residual block (LDM keys: in_layers, emb_layers, out_layers, skip_connection)."""
+
+    def __init__(self, channels: int, emb_channels: int, out_channels: int, cfg: UNetConfig):
+        super().__init__()
+        g, mf = cfg.norm_groups, cfg.max_frames
+        self.in_layers = nn.Sequential(
+            nn.GroupNorm(g, channels),
+            nn.SiLU(),
+            FramewiseConv2d(channels, out_channels, 3, padding=1, max_frames=mf),
+        )
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(
+            nn.GroupNorm(g, out_channels),
+            nn.SiLU(),
+            nn.Dropout(0.0),  # kept so the conv sits at index 3 as in LDM checkpoints
+            FramewiseConv2d(out_channels, out_channels, 3, padding=1, max_frames=mf),
+        )
+        if out_channels == channels:
+            self.skip_connection = None
+        else:
+            self.skip_connection = FramewiseConv2d(channels, out_channels, 1, max_frames=mf)
+
+    def forward(self, x: torch.Tensor, inputs: BlockInputs) -> torch.Tensor:
+        f = inputs.num_frames
+        norm, act, conv = self.in_layers
+        h = conv(act(norm(x)), f)
+        h = h + self.emb_layers(inputs.emb).to(h.dtype)[:, :, None, None]
+        norm, act, drop, conv = self.out_layers
+        h = conv(drop(act(norm(h))), f)
+        skip = x if self.skip_connection is None else self.skip_connection(x, f)
+        return skip + h
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int, cfg: UNetConfig):
+        super().__init__()
+        self.op = FramewiseConv2d(channels, channels, 3, stride=2, padding=1, max_frames=cfg.max_frames)
+
+    def forward(self, x: torch.Tensor, inputs: BlockInputs) -> torch.Tensor:
+        return self.op(x, inputs.num_frames)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int, cfg: UNetConfig):
+        super().__init__()
+        self.conv = FramewiseConv2d(channels, channels, 3, padding=1, max_frames=cfg.max_frames)
+
+    def forward(self, x: torch.Tensor, inputs: BlockInputs, size=None) -> torch.Tensor:
+        # `size` is the skip connection's spatial size, so odd latent sizes round-trip
+        size = tuple(size) if size is not None else (x.shape[-2] * 2, x.shape[-1] * 2)
+        x = F.interpolate(x, size=size, mode="nearest")
+        return self.conv(x, inputs.num_frames)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, causal: bool = False) -> torch.Tensor:
+    """[n, lq, (h d)] x [n, lk, (h d)] -> [n, lq, (h d)] with torch's fused SDPA kernels."""
+    q, k, v = (rearrange(t, "n l (h d) -> n h l d", h=heads) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return rearrange(out, "n h l d -> n l (h d)")
+
+
+class CrossAttention(nn.Module):
+    """LDM attention (keys to_q, to_k, to_v, to_out.0); self-attention when context is None."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None):
+        super().__init__()
+        context_dim = context_dim or dim
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(context_dim, dim, bias=False)
+        self.to_v = nn.Linear(context_dim, dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(0.0))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads)
+        return self.to_out(out)
+
+
+class DirectedTemporalAttention(nn.Module):
+    """Attention over the frame axis at every spatial position; frame p sees frames q <= p.
+
+    Input and output are spatial tokens ``[(b f), (h w), c]``. A fixed sinusoidal encoding
+    of the frame index is added to the inputs of the query and key projections (not the
+    values): causal masking alone tells a frame how many frames precede it only through
+    the softmax's normalisation, while the encoding lets it know how far back each one is.
+    It has no parameters, and the zero-initialised ``to_out`` makes a fresh layer output
+    exactly zero, so the inflated model starts as the image model.
+    """
+
+    def __init__(self, dim: int, heads: int, *, bidirectional: bool = False, position: bool = True):
+        super().__init__()
+        self.heads = heads
+        self.bidirectional = bidirectional
+        self.position = position
+        self.norm = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(dim, dim, bias=False)
+        self.to_v = nn.Linear(dim, dim, bias=False)
+        self.to_out = nn.Linear(dim, dim)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        self.norm.reset_parameters()
+        for lin in (self.to_q, self.to_k, self.to_v):
+            lin.reset_parameters()
+        nn.init.zeros_(self.to_out.weight)
+        nn.init.zeros_(self.to_out.bias)
+
+    def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+        n = rearrange(self.norm(x), "(b f) s c -> (b s) f c", f=num_frames)
+        qk_in = n
+        if self.position:
+            pos = sinusoidal_embedding(torch.arange(num_frames, device=x.device), n.shape[-1])
+            qk_in = n + pos.to(n.dtype)
+        out = attention(self.to_q(qk_in), self.to_k(qk_in), self.to_v(n), self.heads, causal=not self.bidirectional)
+        out = self.to_out(out)
+        return rearrange(out, "(b s) f c -> (b f) s c", s=x.shape[1])
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class TransformerBlock(nn.Module):
+    """LDM's BasicTransformerBlock with a directed temporal branch beside self-attention."""
+
+    def __init__(self, dim: int, heads: int, cfg: UNetConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = CrossAttention(dim, heads)
+        self.temporal_attn = DirectedTemporalAttention(
+            dim, heads, bidirectional=cfg.temporal_bidirectional, position=cfg.temporal_position
+        )
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = CrossAttention(dim, heads, context_dim=cfg.context_dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, num_frames: int) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x)) + self.temporal_attn(x, num_frames)  # z + S-Attn(z) + T-Attn(z)
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """LDM's SpatialTransformer (1x1 conv proj_in/proj_out, as SD1.x; both frame-adapted)."""
+
+    def __init__(self, channels: int, cfg: UNetConfig):
+        super().__init__()
+        self.norm = nn.GroupNorm(cfg.norm_groups, channels, eps=1e-6)
+        self.proj_in = FramewiseConv2d(channels, channels, 1, max_frames=cfg.max_frames)
+        self.transformer_blocks = nn.ModuleList(
+            TransformerBlock(channels, cfg.num_heads, cfg) for _ in range(cfg.transformer_depth)
+        )
+        self.proj_out = FramewiseConv2d(channels, channels, 1, max_frames=cfg.max_frames)
+
+    def forward(self, x: torch.Tensor, inputs: BlockInputs) -> torch.Tensor:
+        f = inputs.num_frames
+        h = self.proj_in(self.norm(x), f)
+        height, width = h.shape[-2:]
+        h = rearrange(h, "n c h w -> n (h w) c")
+        for block in self.transformer_blocks:
+            h = block(h, inputs.context, f)
+        h = rearrange(h, "n (h w) c -> n c h w", h=height, w=width)
+        return self.proj_out(h, f) + x
+
+
+class UNetBlock(nn.ModuleList):
+    """One entry of input_blocks / output_blocks: layers applied in order."""
+
+    def forward(self, h: torch.Tensor, inputs: BlockInputs, skip_size=None) -> torch.Tensor:
+        for layer in self:
+            h = layer(h, inputs, skip_size) if isinstance(layer, Upsample) else layer(h, inputs)
+        return h
+
+
+# ----------------------------------------------------------------------------- the UNet
+
+
+class VideoUNet(nn.Module):
+    def __init__(self, config: UNetConfig | None = None):
+        super().__init__()
+        cfg = self.config = config or UNetConfig()
+        mc, mf = cfg.model_channels, cfg.max_frames
+        emb_dim = mc * 4
+        self.gradient_checkpointing = False
+
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.fps_embed = None
+        if cfg.fps_embed:
+            self.fps_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.cond_in = None
+        if cfg.cond_channels:
+            # no bias: input_blocks.0.0 already has one; together they are one conv over concat(x, cond)
+            self.cond_in = nn.Conv2d(cfg.cond_channels, mc, 3, padding=1, bias=False)
+
+        def res(ch_in, ch_out):
+            return ResBlock(ch_in, emb_dim, ch_out, cfg)
+
+        self.input_blocks = nn.ModuleList([UNetBlock([FramewiseConv2d(cfg.in_channels, mc, 3, padding=1, max_frames=mf)])])
+        skip_channels = [mc]
+        ch, ds = mc, 1
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                layers = [res(ch, mc * mult)]
+                ch = mc * mult
+                if ds in cfg.attention_resolutions:
+                    layers.append(SpatialTransformer(ch, cfg))
+                self.input_blocks.append(UNetBlock(layers))
+                skip_channels.append(ch)
+            if level != len(cfg.channel_mult) - 1:
+                self.input_blocks.append(UNetBlock([Downsample(ch, cfg)]))
+                skip_channels.append(ch)
+                ds *= 2
+
+        self.middle_block = UNetBlock([res(ch, ch), SpatialTransformer(ch, cfg), res(ch, ch)])
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [res(ch + skip_channels.pop(), mc * mult)]
+                ch = mc * mult
+                if ds in cfg.attention_resolutions:
+                    layers.append(SpatialTransformer(ch, cfg))
+                if level and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch, cfg))
+                    ds //= 2
+                self.output_blocks.append(UNetBlock(layers))
+
+        self.out = nn.Sequential(
+            nn.GroupNorm(cfg.norm_groups, ch),
+            nn.SiLU(),
+            FramewiseConv2d(mc, cfg.out_channels, 3, padding=1, max_frames=mf),
+        )
+        nn.init.zeros_(self.out[2].weight)
+        nn.init.zeros_(self.out[2].bias)
+        self.reset_motion_parameters()
+
+    @classmethod
+    def for_loading(cls, config: UNetConfig, device="cpu", dtype=torch.float32) -> "VideoUNet":
+        """A model whose 2D weights are left uninitialised (fast): load them next.
+
+        Built on the meta device and materialised empty; only the MagicVideo layers get
+        their identity initialisation. SD1.5's 860M parameters take seconds to initialise
+        randomly, which a loader that overwrites them all should not pay.
+        """
+        with torch.device("meta"):
+            model = cls(config)
+        model = model.to_empty(device=device).to(dtype)
+        model.reset_motion_parameters()
+        return model
+
+    # -- the new layers
+
+    @torch.no_grad()
+    def reset_motion_parameters(self):
+        """Initialise every MagicVideo layer so the model equals its image model.
+
+        Adaptors to identity, temporal output projections and the last fps Linear and the
+        conditioning conv to zero. Called by __init__, and by the checkpoint loader after
+        it builds the model without initialising (on the meta device).
+        """
+        for m in self.modules():
+            if isinstance(m, (FrameAdaptor, DirectedTemporalAttention)):
+                m.reset_parameters()
+        if self.fps_embed is not None:
+            self.fps_embed[0].reset_parameters()
+            nn.init.zeros_(self.fps_embed[2].weight)
+            nn.init.zeros_(self.fps_embed[2].bias)
+        if self.cond_in is not None:
+            nn.init.zeros_(self.cond_in.weight)
+
+    def motion_parameters(self):
+        return [p for n, p in self.named_parameters() if is_motion_key(n)]
+
+    # -- forward
+
+    def _per_frame(self, t: torch.Tensor, b: int, f: int, what: str) -> torch.Tensor:
+        """Accept a per-video [b, ...] or per-frame [(b f), ...] tensor; return per-frame."""
+        if t.shape[0] == b * f:
+            return t
+        if t.shape[0] == b:
+            return repeat(t, "b ... -> (b f) ...", f=f)
+        raise ValueError(f"{what} has batch {t.shape[0]}; expected {b} videos or {b * f} frames ({b} x {f})")
+
+    def forward(self, x, timesteps, context, num_frames: int, fps=None, cond=None):
+        """x [(b f), in, h, w]; timesteps [(b f)] or [b] or scalar; context [b | (b f), seq, dim];
+        fps number, [(b f)] or [b] or None (config default); cond [(b f), cond_channels, h, w]."""
+        cfg = self.config
+        f = int(num_frames)
+        check_num_frames(f, cfg.max_frames)
+        if x.shape[0] % f:
+            raise ValueError(f"batch of {x.shape[0]} frames is not a whole number of {f}-frame videos")
+        b = x.shape[0] // f
+
+        timesteps = torch.as_tensor(timesteps, device=x.device)
+        timesteps = self._per_frame(timesteps.reshape(-1).expand(b) if timesteps.numel() == 1 else timesteps, b, f, "timesteps")
+        emb = self.time_embed(sinusoidal_embedding(timesteps, cfg.model_channels).to(x.dtype))
+        if self.fps_embed is not None:
+            fps = torch.as_tensor(cfg.default_fps if fps is None else fps, device=x.device, dtype=torch.float32)
+            fps = self._per_frame(fps.reshape(-1).expand(b) if fps.numel() == 1 else fps, b, f, "fps")
+            emb = emb + self.fps_embed(sinusoidal_embedding(fps, cfg.model_channels).to(x.dtype))
+        inputs = BlockInputs(emb=emb, context=self._per_frame(context, b, f, "context").to(x.dtype), num_frames=f)
+
+        # input_blocks.0.0, with the conditioning channels as the rest of one wider conv
+        conv_in = self.input_blocks[0][0]
+        h = nn.Conv2d.forward(conv_in, x)
+        if self.cond_in is not None:
+            if cond is None:
+                raise ValueError(f"this model takes {cfg.cond_channels} conditioning channels; pass cond (zeros for none)")
+            if cond.shape[1] != cfg.cond_channels:
+                raise ValueError(f"cond has {cond.shape[1]} channels; this model takes {cfg.cond_channels}")
+            h = h + self.cond_in(cond.to(x.dtype))
+        elif cond is not None:
+            raise ValueError("cond given but this model has cond_channels=0")
+        h = conv_in.adaptor(h, f)
+
+        skips = [h]
+        for block in self.input_blocks[1:]:
+            h = self._run(block, h, inputs)
+            skips.append(h)
+        h = self._run(self.middle_block, h, inputs)
+        for block in self.output_blocks:
+            skip = skips.pop()
+            h = self._run(block, torch.cat([h, skip], dim=1), inputs, skips[-1].shape[-2:] if skips else None)
+        norm, act, conv = self.out
+        return conv(act(norm(h)), f)
+
+    def _run(self, block: UNetBlock, h, inputs: BlockInputs, skip_size=None):
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, h, inputs, skip_size, use_reentrant=False)
+        return block(h, inputs, skip_size)
