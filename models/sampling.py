@@ -1,0 +1,314 @@
+"""Sampling: one loop over diffusers schedulers, with classifier-free guidance and seeded noise.
+
+The noise schedule is Stable Diffusion's DDPM schedule (``scaled_linear`` betas from
+0.00085 to 0.012 over 1000 steps). It is defined here once: the samplers are built from
+:func:`schedule_config` and the trainer takes ``alphas_cumprod`` from :func:`training_schedule`.
+
+Samplers (names as in ComfyUI's KSampler) are diffusers schedulers, not rewritten ones:
+``ddim``, ``euler``, ``euler_ancestral``, ``dpmpp_2m``, ``uni_pc``; scheduler ``normal``
+(evenly spaced "trailing" timesteps, which start at t=999 so a few steps already begin
+from pure noise) or ``karras`` (Karras et al. sigmas; for ``euler``, ``dpmpp_2m``, ``uni_pc``).
+
+Conventions of :func:`sample`:
+
+- ``denoise`` < 1 is img2img as in diffusers: the schedule is built for ``steps`` and only
+  its last ``int(steps * denoise)`` steps run, starting from the given latents noised to
+  that level. ``denoise`` = 1 starts from pure noise (the latents give only the shape);
+  a denoise that leaves no step returns the latents unchanged.
+- Conditioning: ``positive`` and ``negative`` are text embeddings ``[1 or b, seq, dim]``
+  (one per video, or one for all). ``negative`` is required when ``cfg`` != 1; there is
+  no implicit empty prompt because the library has no text encoder of its own at hand:
+  callers encode the empty prompt (core CLIPTextEncode with empty text, or the model
+  file's built-in text encoder, as the CLI does). Positive and negative of different
+  lengths (long prompts) are repeated to a common length, which leaves cross-attention
+  unchanged.
+- Noise is drawn from a CPU ``torch.Generator`` seeded with ``seed`` and then moved, so a
+  seed gives the same video on any device; ancestral samplers draw from the same generator.
+- CFG runs the unconditional and conditional halves as one batch through the UNet.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
+from einops import rearrange, repeat
+
+__all__ = [
+    "TRAIN_TIMESTEPS", "BETA_START", "BETA_END", "BETA_SCHEDULE", "SAMPLERS", "SCHEDULERS",
+    "VideoModel", "schedule_config", "training_schedule", "make_scheduler", "reference_cond", "sample",
+]
+
+# the DDPM training schedule (SD's): the trainer and every sampler use these
+TRAIN_TIMESTEPS = 1000
+BETA_START = 0.00085
+BETA_END = 0.012
+BETA_SCHEDULE = "scaled_linear"
+
+# name -> (diffusers scheduler class, extra config, supports Karras sigmas)
+_SAMPLERS = {
+    "euler": (EulerDiscreteScheduler, {}, True),
+    "euler_ancestral": (EulerAncestralDiscreteScheduler, {}, False),
+    "ddim": (DDIMScheduler, {"clip_sample": False, "set_alpha_to_one": True}, False),
+    "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}, True),
+    "uni_pc": (UniPCMultistepScheduler, {}, True),
+}
+SAMPLERS = tuple(_SAMPLERS)
+SCHEDULERS = ("normal", "karras")
+
+# the text encoders that give common context widths, for error messages
+_CONTEXT_SOURCES = {
+    768: "an SD1.x checkpoint's CLIP through CLIPTextEncode",
+    1024: "an SD2.x checkpoint's OpenCLIP through CLIPTextEncode",
+    2048: "SDXL's CLIP pair through CLIPTextEncode",
+}
+
+Callback = Callable[[int, int, torch.Tensor], None]
+
+
+@dataclass
+class VideoModel:
+    """What a MAGICVIDEO_MODEL carries: the VideoUNet and, for previews, a latent->RGB map.
+
+    ``latent_rgb`` is ``[channels + 1, 3]`` (see ``vae.latent_to_rgb``), from the VAE the
+    model was loaded with; None when there is none.
+    """
+
+    unet: torch.nn.Module
+    latent_rgb: torch.Tensor | None = None
+
+    @property
+    def config(self):
+        return self.unet.config
+
+
+def schedule_config(prediction_type: str = "epsilon") -> dict:
+    """The diffusers config shared by every sampler (and the training schedule)."""
+    return {
+        "num_train_timesteps": TRAIN_TIMESTEPS,
+        "beta_start": BETA_START,
+        "beta_end": BETA_END,
+        "beta_schedule": BETA_SCHEDULE,
+        "prediction_type": prediction_type,
+        "timestep_spacing": "trailing",
+        "steps_offset": 0,
+    }
+
+
+def training_schedule() -> torch.Tensor:
+    """``alphas_cumprod`` [1000] (float32) of the DDPM training schedule."""
+    return DDPMScheduler(**{k: v for k, v in schedule_config().items() if k != "timestep_spacing"}).alphas_cumprod.float()
+
+
+def make_scheduler(sampler: str, scheduler: str = "normal", prediction_type: str = "epsilon"):
+    """A fresh diffusers scheduler for a sampler name and a scheduler name."""
+    if sampler not in _SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {list(SAMPLERS)}")
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {scheduler!r}; expected one of {list(SCHEDULERS)}")
+    cls, extra, karras_ok = _SAMPLERS[sampler]
+    config = {**schedule_config(prediction_type), **extra}
+    if scheduler == "karras":
+        if not karras_ok:
+            ok = [name for name, (_, _, k) in _SAMPLERS.items() if k]
+            raise ValueError(f"the karras scheduler works with the samplers {ok}, not {sampler!r}")
+        config["use_karras_sigmas"] = True
+    return cls(**config)
+
+
+def reference_cond(reference: torch.Tensor | None, *, videos: int, num_frames: int, channels: int,
+                   size: tuple[int, int]) -> torch.Tensor:
+    """Magic 1-For-1's image prior as conditioning channels: ``[(b f), channels, h, w]``.
+
+    ``reference`` latents ``[r, c, h, w]`` are the first r frames of every video (r <= frames),
+    zero-padded over time, followed by a one-channel mask that is 1 on the given frames.
+    ``reference=None`` gives all zeros: no frame is given (plain text-to-video).
+    """
+    h, w = size
+    cond = torch.zeros(videos, num_frames, channels, h, w)
+    if reference is not None:
+        r, c = reference.shape[:2]
+        if c + 1 != channels:
+            raise ValueError(
+                f"this model takes {channels} conditioning channels ({channels - 1} latent + 1 mask); "
+                f"the reference latents have {c} channels"
+            )
+        if reference.shape[-2:] != (h, w):
+            raise ValueError(
+                f"reference latents are {reference.shape[-1]}x{reference.shape[-2]} (w x h); "
+                f"the video latents are {w}x{h}: encode a reference image of the video's size"
+            )
+        if r > num_frames:
+            raise ValueError(f"{r} reference frames given for a {num_frames}-frame video")
+        cond[:, :r, :c] = reference.float().cpu()
+        cond[:, :r, c] = 1.0
+    return rearrange(cond, "b f c h w -> (b f) c h w")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _context(c: torch.Tensor, name: str, *, videos: int, frames: int, width: int) -> torch.Tensor:
+    """[1 or b, seq, dim] -> [(b f), seq, dim], with clear errors."""
+    if c.ndim == 2:
+        c = c[None]
+    if c.ndim != 3:
+        raise ValueError(f"{name} conditioning must be [batch, tokens, width]; got shape {tuple(c.shape)}")
+    if c.shape[-1] != width:
+        source = _CONTEXT_SOURCES.get(width, "the model file's built-in text encoder (MagicVideo Text Encode)")
+        raise ValueError(
+            f"the model expects text embeddings of width {width} (e.g. from {source}), "
+            f"got {c.shape[-1]} in the {name} conditioning"
+        )
+    if c.shape[0] not in (1, videos):
+        raise ValueError(f"{name} conditioning has batch {c.shape[0]}; expected 1 or one per video ({videos})")
+    c = c.expand(videos, -1, -1)
+    return repeat(c, "b s d -> (b f) s d", f=frames)
+
+
+def _same_length(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Repeat token sequences to a common length; attention over repeated keys is unchanged."""
+    la, lb = a.shape[1], b.shape[1]
+    if la == lb:
+        return a, b
+    n = math.lcm(la, lb)
+    return a.repeat(1, n // la, 1), b.repeat(1, n // lb, 1)
+
+
+def _alphas_at(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """alpha_bar at a (possibly fractional) timestep, interpolating log-sigma as diffusers does."""
+    log_sigma = (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).log()
+    t = t.float().clamp(0, len(alphas_cumprod) - 1)
+    lo = t.floor().long()
+    hi = (lo + 1).clamp(max=len(alphas_cumprod) - 1)
+    frac = t - lo
+    sigma = ((1 - frac) * log_sigma[lo] + frac * log_sigma[hi]).exp()
+    return 1 / (1 + sigma**2)
+
+
+# ----------------------------------------------------------------------------- the sampler
+
+
+@torch.no_grad()
+def sample(
+    unet: torch.nn.Module,
+    latents: torch.Tensor,
+    positive: torch.Tensor,
+    negative: torch.Tensor | None,
+    *,
+    num_frames: int,
+    steps: int,
+    cfg: float,
+    sampler: str = "euler",
+    scheduler: str = "normal",
+    seed: int = 0,
+    fps: float | None = None,
+    denoise: float = 1.0,
+    cond: torch.Tensor | None = None,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """Denoise video latents ``[(b f), c, h, w]`` with a VideoUNet; returns float32 latents.
+
+    ``callback(step, total, x0)`` runs after each step (``step`` = steps done, 1..total;
+    ``x0`` = the model's current clean-latent prediction); it may raise to stop sampling.
+    ``cond`` are the UNet's extra input channels ``[(b f), cond_channels, h, w]`` (see
+    :func:`reference_cond`); zeros when the model has such channels and none are given.
+    """
+    config = unet.config
+    if latents.ndim != 4 or latents.shape[1] != config.in_channels:
+        raise ValueError(f"latents must be [frames, {config.in_channels}, h, w]; got shape {tuple(latents.shape)}")
+    if num_frames < 1 or latents.shape[0] % num_frames:
+        raise ValueError(
+            f"the latent batch has {latents.shape[0]} frames, which is not divisible by num_frames={num_frames}"
+        )
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    if not 0.0 <= denoise <= 1.0:
+        raise ValueError(f"denoise must be between 0 and 1, got {denoise}")
+    videos = latents.shape[0] // num_frames
+    use_cfg = cfg != 1.0
+    if use_cfg and negative is None:
+        raise ValueError(
+            "cfg != 1 needs negative conditioning (encode an empty prompt for plain classifier-free guidance)"
+        )
+
+    param = next(unet.parameters())
+    device, dtype = param.device, param.dtype
+    width = config.context_dim
+    pos = _context(positive, "positive", videos=videos, frames=num_frames, width=width)
+    if use_cfg:
+        neg = _context(negative, "negative", videos=videos, frames=num_frames, width=width)
+        neg, pos = _same_length(neg, pos)
+        context = torch.cat([neg, pos])
+    else:
+        context = pos
+    context = context.to(device, dtype)
+
+    if getattr(config, "cond_channels", 0):
+        if cond is None:
+            cond = torch.zeros(latents.shape[0], config.cond_channels, *latents.shape[-2:])
+        elif cond.shape != (latents.shape[0], config.cond_channels, *latents.shape[-2:]):
+            raise ValueError(
+                f"cond must be [{latents.shape[0]}, {config.cond_channels}, {latents.shape[2]}, {latents.shape[3]}], "
+                f"got {tuple(cond.shape)}"
+            )
+        cond = cond.to(device, dtype)
+        if use_cfg:
+            cond = torch.cat([cond, cond])
+    elif cond is not None:
+        raise ValueError("cond given, but this model has no conditioning channels (cond_channels=0)")
+
+    sched = make_scheduler(sampler, scheduler, config.prediction_type)
+    sched.set_timesteps(steps, device=device)
+    run = min(int(steps * denoise), steps)
+    if run == 0:
+        return latents.float().clone()
+    start = (steps - run) * sched.order
+    timesteps = sched.timesteps[start:]
+    if hasattr(sched, "set_begin_index"):
+        sched.set_begin_index(start)
+
+    generator = torch.Generator("cpu").manual_seed(int(seed))
+    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(device)
+    if run == steps and start == 0 and denoise >= 1.0:
+        x = noise * sched.init_noise_sigma
+    else:
+        x = sched.add_noise(latents.to(device, torch.float32), noise, timesteps[:1])
+
+    alphas_cumprod = sched.alphas_cumprod.to(device, torch.float32)
+    step_kwargs = {"generator": generator} if "generator" in inspect.signature(sched.step).parameters else {}
+    total = len(timesteps)
+    for i, t in enumerate(timesteps):
+        x_in = sched.scale_model_input(x, t)  # the DDPM-space sample sqrt(a) x0 + sqrt(1 - a) eps
+        t_batch = t.to(device).float().expand(latents.shape[0])
+        if use_cfg:
+            out = unet(
+                torch.cat([x_in, x_in]).to(dtype), torch.cat([t_batch, t_batch]), context,
+                num_frames=num_frames, fps=fps, cond=cond,
+            ).float()
+            uncond, cond_out = out.chunk(2)
+            out = uncond + cfg * (cond_out - uncond)
+        else:
+            out = unet(x_in.to(dtype), t_batch, context, num_frames=num_frames, fps=fps, cond=cond).float()
+
+        a = _alphas_at(alphas_cumprod, t.to(device))
+        if config.prediction_type == "v_prediction":
+            x0 = a.sqrt() * x_in - (1 - a).sqrt() * out
+        else:
+            x0 = (x_in - (1 - a).sqrt() * out) / a.sqrt()
+
+        x = sched.step(out, t, x, **step_kwargs).prev_sample
+        if callback is not None:
+            callback(i + 1, total, x0)
+    return x

@@ -1,0 +1,211 @@
+"""The sampler loop: every sampler/scheduler/prediction type against an exact denoiser, CFG,
+seeds, img2img denoise, callbacks, validation; and a tiny real VideoUNet end to end."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from magicvideo.models.sampling import (
+    SAMPLERS,
+    VideoModel,
+    _alphas_at,
+    make_scheduler,
+    reference_cond,
+    sample,
+    training_schedule,
+)
+
+WIDTH = 8
+
+
+class PointMass(torch.nn.Module):
+    """The exact denoiser of data that is a single point x*, chosen by the context.
+
+    x* = the context's first value everywhere, so positive and negative prompts pull to
+    different points and CFG's extrapolation is predictable.
+    """
+
+    def __init__(self, prediction_type="epsilon", cond_channels=0):
+        super().__init__()
+        self.config = SimpleNamespace(in_channels=4, context_dim=WIDTH, prediction_type=prediction_type,
+                                      cond_channels=cond_channels)
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.alphas = training_schedule()
+        self.calls = []
+
+    def forward(self, x, timesteps, context, num_frames, fps=None, cond=None):
+        self.calls.append(dict(batch=x.shape[0], t=timesteps, fps=fps, cond=cond, context=context))
+        target = context[:, 0, 0].view(-1, 1, 1, 1).expand_as(x)
+        a = _alphas_at(self.alphas, timesteps).view(-1, 1, 1, 1)
+        eps = (x - a.sqrt() * target) / (1 - a).sqrt()
+        if self.config.prediction_type == "v_prediction":
+            return a.sqrt() * eps - (1 - a).sqrt() * target
+        return eps
+
+
+def _ctx(value, batch=1, seq=4):
+    return torch.full((batch, seq, WIDTH), float(value))
+
+
+def _latents(frames=3, videos=1):
+    return torch.zeros(videos * frames, 4, 4, 4)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("scheduler", ["normal", "karras"])
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_every_sampler_reaches_the_data(sampler, scheduler, prediction):
+    if scheduler == "karras" and sampler in ("ddim", "euler_ancestral"):
+        pytest.skip("no Karras sigmas for this diffusers scheduler")
+    model = PointMass(prediction)
+    x0s = []
+    out = sample(model, _latents(), _ctx(0.5), None, num_frames=3, steps=6, cfg=1.0, sampler=sampler,
+                 scheduler=scheduler, seed=1, callback=lambda i, n, x0: x0s.append(x0))
+    assert len(x0s) == 6 and out.dtype == torch.float32
+    # diffusers' DDIM ends at t=0 (alpha_bar 0.99915), not at t=-1: a trace of noise stays
+    assert torch.allclose(out, torch.full_like(out, 0.5), atol=0.15 if sampler == "ddim" else 2e-3)
+    assert torch.allclose(x0s[-1], torch.full_like(out, 0.5), atol=1e-3)
+    assert torch.allclose(x0s[0], torch.full_like(out, 0.5), atol=1e-3)  # the preview's x0 is right at every t
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "dpmpp_2m"])
+def test_cfg_batches_negative_then_positive(sampler):
+    model = PointMass()
+    out = sample(model, _latents(), _ctx(0.5), _ctx(0.1, seq=8), num_frames=3, steps=5, cfg=3.0,
+                 sampler=sampler, seed=0)
+    assert all(c["batch"] == 6 for c in model.calls)  # one forward for both halves
+    assert model.calls[0]["context"].shape[1] == 8  # 4 and 8 tokens repeated to a common length
+    assert torch.allclose(out, torch.full_like(out, 0.1 + 3.0 * (0.5 - 0.1)), atol=1e-3)
+
+
+def test_cfg_one_skips_the_negative():
+    model = PointMass()
+    sample(model, _latents(), _ctx(0.5), None, num_frames=3, steps=2, cfg=1.0)
+    assert all(c["batch"] == 3 for c in model.calls)
+
+
+def test_per_video_conditioning():
+    model = PointMass()
+    pos = torch.cat([_ctx(0.2), _ctx(-0.4)])
+    out = sample(model, _latents(frames=2, videos=2), pos, None, num_frames=2, steps=4, cfg=1.0, sampler="ddim")
+    assert torch.allclose(out[:2], torch.full_like(out[:2], 0.2), atol=1e-3)
+    assert torch.allclose(out[2:], torch.full_like(out[2:], -0.4), atol=1e-3)
+
+
+def test_seeds_reproduce_and_differ():
+    model = PointMass()
+    run = lambda seed: sample(model, _latents(), _ctx(0.5), _ctx(0.0), num_frames=3, steps=3, cfg=2.0,  # noqa: E731
+                              sampler="euler_ancestral", seed=seed)
+    assert torch.equal(run(7), run(7))
+    # the exact denoiser lands every seed on x*; a no-noise model shows the noise itself
+    start = lambda seed: sample(ZeroEps(), _latents(), _ctx(0), None, num_frames=3, steps=2, cfg=1.0,  # noqa: E731
+                                seed=seed, sampler="ddim", denoise=0.5)
+    assert torch.equal(start(7), start(7)) and not torch.equal(start(7), start(8))
+
+
+class ZeroEps(PointMass):
+    """Predicts no noise at all: DDIM then returns its (noised) start divided by sqrt(alpha)."""
+
+    def forward(self, x, timesteps, context, num_frames, fps=None, cond=None):
+        self.calls.append(dict(batch=x.shape[0], t=timesteps, fps=fps, cond=cond, context=context))
+        return torch.zeros_like(x)
+
+
+def test_denoise_is_img2img():
+    """denoise d runs the last int(steps * d) steps from the latents noised to that level."""
+    model = ZeroEps()
+    latents = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(5))
+    steps, seed = 10, 3
+    out = sample(model, latents, _ctx(0), None, num_frames=3, steps=steps, cfg=1.0, sampler="ddim", seed=seed,
+                 denoise=0.3)
+    assert len(model.calls) == 3
+    sched = make_scheduler("ddim")
+    sched.set_timesteps(steps)
+    t0 = sched.timesteps[7]
+    assert model.calls[0]["t"][0] == t0
+    a = sched.alphas_cumprod[t0]
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
+    expected = latents + ((1 - a) / a).sqrt() * noise  # eps = 0: x0 = x_t / sqrt(a)
+    assert torch.allclose(out, expected, atol=1e-4)
+    # denoise so small that no step is left: the latents come back unchanged
+    assert torch.equal(sample(model, latents, _ctx(0), None, num_frames=3, steps=4, cfg=1.0, denoise=0.1), latents)
+
+
+def test_callback_can_interrupt():
+    class Cancelled(Exception):
+        pass
+
+    model = PointMass()
+    seen = []
+
+    def callback(step, total, x0):
+        seen.append((step, total))
+        if step == 2:
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        sample(model, _latents(), _ctx(0.5), None, num_frames=3, steps=5, cfg=1.0, callback=callback)
+    assert seen == [(1, 5), (2, 5)] and len(model.calls) == 2
+
+
+def test_fps_and_cond_reach_the_model():
+    model = PointMass(cond_channels=5)
+    sample(model, _latents(), _ctx(0.5), _ctx(0), num_frames=3, steps=1, cfg=2.0, fps=12)
+    call = model.calls[0]
+    assert call["fps"] == 12 and call["cond"].shape == (6, 5, 4, 4) and not call["cond"].any()
+    ref = torch.ones(1, 4, 4, 4)
+    cond = reference_cond(ref, videos=1, num_frames=3, channels=5, size=(4, 4))
+    assert cond.shape == (3, 5, 4, 4)
+    assert cond[0].eq(1).all() and not cond[1:].any()  # latents + mask on the given frame only
+    sample(model, _latents(), _ctx(0.5), None, num_frames=3, steps=1, cfg=1.0, cond=cond)
+    assert torch.equal(model.calls[-1]["cond"], cond)
+
+
+def test_validation_errors():
+    model = PointMass()
+    kw = dict(num_frames=3, steps=2, cfg=1.0)
+    with pytest.raises(ValueError, match="width 8 .*got 768"):
+        sample(model, _latents(), torch.zeros(1, 77, 768), None, **kw)
+    with pytest.raises(ValueError, match="not divisible by num_frames=4"):
+        sample(model, _latents(), _ctx(0), None, **{**kw, "num_frames": 4})
+    with pytest.raises(ValueError, match="needs negative conditioning"):
+        sample(model, _latents(), _ctx(0), None, **{**kw, "cfg": 7.0})
+    with pytest.raises(ValueError, match="expected 1 or one per video"):
+        sample(model, _latents(), _ctx(0, batch=2), None, **kw)
+    with pytest.raises(ValueError, match=r"latents must be \[frames, 4"):
+        sample(model, torch.zeros(3, 16, 4, 4), _ctx(0), None, **kw)
+    with pytest.raises(ValueError, match="no conditioning channels"):
+        sample(model, _latents(), _ctx(0), None, cond=torch.zeros(3, 5, 4, 4), **kw)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        make_scheduler("heun")
+    with pytest.raises(ValueError, match="karras scheduler works with"):
+        make_scheduler("ddim", "karras")
+    with pytest.raises(ValueError, match="1 mask"):
+        reference_cond(torch.zeros(1, 4, 4, 4), videos=1, num_frames=2, channels=9, size=(4, 4))
+
+
+def test_training_schedule_is_sd():
+    a = training_schedule()
+    assert a.shape == (1000,) and a.dtype == torch.float32
+    assert abs(a[0].item() - (1 - 0.00085)) < 1e-6 and abs(a[-1].item() - 0.0047) < 1e-4
+
+
+def test_tiny_video_unet_end_to_end():
+    """A real VideoUNet (random weights) through CFG; the seed reproduces across runs."""
+    unet_mod = pytest.importorskip("magicvideo.models.unet")
+    torch.manual_seed(0)
+    config = unet_mod.UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
+                                 num_heads=2, context_dim=16, max_frames=4, prediction_type="v_prediction")
+    unet = unet_mod.VideoUNet(config).eval()
+    with torch.no_grad():
+        for p in unet.parameters():  # wake the zero-initialised layers up
+            if not p.any():
+                p.normal_(0, 0.02)
+    model = VideoModel(unet)
+    pos, neg = torch.randn(1, 5, 16), torch.zeros(1, 5, 16)
+    run = lambda seed: sample(model.unet, torch.zeros(8, 4, 8, 8), pos, neg, num_frames=4, steps=2, cfg=5.0,  # noqa: E731
+                              sampler="dpmpp_2m", scheduler="karras", seed=seed, fps=8)
+    a, b, c = run(1), run(1), run(2)
+    assert a.shape == (8, 4, 8, 8) and torch.isfinite(a).all()
+    assert torch.equal(a, b) and not torch.equal(a, c)
