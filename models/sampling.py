@@ -136,6 +136,11 @@ def reference_cond(reference: torch.Tensor | None, *, videos: int, num_frames: i
     ``reference=None`` gives all zeros: no frame is given (plain text-to-video).
     """
     h, w = size
+    if reference is not None and channels == 0:
+        raise ValueError(
+            "reference latents given, but this model has no image-prior channels (cond_channels=0); "
+            "image-to-video needs a model trained with them (cond_channels=5: 4 latent + 1 mask)"
+        )
     cond = torch.zeros(videos, num_frames, channels, h, w)
     if reference is not None:
         r, c = reference.shape[:2]

@@ -181,6 +181,8 @@ def test_validation_errors():
         make_scheduler("heun")
     with pytest.raises(ValueError, match="karras scheduler works with"):
         make_scheduler("ddim", "karras")
+    with pytest.raises(ValueError, match="no image-prior channels"):
+        reference_cond(torch.zeros(1, 4, 4, 4), videos=1, num_frames=2, channels=0, size=(4, 4))
     with pytest.raises(ValueError, match="1 mask"):
         reference_cond(torch.zeros(1, 4, 4, 4), videos=1, num_frames=2, channels=9, size=(4, 4))
 
