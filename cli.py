@@ -1,0 +1,156 @@
+"""Command line: generate a video without ComfyUI, through the same library calls as the nodes.
+
+    python -m magicvideo generate --prompt "a red circle moving left" --output clip.mp4
+    magicvideo generate --conditioning cond.safetensors --model my_model.safetensors --frames 16
+
+The prompt goes through the model file's built-in text encoder; models without one (e.g. an
+inflated SD1.5) take a conditioning file instead: safetensors with ``positive`` (and
+optionally ``negative``) tensors ``[1, tokens, width]``, e.g. saved from a CLIP encode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+PACK_ROOT = Path(__file__).resolve().parent
+DEFAULT_MODEL = PACK_ROOT / "weights" / "magicvideo_default.safetensors"
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def _text(bundle, prompts: list[str], device) -> torch.Tensor:
+    encoder = getattr(bundle, "text_encoder", None)
+    if encoder is None:
+        raise SystemExit(
+            "error: this model file has no built-in text encoder; pass --conditioning with precomputed "
+            "text embeddings (a safetensors file with 'positive' [and 'negative'] tensors)"
+        )
+    encoder = encoder.to(device).eval()
+    with torch.no_grad():
+        context, unknown = encoder.encode(prompts)
+    if unknown:
+        print(f"warning: words outside the text encoder's vocabulary are ignored: {sorted(set(unknown))}",
+              file=sys.stderr)
+    return context
+
+
+def _conditioning(args, bundle, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if args.conditioning:
+        from safetensors.torch import load_file
+
+        tensors = load_file(args.conditioning)
+        if "positive" not in tensors:
+            raise SystemExit(f"error: {args.conditioning} holds {sorted(tensors)}; expected a 'positive' tensor")
+        positive, negative = tensors["positive"], tensors.get("negative")
+        if negative is None and args.cfg != 1.0:
+            if getattr(bundle, "text_encoder", None) is None:
+                raise SystemExit("error: cfg != 1 needs a 'negative' tensor in the conditioning file (or --cfg 1)")
+            negative = _text(bundle, [args.negative], device)
+        return positive, negative
+    if args.prompt is None:
+        raise SystemExit("error: give --prompt (built-in text encoder) or --conditioning FILE")
+    positive = _text(bundle, [args.prompt], device)
+    negative = _text(bundle, [args.negative], device) if args.cfg != 1.0 else None
+    return positive, negative
+
+
+def generate(args) -> Path:
+    from .models import checkpoint, sampling, video_io
+
+    device = _device(args.device)
+    dtype = _dtype(args.dtype, device)
+    model_path = Path(args.model)
+    if not model_path.is_file():
+        raise SystemExit(f"error: no model file at {model_path}")
+    output = Path(args.output)
+    fmt = output.suffix.lstrip(".").lower()
+    if fmt not in video_io.FORMATS:
+        raise SystemExit(f"error: output {output.name}: expected one of the extensions {sorted(video_io.FORMATS)}")
+    if args.width % 8 or args.height % 8:
+        raise SystemExit(f"error: width and height must be multiples of 8, got {args.width}x{args.height}")
+
+    t0 = time.perf_counter()
+    bundle = checkpoint.load_model(model_path)
+    unet = bundle.unet.to(device, dtype).eval()
+    vae = bundle.vae.to(device, torch.float32 if dtype == torch.float16 else dtype).eval()
+    positive, negative = _conditioning(args, bundle, device)
+
+    latents = torch.zeros(args.frames, unet.config.in_channels, args.height // 8, args.width // 8)
+    cond = None
+    if getattr(unet.config, "cond_channels", 0):
+        cond = sampling.reference_cond(None, videos=1, num_frames=args.frames, channels=unet.config.cond_channels,
+                                       size=tuple(latents.shape[-2:]))
+
+    def progress(step, total, x0):
+        print(f"\rstep {step}/{total}", end="", file=sys.stderr, flush=True)
+
+    with torch.no_grad():
+        latents = sampling.sample(unet, latents, positive, negative, num_frames=args.frames, steps=args.steps,
+                                  cfg=args.cfg, sampler=args.sampler, scheduler=args.scheduler, seed=args.seed,
+                                  fps=args.fps, cond=cond, callback=progress)
+        print(file=sys.stderr)
+        images = vae.decode(latents, num_frames=args.frames, chunk_size=args.chunk_size)
+    frames = ((images.float() + 1) / 2).clamp(0, 1).movedim(1, -1).cpu()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    written = video_io.write_video(output, frames, args.fps, fmt)
+    print(f"wrote {written.path} ({written.frames} frames, {written.width}x{written.height}, {written.fps:g} fps) "
+          f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return Path(written.path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .models import sampling
+
+    parser = argparse.ArgumentParser(prog="magicvideo", description="MagicVideo without ComfyUI.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="text (or conditioning file) -> video file")
+    g.add_argument("--prompt", help="what the video shows (needs a model with a built-in text encoder)")
+    g.add_argument("--negative", default="", help="negative prompt for classifier-free guidance (default: empty)")
+    g.add_argument("--conditioning", help="safetensors with 'positive' [and 'negative'] text embeddings [1, tokens, width]")
+    g.add_argument("--model", default=str(DEFAULT_MODEL), help="MagicVideo model file (default: the bundled weights)")
+    g.add_argument("--output", default="magicvideo.mp4", help="video file; the extension picks mp4, webm, gif or webp")
+    g.add_argument("--frames", type=int, default=16)
+    g.add_argument("--width", type=int, default=64)
+    g.add_argument("--height", type=int, default=64)
+    g.add_argument("--steps", type=int, default=20)
+    g.add_argument("--cfg", type=float, default=7.5)
+    g.add_argument("--sampler", choices=sampling.SAMPLERS, default="euler")
+    g.add_argument("--scheduler", choices=sampling.SCHEDULERS, default="normal")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--fps", type=float, default=8.0)
+    g.add_argument("--chunk-size", type=int, default=8, help="frames decoded at once by the VAE")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    g.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            generate(args)
+    except ValueError as exc:  # the library's errors say what was expected and what was found
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""Model nodes: in-process on tiny models (fast), and end to end in a real ComfyUI server (host)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _comfy_root(request) -> Path:
+    try:
+        return Path(request.getfixturevalue("comfy_path"))  # tests/conftest.py, when present
+    except pytest.FixtureLookupError:
+        return Path(os.environ.get("COMFYUI_PATH") or REPO / ".comfyui").resolve()
+
+
+@pytest.fixture(scope="module")
+def nodes(request):
+    """magicvideo.nodes.model imported in-process against the host's modules (CPU)."""
+    root = _comfy_root(request)
+    if not (root / "comfy").is_dir():
+        pytest.skip(f"no ComfyUI at {root}")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    return importlib.import_module("magicvideo.nodes.model")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny VideoUNet (context width 16) and VideoVAE with every layer awake."""
+    from magicvideo.models.sampling import VideoModel
+    from magicvideo.models.unet import UNetConfig, VideoUNet
+    from magicvideo.models.vae import VAEConfig, VideoVAE
+
+    torch.manual_seed(0)
+    unet = VideoUNet(UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
+                                num_heads=2, context_dim=16, max_frames=8)).eval()
+    vae = VideoVAE(VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, temporal_head_dim=16)).eval()
+    with torch.no_grad():
+        for p in list(unet.parameters()) + list(vae.parameters()):
+            if not p.any():
+                p.normal_(0, 0.02)
+    return VideoModel(unet, latent_rgb=vae.latent_rgb()), vae
+
+
+def _cond(width=16, value=0.0):
+    return [[torch.full((1, 6, width), value), {"pooled_output": None}]]
+
+
+def _run_sampler(nodes, model, latent, **kw):
+    args = dict(model=model, positive=_cond(value=0.3), negative=_cond(), latent=latent, seed=1, steps=2, cfg=4.0,
+                sampler="euler", scheduler="normal", fps=8.0, denoise=1.0, frames=0)
+    return nodes.KeyframeSampler().sample(**{**args, **kw})[0]
+
+
+def test_node_definitions(nodes):
+    """Every node: DESCRIPTION, MagicVideo/ category, a tooltip on every input."""
+    assert set(nodes.NODE_CLASS_MAPPINGS) == {"MagicVideoModelLoader", "MagicVideoEmptyLatent",
+                                             "MagicVideoKeyframeSampler", "MagicVideoVAEEncode", "MagicVideoVAEDecode"}
+    for name, cls in nodes.NODE_CLASS_MAPPINGS.items():
+        assert cls.DESCRIPTION and cls.CATEGORY.startswith("MagicVideo/"), name
+        assert name in nodes.NODE_DISPLAY_NAME_MAPPINGS
+        for group in cls.INPUT_TYPES().values():
+            for inp, spec in group.items():
+                assert len(spec) == 2 and spec[1].get("tooltip"), f"{name}.{inp} has no tooltip"
+
+
+def test_model_folder_registered(nodes):
+    import folder_paths
+
+    paths = folder_paths.get_folder_paths("magicvideo")
+    assert paths[0] == os.path.join(folder_paths.models_dir, "magicvideo")
+    assert Path(paths[1]) == REPO / "weights"
+
+
+def test_empty_latent(nodes):
+    latent = nodes.EmptyVideoLatent().generate(width=64, height=48, frames=4, batch=2)[0]
+    assert latent["samples"].shape == (8, 4, 6, 8) and latent["num_frames"] == 4
+    with pytest.raises(ValueError, match="multiples of 8; got 60x48"):
+        nodes.EmptyVideoLatent().generate(width=60, height=48, frames=4, batch=1)
+
+
+def test_sampler_and_vae_nodes(nodes, tiny):
+    model, vae = tiny
+    latent = nodes.EmptyVideoLatent().generate(width=32, height=32, frames=3, batch=2)[0]
+    out = _run_sampler(nodes, model, latent)
+    assert out["samples"].shape == (6, 4, 4, 4) and out["num_frames"] == 3
+    assert out["samples"].device.type == "cpu" and torch.isfinite(out["samples"]).all()
+    assert torch.equal(out["samples"], _run_sampler(nodes, model, latent)["samples"])  # seeded
+
+    images = nodes.VAEDecode().decode(vae=vae, samples=out, frames=0, chunk_size=2)[0]
+    assert images.shape == (6, 32, 32, 3) and 0 <= images.min() and images.max() <= 1
+    whole = nodes.VAEDecode().decode(vae=vae, samples=out, frames=0, chunk_size=64)[0]
+    assert torch.allclose(images, whole, atol=1e-5)  # chunking does not change the video
+
+    encoded = nodes.VAEEncode().encode(vae=vae, images=images[:3], chunk_size=2)[0]
+    assert encoded["samples"].shape == (3, 4, 4, 4) and encoded["num_frames"] == 3
+    # video-to-video from the encoded frames
+    v2v = _run_sampler(nodes, model, encoded, denoise=0.5, steps=4)
+    assert v2v["samples"].shape == (3, 4, 4, 4)
+
+
+def test_frames_input_and_errors(nodes, tiny):
+    model, vae = tiny
+    latent = {"samples": torch.zeros(6, 4, 4, 4)}  # no num_frames key: frames input or whole batch
+    assert _run_sampler(nodes, model, latent, frames=3)["num_frames"] == 3
+    assert _run_sampler(nodes, model, latent, steps=1)["num_frames"] == 6
+    with pytest.raises(ValueError, match="6 frames, which is not divisible by frames=4"):
+        _run_sampler(nodes, model, latent, frames=4)
+    with pytest.raises(ValueError, match="width 16 .*got 768"):
+        _run_sampler(nodes, model, latent, positive=_cond(width=768))
+    with pytest.raises(ValueError, match="expected one conditioning entry"):
+        _run_sampler(nodes, model, latent, positive=_cond() + _cond())
+    with pytest.raises(ValueError, match="no image-prior channels"):
+        _run_sampler(nodes, model, latent, reference={"samples": torch.zeros(1, 4, 4, 4)})
+    with pytest.raises(ValueError, match="not divisible by 8"):
+        nodes.VAEEncode().encode(vae=vae, images=torch.zeros(2, 30, 32, 3), chunk_size=8)
+
+
+def test_progress_preview_and_cancel(nodes, tiny, monkeypatch):
+    """The callback feeds the host's ProgressBar with a JPEG preview and honours Cancel."""
+    import comfy.model_management as mm
+    import comfy.utils
+
+    model, _ = tiny
+    events = []
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, preview: events.append((value, total, preview)))
+    latent = nodes.EmptyVideoLatent().generate(width=32, height=32, frames=2, batch=1)[0]
+    _run_sampler(nodes, model, latent, steps=3)
+    assert [(v, t) for v, t, _ in events] == [(1, 3), (2, 3), (3, 3)]
+    kind, image, size = events[0][2]
+    assert kind == "JPEG" and image.size == (4, 4) and size == nodes.PREVIEW_SIZE
+
+    events.clear()
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            _run_sampler(nodes, model, latent, steps=3)
+    finally:
+        mm.interrupt_current_processing(False)
+    assert events == []  # stopped within the first step
