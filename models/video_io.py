@@ -273,7 +273,9 @@ def _write_pillow(tmp, frames, fps, fmt, metadata) -> None:
 
     images = [Image.fromarray(frame) for frame in frames]
     meta = _json_metadata(metadata)
-    duration = max(1, round(1000.0 / fps))  # ms per frame; gif stores 10 ms steps
+    # ms per frame. gif stores 1/100 s: round here, so that frames Pillow merges (identical
+    # neighbours become one longer frame) keep delays that are whole multiples of one frame.
+    duration = max(2, round(100.0 / fps)) * 10 if fmt.name == "gif" else max(1, round(1000.0 / fps))
     kwargs = {"save_all": True, "append_images": images[1:], "duration": duration, "loop": 0}
     if fmt.name == "webp":
         exif = images[0].getexif()
@@ -372,28 +374,69 @@ def read_video(
     return DecodedVideo(frames, source_fps / every_nth, source_fps, frames.shape[2], frames.shape[1])
 
 
+def _repeats(durations: Sequence[float]) -> tuple[list[int], float]:
+    """Back to a constant rate for animated images, which store a delay per frame.
+
+    Encoders (Pillow's gif, libwebp) merge identical neighbouring frames into one longer
+    frame. The frame time is the greatest common divisor of the delays (in ms), so a
+    frame shown k times as long repeats k times; delays with no useful common divisor
+    fall back to the shortest. A clip of only identical frames stays one frame.
+    Returns (repeats per stored frame, frame time in seconds).
+    """
+    ms = [round(d * 1000) for d in durations]
+    positive = [d for d in ms if d > 0]
+    if not positive:
+        return [1] * len(durations), 0.0
+    base = math.gcd(*positive)
+    if base * 4 < min(positive):
+        base = min(positive)
+    return [max(1, round(d / base)) for d in ms], base / 1000.0
+
+
+def _expand(frames: Iterable, repeats: Sequence[int] | None) -> Iterator:
+    for index, frame in enumerate(frames):
+        for _ in range(repeats[index] if repeats and index < len(repeats) else 1):
+            yield frame
+
+
 def _read_pyav(path: Path, frame_cap: int, skip_first: int, every_nth: int):
     import av
 
-    try:
-        container = av.open(str(path))
-    except (av.FFmpegError, UnicodeDecodeError) as exc:
-        raise VideoError(f"expected a video file, {path.name!r} could not be opened as one ({exc})") from None
+    def open_container():
+        try:
+            return av.open(str(path))
+        except (av.FFmpegError, UnicodeDecodeError) as exc:
+            raise VideoError(f"expected a video file, {path.name!r} could not be opened as one ({exc})") from None
+
+    repeats = None
+    container = open_container()
     with container:
         if not container.streams.video:
             raise VideoError(f"expected a video stream, {path.name!r} has none")
         stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         source_fps = float(rate) if rate else 0.0
+        if container.format.name == "gif":  # per-frame delays: a cheap pass over the packets
+            try:
+                durations = [float(p.duration * p.time_base) for p in container.demux(stream) if p.size]
+            except av.FFmpegError as exc:
+                raise VideoError(f"expected a readable gif, {path.name!r} failed to parse ({exc})") from None
+            repeats, base = _repeats(durations)
+            source_fps = 1.0 / base if base else source_fps
+    if source_fps <= 0:
+        raise VideoError(f"expected a frame rate in {path.name!r}, found none")
+
+    container = open_container()
+    with container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
         collector, counter = _Collector(frame_cap), _Counter()
         try:
-            for _, frame in _select(counter.wrap(container.decode(stream)), skip_first, every_nth, frame_cap):
+            frames = _expand(container.decode(stream), repeats)
+            for _, frame in _select(counter.wrap(frames), skip_first, every_nth, frame_cap):
                 collector.add(frame.to_ndarray(format="rgb24"))
         except av.FFmpegError as exc:
             raise VideoError(f"expected a decodable video, {path.name!r} failed to decode ({exc})") from None
-    if source_fps <= 0:
-        raise VideoError(f"expected a frame rate in {path.name!r}, found none")
     return collector, counter.count, source_fps
 
 
@@ -405,11 +448,15 @@ def _read_pillow(path: Path, frame_cap: int, skip_first: int, every_nth: int):
     except (UnidentifiedImageError, OSError) as exc:
         raise VideoError(f"expected an animated webp, {path.name!r} could not be opened ({exc})") from None
     with image:
-        image.load()  # Pillow fills in the frame duration on load
-        duration = image.info.get("duration") or 0
-        source_fps = 1000.0 / duration if duration else 1.0
+        durations = []
+        for frame in ImageSequence.Iterator(image):
+            frame.load()  # Pillow fills in the frame duration on load
+            durations.append(float(frame.info.get("duration") or 0) / 1000.0)
+        repeats, base = _repeats(durations)
+        source_fps = 1.0 / base if base else 1.0
         collector, counter = _Collector(frame_cap), _Counter()
-        for _, frame in _select(counter.wrap(ImageSequence.Iterator(image)), skip_first, every_nth, frame_cap):
+        frames = _expand(ImageSequence.Iterator(image), repeats)
+        for _, frame in _select(counter.wrap(frames), skip_first, every_nth, frame_cap):
             collector.add(np.asarray(frame.convert("RGB")))
     return collector, counter.count, source_fps
 
