@@ -399,6 +399,11 @@ def _expand(frames: Iterable, repeats: Sequence[int] | None) -> Iterator:
             yield frame
 
 
+def _reason(exc: Exception) -> str:
+    """FFmpeg's words without the file's full path (the host shows the message to users)."""
+    return getattr(exc, "strerror", None) or str(exc)
+
+
 def _read_pyav(path: Path, frame_cap: int, skip_first: int, every_nth: int):
     import av
 
@@ -406,13 +411,13 @@ def _read_pyav(path: Path, frame_cap: int, skip_first: int, every_nth: int):
         try:
             return av.open(str(path))
         except (av.FFmpegError, UnicodeDecodeError) as exc:
-            raise VideoError(f"expected a video file, {path.name!r} could not be opened as one ({exc})") from None
+            raise VideoError(f"expected a video file, {path.name!r} could not be opened as one ({_reason(exc)})") from None
 
     repeats = None
     container = open_container()
     with container:
         if not container.streams.video:
-            raise VideoError(f"expected a video stream, {path.name!r} has none")
+            raise VideoError(f"expected a video stream, found none in {path.name!r} (an audio file, or an incomplete one?)")
         stream = container.streams.video[0]
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         source_fps = float(rate) if rate else 0.0
@@ -420,7 +425,7 @@ def _read_pyav(path: Path, frame_cap: int, skip_first: int, every_nth: int):
             try:
                 durations = [float(p.duration * p.time_base) for p in container.demux(stream) if p.size]
             except av.FFmpegError as exc:
-                raise VideoError(f"expected a readable gif, {path.name!r} failed to parse ({exc})") from None
+                raise VideoError(f"expected a readable gif, {path.name!r} failed to parse ({_reason(exc)})") from None
             repeats, base = _repeats(durations)
             source_fps = 1.0 / base if base else source_fps
     if source_fps <= 0:
@@ -436,7 +441,7 @@ def _read_pyav(path: Path, frame_cap: int, skip_first: int, every_nth: int):
             for _, frame in _select(counter.wrap(frames), skip_first, every_nth, frame_cap):
                 collector.add(frame.to_ndarray(format="rgb24"))
         except av.FFmpegError as exc:
-            raise VideoError(f"expected a decodable video, {path.name!r} failed to decode ({exc})") from None
+            raise VideoError(f"expected a decodable video, {path.name!r} failed to decode ({_reason(exc)})") from None
     return collector, counter.count, source_fps
 
 
@@ -446,7 +451,7 @@ def _read_pillow(path: Path, frame_cap: int, skip_first: int, every_nth: int):
     try:
         image = Image.open(path)
     except (UnidentifiedImageError, OSError) as exc:
-        raise VideoError(f"expected an animated webp, {path.name!r} could not be opened ({exc})") from None
+        raise VideoError(f"expected an animated webp, {path.name!r} could not be opened as one") from None
     with image:
         durations = []
         for frame in ImageSequence.Iterator(image):
