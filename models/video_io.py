@@ -453,16 +453,19 @@ def _read_pillow(path: Path, frame_cap: int, skip_first: int, every_nth: int):
     except (UnidentifiedImageError, OSError) as exc:
         raise VideoError(f"expected an animated webp, {path.name!r} could not be opened as one") from None
     with image:
-        durations = []
-        for frame in ImageSequence.Iterator(image):
-            frame.load()  # Pillow fills in the frame duration on load
-            durations.append(float(frame.info.get("duration") or 0) / 1000.0)
-        repeats, base = _repeats(durations)
-        source_fps = 1.0 / base if base else 1.0
-        collector, counter = _Collector(frame_cap), _Counter()
-        frames = _expand(ImageSequence.Iterator(image), repeats)
-        for _, frame in _select(counter.wrap(frames), skip_first, every_nth, frame_cap):
-            collector.add(np.asarray(frame.convert("RGB")))
+        try:
+            durations = []
+            for frame in ImageSequence.Iterator(image):
+                frame.load()  # Pillow fills in the frame duration on load
+                durations.append(float(frame.info.get("duration") or 0) / 1000.0)
+            repeats, base = _repeats(durations)
+            source_fps = 1.0 / base if base else 1.0
+            collector, counter = _Collector(frame_cap), _Counter()
+            frames = _expand(ImageSequence.Iterator(image), repeats)
+            for _, frame in _select(counter.wrap(frames), skip_first, every_nth, frame_cap):
+                collector.add(np.asarray(frame.convert("RGB")))
+        except (OSError, EOFError) as exc:
+            raise VideoError(f"expected a decodable webp, {path.name!r} failed to decode ({exc})") from None
     return collector, counter.count, source_fps
 
 

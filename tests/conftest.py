@@ -20,8 +20,8 @@ video nodes plus every ``MagicVideo*`` type used in ``workflows/``).
     comfy.object_info, comfy.log_text(), comfy.url
 
 ``comfy_path`` (session): the ComfyUI folder (``$COMFYUI_PATH``, else ``.comfyui/`` made by
-``scripts/setup.sh``). ``host_modules`` (session): puts that folder on ``sys.path`` so
-tests can ``import comfy.sd`` / ``folder_paths``; call host classes under
+``scripts/setup.sh``). ``host_modules`` (session): puts that folder on ``sys.path`` (host
+in CPU mode) so tests can ``import comfy.sd`` / ``folder_paths``; call host classes under
 ``torch.inference_mode()`` as the server does.
 
 ``page`` (function): a Playwright page in headless Chromium (Debian's ``chromium``, fresh
@@ -82,9 +82,16 @@ def comfy(comfy_path, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def host_modules(comfy_path):
-    """``import comfy`` / ``folder_paths`` in the test process, for tests that call host classes."""
+    """``import comfy`` / ``folder_paths`` in the test process, for tests that call host classes.
+
+    The host runs in CPU mode, as the test server does (``--cpu``); without it, importing
+    ``comfy.model_management`` asks CUDA for a device even on machines with no GPU.
+    """
     with pytest.MonkeyPatch.context() as patch:
         patch.syspath_prepend(str(comfy_path))
+        from comfy.cli_args import args
+
+        patch.setattr(args, "cpu", True)
         yield comfy_path
 
 
