@@ -121,6 +121,8 @@ def page(browser_context, comfy):
     page = browser_context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
+    # the profile lives for the session: start each page without the last test's graph
+    page.add_init_script("try { localStorage.clear(); } catch (e) {}")
     page.goto(comfy.url)
     page.wait_for_function(
         "() => window.app?.graph && window.LiteGraph && Object.keys(LiteGraph.registered_node_types).length > 50",
