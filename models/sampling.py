@@ -79,13 +79,16 @@ Callback = Callable[[int, int, torch.Tensor], None]
 
 @dataclass
 class VideoModel:
-    """What a MAGICVIDEO_MODEL carries: the VideoUNet and, for previews, a latent->RGB map.
+    """What a MAGICVIDEO_MODEL carries: the VideoUNet and what the nodes need around it.
 
-    ``latent_rgb`` is ``[channels + 1, 3]`` (see ``vae.latent_to_rgb``), from the VAE the
-    model was loaded with; None when there is none.
+    ``scaling_factor`` is the paired VAE's: ComfyUI's LATENT holds unscaled VAE latents
+    (the host scales inside its model wrapper), the UNet works on scaled ones.
+    ``latent_rgb`` is a ``[channels + 1, 3]`` preview map on scaled latents (see
+    ``vae.latent_to_rgb``), None when there is none.
     """
 
     unet: torch.nn.Module
+    scaling_factor: float = 0.18215
     latent_rgb: torch.Tensor | None = None
 
     @property

@@ -2,7 +2,9 @@
 
 Thin: unpack host types, call the library (models/checkpoint, sampling, vae), pack host
 types. Frames ride in the LATENT batch dimension; ``"num_frames"`` is an extra key that
-these nodes write and read when present, never rely on.
+these nodes write and read when present, never rely on. LATENT holds unscaled VAE
+latents, as everywhere in ComfyUI (core VAE Encode/Decode, KSampler); the sampler scales
+by the model's ``scaling_factor`` on the way in and back on the way out.
 """
 
 from __future__ import annotations
@@ -174,7 +176,7 @@ class ModelLoader:
         text = getattr(bundle, "text_encoder", None)
         if text is not None:
             text = text.to(device).eval().requires_grad_(False)
-        model = sampling.VideoModel(unet, latent_rgb=video_vae.latent_rgb())
+        model = sampling.VideoModel(unet, video_vae.config.scaling_factor, video_vae.latent_rgb())
         return (model, video_vae, text)
 
 
@@ -261,7 +263,7 @@ class KeyframeSampler:
     def sample(self, model, positive, negative, latent, seed, steps, cfg, sampler, scheduler, fps, denoise, frames,
                reference=None):
         num_frames = _num_frames(latent, frames)
-        samples = latent["samples"]
+        samples = latent["samples"] * model.scaling_factor
         if samples.shape[0] % num_frames:
             raise ValueError(
                 f"the latent has {samples.shape[0]} frames, which is not divisible by frames={num_frames}"
@@ -270,7 +272,7 @@ class KeyframeSampler:
         channels = getattr(model.config, "cond_channels", 0)
         if reference is not None or channels:
             cond = sampling.reference_cond(
-                reference["samples"] if reference is not None else None, videos=samples.shape[0] // num_frames,
+                reference["samples"] * model.scaling_factor if reference is not None else None, videos=samples.shape[0] // num_frames,
                 num_frames=num_frames, channels=channels, size=tuple(samples.shape[-2:]),
             )
         run_steps = max(1, min(int(steps * denoise), steps))
@@ -279,7 +281,7 @@ class KeyframeSampler:
             num_frames=num_frames, steps=steps, cfg=cfg, sampler=sampler, scheduler=scheduler, seed=seed, fps=fps,
             denoise=denoise, cond=cond, callback=_preview_callback(model, run_steps),
         )
-        return (_latent(out.cpu(), num_frames, latent),)
+        return (_latent(out.cpu() / model.scaling_factor, num_frames, latent),)
 
 
 # ----------------------------------------------------------------------------- VAE
@@ -305,7 +307,7 @@ class VAEEncode:
 
     def encode(self, vae, images, chunk_size):
         pixels = images.movedim(-1, 1) * 2 - 1  # [F, 3, H, W] in [-1, 1]
-        latents = vae.encode(pixels, chunk_size=chunk_size)
+        latents, _ = vae.encode_dist(pixels, chunk_size=chunk_size)  # the posterior mean, unscaled
         return (_latent(latents.float().cpu(), images.shape[0]),)
 
 
@@ -334,7 +336,7 @@ class VAEDecode:
 
     def decode(self, vae, samples, frames, chunk_size):
         num_frames = _num_frames(samples, frames)
-        images = vae.decode(samples["samples"], num_frames=num_frames, chunk_size=chunk_size)
+        images = vae.decode_raw(samples["samples"], num_frames=num_frames, chunk_size=chunk_size)
         return (((images.float() + 1) / 2).clamp(0, 1).movedim(1, -1).cpu(),)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,24 +12,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _comfy_root(request) -> Path:
-    try:
-        return Path(request.getfixturevalue("comfy_path"))  # tests/conftest.py, when present
-    except pytest.FixtureLookupError:
-        return Path(os.environ.get("COMFYUI_PATH") or REPO / ".comfyui").resolve()
-
-
 @pytest.fixture(scope="module")
-def nodes(request):
+def nodes(host_modules):
     """magicvideo.nodes.model imported in-process against the host's modules (CPU)."""
-    root = _comfy_root(request)
-    if not (root / "comfy").is_dir():
-        pytest.skip(f"no ComfyUI at {root}")
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
     import comfy.cli_args
 
-    comfy.cli_args.args.cpu = True
+    comfy.cli_args.args.cpu = True  # before comfy.model_management picks a device
     return importlib.import_module("magicvideo.nodes.model")
 
 
@@ -148,3 +135,86 @@ def test_progress_preview_and_cancel(nodes, tiny, monkeypatch):
     finally:
         mm.interrupt_current_processing(False)
     assert events == []  # stopped within the first step
+
+
+# ----------------------------------------------------------------------------- end to end in the host
+
+from sd15_fixture import host_comfy, sd15_checkpoint  # noqa: E402,F401  (fixtures)
+
+
+@pytest.fixture(scope="module")
+def sd15_host(comfy_path, sd15_checkpoint, tmp_path_factory):
+    """A ComfyUI server that finds the random SD1.5 file among its checkpoints.
+
+    The file's folder is added through a test-only extra-model-paths file, so the host's
+    own models/ folder is left alone."""
+    from magicvideo.host import ComfyHost, HostError
+
+    root = tmp_path_factory.mktemp("comfyui_sd15")
+    paths = root / "extra_model_paths.yaml"
+    paths.write_text(f"magicvideo_sd15_test:\n  checkpoints: {sd15_checkpoint.parent}\n")
+    host = ComfyHost(comfy_path, output_dir=root / "output", input_dir=root / "input", log_path=root / "comfyui.log",
+                     extra_args=["--extra-model-paths-config", str(paths)])
+    try:
+        host.start()
+        host.check_nodes(["MagicVideoModelLoader", "MagicVideoKeyframeSampler", "MagicVideoVAEDecode"])
+    except HostError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    yield host
+    host.stop()
+
+
+def _text_to_video_prompt(ckpt: str, frames: int = 4, size: int = 64) -> dict:
+    return {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red ball bouncing", "clip": ["ckpt", 1]}},
+        "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["ckpt", 1]}},
+        "loader": {"class_type": "MagicVideoModelLoader",
+                   "inputs": {"model_name": "none", "sd15_checkpoint": ckpt, "motion_module": "none", "dtype": "fp32"}},
+        "empty": {"class_type": "MagicVideoEmptyLatent", "inputs": {"width": size, "height": size, "frames": frames, "batch": 1}},
+        "sampler": {"class_type": "MagicVideoKeyframeSampler",
+                    "inputs": {"model": ["loader", 0], "positive": ["pos", 0], "negative": ["neg", 0],
+                               "latent": ["empty", 0], "seed": 7, "steps": 2, "cfg": 7.5, "sampler": "euler",
+                               "scheduler": "normal", "fps": 8.0, "denoise": 1.0, "frames": 0}},
+        "decode": {"class_type": "MagicVideoVAEDecode",
+                   "inputs": {"vae": ["loader", 1], "samples": ["sampler", 0], "frames": 0, "chunk_size": 2}},
+        "save": {"class_type": "MagicVideoSaveVideo",
+                 "inputs": {"images": ["decode", 0], "fps": 8.0, "format": "mp4", "crf": 0, "odd_size": "pad",
+                            "filename_prefix": "t2v"}},
+        # the same latent through core VAE Decode with the checkpoint's VAE, and ours, as lossless PNGs
+        "core_decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sampler", 0], "vae": ["ckpt", 2]}},
+        "save_core": {"class_type": "SaveImage", "inputs": {"images": ["core_decode", 0], "filename_prefix": "core"}},
+        "save_ours": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": "ours"}},
+    }
+
+
+@pytest.mark.host
+def test_sd15_text_to_video_in_host(sd15_host, sd15_checkpoint):
+    """CheckpointLoaderSimple -> CLIPTextEncode -> our loader (SD1.5 inflation) -> Keyframe Sampler
+    (2 steps, 64x64, 4 frames) -> our VAE Decode -> Save Video; core VAE Decode on our latent."""
+    import numpy as np
+    from PIL import Image
+
+    from magicvideo.models import video_io
+
+    entry = sd15_host.run(_text_to_video_prompt(sd15_checkpoint.name), timeout=900)
+    outputs = entry["outputs"]
+
+    video = outputs["save"]["images"][0]
+    assert video["frame_count"] == 4
+    decoded = video_io.read_video(sd15_host.output_path(video))
+    assert decoded.frames.shape == (4, 64, 64, 3)
+
+    def pngs(node):
+        return np.stack([np.asarray(Image.open(sd15_host.output_path(i))) for i in outputs[node]["images"]]).astype(int)
+
+    core, ours = pngs("save_core"), pngs("save_ours")
+    assert core.shape == ours.shape == (4, 64, 64, 3)
+    # untrained temporal layers are the identity: our VideoVAE decodes as the SD VAE does
+    assert np.abs(core - ours).max() <= 1
+
+    # errors reach the user as the host's error, naming expected and found
+    bad = _text_to_video_prompt(sd15_checkpoint.name)
+    bad["sampler"]["inputs"]["frames"] = 3
+    message = sd15_host.run_expect_error({k: v for k, v in bad.items() if k not in ("save", "core_decode", "save_core")})
+    assert "4 frames, which is not divisible by frames=3" in message

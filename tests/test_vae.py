@@ -1,9 +1,5 @@
 """VideoVAE: SD key layout, parity with the host's own AutoencoderKL, chunking, errors."""
 
-import os
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -27,19 +23,11 @@ def _randomise_temporal(vae: VideoVAE):
 
 
 @pytest.fixture(scope="module")
-def host_autoencoder(request):
-    """The host's comfy.ldm.models.autoencoder.AutoencoderKL class."""
-    try:
-        root = request.getfixturevalue("comfy_path")  # tests/conftest.py, when present
-    except pytest.FixtureLookupError:
-        root = Path(os.environ.get("COMFYUI_PATH") or Path(__file__).resolve().parents[1] / ".comfyui")
-    if not (Path(root) / "comfy").is_dir():
-        pytest.skip(f"no ComfyUI at {root}")
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
+def host_autoencoder(host_modules):
+    """The host's comfy.ldm.models.autoencoder.AutoencoderKL class (in-process, CPU)."""
     import comfy.cli_args
 
-    comfy.cli_args.args.cpu = True
+    comfy.cli_args.args.cpu = True  # before comfy.model_management picks a device
     from comfy.ldm.models.autoencoder import AutoencoderKL
 
     return AutoencoderKL
