@@ -1,0 +1,291 @@
+"""VideoUNet: parity with the host's SD1.5 UNet, causality, adaptor locality, conditioning.
+
+Tiny configs run in milliseconds; the SD1.5-size parity uses the real configuration
+(model_channels 320) on an 8x8 latent. Host tests take ``host_comfy`` (tests/sd15_fixture.py).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from magicvideo.models.unet import (
+    FrameAdaptor,
+    UNetConfig,
+    VideoUNet,
+    is_motion_key,
+    motion_state_dict,
+)
+from sd15_fixture import host_comfy, host_unet_kwargs, randomize_  # noqa: F401  (fixture)
+
+TINY = dict(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1, 2),
+            num_heads=2, context_dim=16, max_frames=8)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def tiny(seed: int = 0, **overrides) -> VideoUNet:
+    """A tiny VideoUNet with random 2D weights (non-zero output conv) and fresh motion layers."""
+    unet = VideoUNet(UNetConfig(**{**TINY, **overrides})).eval()
+    return randomize_(unet, seed, include=lambda n: not is_motion_key(n))
+
+
+def randomize_motion_(unet: VideoUNet, seed: int = 7) -> VideoUNet:
+    """Non-zero weights for every motion layer (adaptors off identity, temporal out on)."""
+    randomize_(unet, seed, include=is_motion_key)
+    with torch.no_grad():  # adaptors: scale around 1, shift around 0, both clearly off identity
+        for m in unet.modules():
+            if isinstance(m, FrameAdaptor):
+                m.scale.mul_(0).add_(1 + 0.3 * torch.randn_like(m.scale))
+                m.shift.copy_(0.3 * torch.randn_like(m.shift))
+    return unet
+
+
+def inputs(frames: int, videos: int = 1, size: int = 8, context_dim: int = 16, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(videos * frames, 4, size, size, generator=g)
+    t = torch.full((videos * frames,), 500.0)
+    ctx = torch.randn(videos, 7, context_dim, generator=g)
+    return x, t, ctx
+
+
+# ----------------------------------------------------------------------------- config and keys
+
+
+def test_config_round_trips_through_json():
+    cfg = UNetConfig(**TINY, cond_channels=5, prediction_type="v_prediction", temporal_bidirectional=True)
+    assert UNetConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert UNetConfig() == UNetConfig.from_dict(UNetConfig().to_dict())
+
+
+def test_config_rejects_unknown_fields_and_bad_values():
+    with pytest.raises(ValueError, match="unknown UNetConfig fields.*frobnicate"):
+        UNetConfig.from_dict({"frobnicate": 1})
+    with pytest.raises(ValueError, match="prediction_type"):
+        UNetConfig(prediction_type="x0")
+
+
+def test_new_parameters_are_motion_keys_and_image_keys_are_untouched():
+    unet = VideoUNet(UNetConfig(**TINY, cond_channels=5))
+    keys = set(unet.state_dict())
+    motion = set(motion_state_dict(unet))
+    assert motion == {k for k in keys if is_motion_key(k)}
+    assert any("adaptor" in k for k in motion) and any("temporal" in k for k in motion)
+    assert any("fps_embed" in k for k in motion) and "cond_in.weight" in motion
+    # the conv keeps its own key; its adaptor sits beside it
+    assert "input_blocks.1.0.in_layers.2.weight" in keys
+    assert "input_blocks.1.0.in_layers.2.adaptor.scale" in motion
+    assert unet.input_blocks[1][0].in_layers[2].adaptor.scale.shape == (TINY["max_frames"], 32)
+
+
+def test_sd15_layout_matches_the_host_unet(host_comfy):
+    """Our image keys and shapes are the host's SD1.5 UNetModel's, and the host's own model
+    detection recognises them as SD1.5."""
+    import comfy.model_detection
+    import comfy.supported_models
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    cfg = UNetConfig()
+    with torch.device("meta"):
+        ours = {k: v for k, v in VideoUNet(cfg).state_dict().items() if not is_motion_key(k)}
+        host = UNetModel(**host_unet_kwargs(cfg)).state_dict()
+    assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in host.items()}
+    detected = comfy.model_detection.model_config_from_unet(ours, "")
+    assert type(detected) is comfy.supported_models.SD15
+
+
+# ----------------------------------------------------------------------------- parity with the host
+
+
+def _host_twin(ours: VideoUNet):
+    """The host's UNetModel sharing our 2D tensors (built on meta, assigned: no copy)."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    with torch.device("meta"):
+        host = UNetModel(**host_unet_kwargs(ours.config))
+    image = {k: v for k, v in ours.state_dict().items() if not is_motion_key(k)}
+    host.load_state_dict(image, strict=True, assign=True)
+    return host.eval()
+
+
+@pytest.fixture(scope="module")
+def sd15_pair(host_comfy):
+    """SD1.5-size VideoUNet with random 2D weights and fresh motion layers, and its host twin."""
+    ours = VideoUNet.for_loading(UNetConfig()).eval()
+    randomize_(ours, 0, include=lambda n: not is_motion_key(n))
+    return ours, _host_twin(ours)
+
+
+def test_sd15_parity_with_host_unet(sd15_pair):
+    ours, host = sd15_pair
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 8, 8, generator=g)
+    t = torch.tensor([20.0, 500.0, 980.0])
+    ctx = torch.randn(3, 77, 768, generator=g)
+    with torch.inference_mode():
+        ref = host(x, t, ctx)
+        # three one-frame videos
+        assert rel_err(ours(x, t, ctx, num_frames=1), ref) < 1e-4
+        # one three-frame video, context per video: equals the host frame by frame
+        ref_video = host(x, t, ctx[:1].expand(3, -1, -1))
+        assert rel_err(ours(x, t, ctx[:1], num_frames=3), ref_video) < 1e-4
+
+
+def test_tiny_parity_with_host_unet(host_comfy):
+    ours = tiny()
+    host = _host_twin(ours)
+    x, t, ctx = inputs(frames=3, videos=2)
+    t = torch.linspace(10, 990, 6)
+    ctx_frames = ctx.repeat_interleave(3, dim=0)
+    with torch.inference_mode():
+        ref = host(x, t, ctx_frames)
+        assert rel_err(ours(x, t, ctx_frames, num_frames=1), ref) < 1e-5
+        assert rel_err(ours(x, t, ctx, num_frames=3), ref) < 1e-5  # context per video
+        assert rel_err(ours(x, t, ctx_frames, num_frames=3), ref) < 1e-5  # context per frame
+
+
+def test_fresh_model_treats_frames_independently():
+    """Without the host: a fresh video model on a 4-frame video equals itself frame by frame."""
+    unet = tiny()
+    x, t, ctx = inputs(frames=4)
+    with torch.no_grad():
+        video = unet(x, t, ctx, num_frames=4)
+        frames = torch.cat([unet(x[i:i + 1], t[i:i + 1], ctx, num_frames=1) for i in range(4)])
+    torch.testing.assert_close(video, frames, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- directed temporal attention
+
+
+def _change_frame(x: torch.Tensor, index: int) -> torch.Tensor:
+    y = x.clone()
+    y[index] += torch.randn_like(y[index])
+    return y
+
+
+@pytest.mark.parametrize("k", [0, 2, 3])
+def test_directed_attention_is_causal(k):
+    """Changing frame k changes no output of frames before k, exactly; k and later change."""
+    unet = randomize_motion_(tiny())
+    frames = 4
+    x, t, ctx = inputs(frames=frames, videos=2)
+    with torch.no_grad():
+        before = unet(x, t, ctx, num_frames=frames)
+        after = unet(_change_frame(x, k), t, ctx, num_frames=frames)  # frame k of video 0
+    assert torch.equal(before[:k], after[:k])
+    for i in range(k, frames):
+        assert not torch.allclose(before[i], after[i]), f"frame {i} did not see frame {k}"
+    assert torch.equal(before[frames:], after[frames:])  # the other video
+
+
+def test_bidirectional_option_breaks_causality():
+    unet = randomize_motion_(tiny(temporal_bidirectional=True))
+    x, t, ctx = inputs(frames=4)
+    with torch.no_grad():
+        before = unet(x, t, ctx, num_frames=4)
+        after = unet(_change_frame(x, 3), t, ctx, num_frames=4)
+    for i in range(3):
+        assert not torch.allclose(before[i], after[i]), f"frame {i} did not see the last frame"
+
+
+# ----------------------------------------------------------------------------- frame adaptors
+
+
+def _bump_adaptor(unet: VideoUNet, frame: int):
+    adaptor = unet.input_blocks[1][0].in_layers[2].adaptor
+    with torch.no_grad():
+        adaptor.scale[frame] += 0.5
+        adaptor.shift[frame] -= 0.3
+
+
+def test_adaptor_frame_parameters_change_only_their_frame_without_temporal_mixing():
+    """With the temporal layers fresh (zero output), frames do not mix: adaptor parameters
+    of frame i change frame i's output and no other frame's, exactly."""
+    unet = tiny()
+    x, t, ctx = inputs(frames=4)
+    with torch.no_grad():
+        before = unet(x, t, ctx, num_frames=4)
+        _bump_adaptor(unet, 2)
+        after = unet(x, t, ctx, num_frames=4)
+    changed = [not torch.equal(before[i], after[i]) for i in range(4)]
+    assert changed == [False, False, True, False]
+
+
+def test_adaptor_frame_parameters_with_temporal_mixing_reach_only_later_frames():
+    """With trained (random) temporal layers, frame i's adaptor parameters also reach later
+    frames through directed attention, never earlier ones."""
+    unet = randomize_motion_(tiny())
+    x, t, ctx = inputs(frames=4)
+    with torch.no_grad():
+        before = unet(x, t, ctx, num_frames=4)
+        _bump_adaptor(unet, 2)
+        after = unet(x, t, ctx, num_frames=4)
+    assert torch.equal(before[:2], after[:2])
+    assert not torch.allclose(before[2], after[2])
+
+
+def test_more_frames_than_max_frames_is_a_clear_error():
+    unet = tiny()
+    x, t, ctx = inputs(frames=9)
+    with pytest.raises(ValueError, match=r"9 frames.*max_frames=8"):
+        unet(x, t, ctx, num_frames=9)
+    with pytest.raises(ValueError, match=r"9 frames.*max_frames=8"):
+        FrameAdaptor(4, max_frames=8)(torch.zeros(9, 4, 2, 2), num_frames=9)
+    with pytest.raises(ValueError, match="not a whole number"):
+        unet(x[:5], t[:5], ctx, num_frames=2)
+
+
+# ----------------------------------------------------------------------------- conditioning
+
+
+def test_cond_channels_start_at_zero_and_equal_a_channel_concat_conv():
+    plain = tiny()
+    cond_model = VideoUNet(UNetConfig(**TINY, cond_channels=5)).eval()
+    cond_model.load_state_dict(plain.state_dict(), strict=False)
+    x, t, ctx = inputs(frames=3)
+    cond = torch.randn(3, 5, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(cond_model(x, t, ctx, num_frames=3, cond=cond), plain(x, t, ctx, num_frames=3))
+        # trained: the separate conv is the cond half of one conv over concat(x, cond)
+        torch.nn.init.normal_(cond_model.cond_in.weight)
+        conv_in = cond_model.input_blocks[0][0]
+        wide = torch.nn.functional.conv2d(
+            torch.cat([x, cond], 1), torch.cat([conv_in.weight, cond_model.cond_in.weight], 1), conv_in.bias, padding=1
+        )
+        torch.testing.assert_close(torch.nn.Conv2d.forward(conv_in, x) + cond_model.cond_in(cond), wide)
+        assert not torch.allclose(cond_model(x, t, ctx, num_frames=3, cond=cond), plain(x, t, ctx, num_frames=3))
+    with pytest.raises(ValueError, match="conditioning channels"):
+        cond_model(x, t, ctx, num_frames=3)
+    with pytest.raises(ValueError, match="cond_channels=0"):
+        plain(x, t, ctx, num_frames=3, cond=cond)
+
+
+def test_fps_changes_the_output_only_once_trained():
+    unet = tiny()
+    x, t, ctx = inputs(frames=2)
+    with torch.no_grad():
+        fresh = [unet(x, t, ctx, num_frames=2, fps=f) for f in (4, 24, None)]
+        assert torch.equal(fresh[0], fresh[1]) and torch.equal(fresh[0], fresh[2])
+        torch.nn.init.normal_(unet.fps_embed[2].weight, std=0.05)
+        slow, fast = unet(x, t, ctx, num_frames=2, fps=4), unet(x, t, ctx, num_frames=2, fps=24)
+        default = unet(x, t, ctx, num_frames=2, fps=None)
+        per_frame = unet(x, t, ctx, num_frames=2, fps=torch.tensor([4.0, 4.0]))
+    assert not torch.allclose(slow, fast)
+    assert torch.equal(default, unet(x, t, ctx, num_frames=2, fps=unet.config.default_fps))
+    assert torch.equal(slow, per_frame)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    unet = randomize_motion_(tiny())
+    x, t, ctx = inputs(frames=2)
+    grads = []
+    for checkpointing in (False, True):
+        unet.zero_grad()
+        unet.gradient_checkpointing = checkpointing
+        unet(x, t, ctx, num_frames=2).square().mean().backward()
+        grads.append(unet.input_blocks[1][1].transformer_blocks[0].temporal_attn.to_q.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
