@@ -137,6 +137,37 @@ def test_progress_preview_and_cancel(nodes, tiny, monkeypatch):
     assert events == []  # stopped within the first step
 
 
+def test_loader_full_file(nodes, tiny, tmp_path):
+    """A MagicVideo file in a registered magicvideo folder -> model, VAE, text encoder (None here)."""
+    import folder_paths
+
+    from magicvideo.models import checkpoint
+
+    model, vae = tiny
+    checkpoint.save_model(tmp_path / "tiny_full.safetensors", unet=model.unet, vae=vae)
+    (tmp_path / "not_a_model.ckpt").write_bytes(b"pickle")
+    folder_paths.add_model_folder_path("magicvideo", str(tmp_path))
+    folder_paths.filename_list_cache.pop("magicvideo", None)
+    choices = nodes.ModelLoader.INPUT_TYPES()["required"]["model_name"][0]
+    assert "tiny_full.safetensors" in choices and "not_a_model.ckpt" not in choices  # never offer pickles
+
+    loaded, loaded_vae, text = nodes.ModelLoader().load("tiny_full.safetensors", "none", "none", "auto")
+    assert text is None and loaded.latent_rgb.shape == (5, 3)
+    assert loaded.scaling_factor == vae.config.scaling_factor
+    assert torch.equal(loaded.unet.out[2].weight, model.unet.out[2].weight.to(loaded.unet.out[2].weight.device))
+    latent = nodes.EmptyVideoLatent().generate(width=32, height=32, frames=2, batch=1)[0]
+    assert _run_sampler(nodes, loaded, latent, steps=1)["samples"].shape == (2, 4, 4, 4)
+
+    with pytest.raises(ValueError, match="choose one source"):
+        nodes.ModelLoader().load("tiny_full.safetensors", "some_sd15.safetensors", "none", "auto")
+    with pytest.raises(ValueError, match="motion_module applies onto an SD1.5 checkpoint"):
+        nodes.ModelLoader().load("tiny_full.safetensors", "none", "tiny_full.safetensors", "auto")
+    with pytest.raises(ValueError, match="no model chosen"):
+        nodes.ModelLoader().load("none", "none", "none", "auto")
+    with pytest.raises(ValueError, match="expected a file named 'gone.safetensors'"):
+        nodes.ModelLoader().load("gone.safetensors", "none", "none", "auto")
+
+
 # ----------------------------------------------------------------------------- end to end in the host
 
 from sd15_fixture import host_comfy, sd15_checkpoint  # noqa: E402,F401  (fixtures)
