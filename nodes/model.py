@@ -17,7 +17,7 @@ import comfy.model_management as mm
 import comfy.utils
 import folder_paths
 
-from ..models import sampling, vae as vae_lib
+from ..models import checkpoint, sampling, vae as vae_lib
 
 CATEGORY = "MagicVideo"
 FOLDER = "magicvideo"
@@ -150,8 +150,6 @@ class ModelLoader:
         }
 
     def load(self, model_name, sd15_checkpoint, motion_module, dtype):
-        from ..models import checkpoint
-
         if model_name != NONE and sd15_checkpoint != NONE:
             raise ValueError(
                 f"choose one source: model_name is {model_name!r} and sd15_checkpoint is {sd15_checkpoint!r}; "
