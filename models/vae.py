@@ -26,7 +26,6 @@ Images are float in [-1, 1], channels first, frames in the batch dimension: ``[(
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields
 
 import torch
