@@ -112,21 +112,25 @@ class ZeroEps(PointMass):
         return torch.zeros_like(x)
 
 
-def test_denoise_is_img2img():
-    """denoise d runs the last int(steps * d) steps from the latents noised to that level."""
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "dpmpp_2m", "uni_pc"])
+def test_denoise_is_img2img(sampler):
+    """denoise d runs the last int(steps * d) steps from the latents noised to that level.
+
+    With a model that predicts no noise, every deterministic sampler returns its start
+    divided by sqrt(alpha_bar): latents + sigma(t_start) * noise."""
     model = ZeroEps()
     latents = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(5))
     steps, seed = 10, 3
-    out = sample(model, latents, _ctx(0), None, num_frames=3, steps=steps, cfg=1.0, sampler="ddim", seed=seed,
+    out = sample(model, latents, _ctx(0), None, num_frames=3, steps=steps, cfg=1.0, sampler=sampler, seed=seed,
                  denoise=0.3)
     assert len(model.calls) == 3
-    sched = make_scheduler("ddim")
+    sched = make_scheduler(sampler)
     sched.set_timesteps(steps)
     t0 = sched.timesteps[7]
     assert model.calls[0]["t"][0] == t0
-    a = sched.alphas_cumprod[t0]
+    a = sched.alphas_cumprod[int(t0)]
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
-    expected = latents + ((1 - a) / a).sqrt() * noise  # eps = 0: x0 = x_t / sqrt(a)
+    expected = latents + ((1 - a) / a).sqrt() * noise
     assert torch.allclose(out, expected, atol=1e-4)
     # denoise so small that no step is left: the latents come back unchanged
     assert torch.equal(sample(model, latents, _ctx(0), None, num_frames=3, steps=4, cfg=1.0, denoise=0.1), latents)
