@@ -1,0 +1,63 @@
+"""Text Encode: a prompt through the bundled model's built-in text encoder -> CONDITIONING.
+
+Thin: the tokenizer and transformer live in models/text.py. The output has the layout of
+core CLIPTextEncode's (``[[tensor [1, 77, width], {}]]``), so the keyframe sampler takes
+either.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..models.text import TextEncoder, unknown_words_message
+
+CATEGORY = "MagicVideo/conditioning"
+
+
+class MagicVideoTextEncode:
+    DESCRIPTION = (
+        "Encode a prompt with the built-in text encoder of a MagicVideo model file (the bundled "
+        "default knows the words of its world: colours, shapes, motions, speeds, backgrounds). "
+        "Unknown words stop the graph with a list of them, unless ignore_unknown_words is on. "
+        "For SD1.5-based models use core CLIP Text Encode instead."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "encode"
+    RETURN_TYPES = ("CONDITIONING",)
+    OUTPUT_TOOLTIPS = ("The encoded prompt, [1, 77, width], for the MagicVideo keyframe sampler.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "text_encoder": ("MAGICVIDEO_TEXT", {"tooltip": "The text encoder output of Load MagicVideo Model."}),
+                "text": ("STRING", {
+                    "multiline": True,
+                    "dynamicPrompts": True,
+                    "default": "a red ball drifting to the left slowly",
+                    "tooltip": "The prompt, e.g. 'a red ball drifting to the left slowly'. Empty is fine (unconditional).",
+                }),
+            },
+            "optional": {
+                "ignore_unknown_words": ("BOOLEAN", {
+                    "default": False,
+                    "tooltip": "Off: words the encoder does not know stop the graph with an error naming them. "
+                               "On: they are left out with a warning in the console.",
+                }),
+            },
+        }
+
+    def encode(self, text_encoder, text, ignore_unknown_words=False):
+        encoder = text_encoder if isinstance(text_encoder, TextEncoder) else text_encoder.encoder
+        with torch.no_grad():
+            context, unknown = encoder.encode([text])
+        if unknown:
+            message = unknown_words_message(unknown, encoder.config.vocab)
+            if not ignore_unknown_words:
+                raise ValueError(f"MagicVideo Text Encode: {message} Turn on ignore_unknown_words to leave them out.")
+            print(f"[MagicVideo] warning: {message} Leaving them out.")
+        return ([[context, {}]],)
+
+
+NODE_CLASS_MAPPINGS = {"MagicVideoTextEncode": MagicVideoTextEncode}
+NODE_DISPLAY_NAME_MAPPINGS = {"MagicVideoTextEncode": "MagicVideo Text Encode"}
