@@ -228,17 +228,17 @@ def classify_motion(track: Track, shape: str) -> tuple[str, str | None]:
     return "still", None
 
 
-def size_jitter(track: Track) -> float:
+def size_jitter(track: Track) -> float | None:
     """Std of log-area around its linear trend (0 for a steady or smoothly scaling object)."""
     ok = track.present
     if ok.sum() < 3:
-        return float("nan")
+        return None
     t = np.nonzero(ok)[0].astype(float)
     la = np.log(track.area[ok])
     return float(np.std(la - np.polyval(np.polyfit(t, la, 1), t)))
 
 
-def flicker(frames, fg: np.ndarray) -> float:
+def flicker(frames, fg: np.ndarray) -> float | None:
     """Mean absolute frame-to-frame change (0..1) of pixels that are background in both
     frames and not next to an object (anti-aliased rims are not flicker)."""
     frames = _as_numpy(frames)
@@ -247,7 +247,7 @@ def flicker(frames, fg: np.ndarray) -> float:
     near = ndimage.binary_dilation(fg, structure=_IN_PLANE, iterations=2)
     bg = ~near[1:] & ~near[:-1]
     diff = np.abs(frames[1:] - frames[:-1]).mean(-1)
-    return float(diff[bg].mean()) if bg.any() else float("nan")
+    return float(diff[bg].mean()) if bg.any() else None
 
 
 def analyse(frames) -> dict:
@@ -287,7 +287,7 @@ def score_clip(frames, spec: world.ClipSpec) -> dict:
         if got is None:
             r["found"] = None
             r.update(colour_ok=False, shape_ok=False, motion_ok=False, speed_ok=False if exp.speed else None)
-            r.update(presence=0.0, size_jitter=float("nan"))
+            r.update(presence=0.0, size_jitter=None)
         else:
             r["found"] = {a: got[a] for a in ATTRIBUTES}
             r["colour_ok"] = got["colour"] == exp.colour
@@ -330,7 +330,7 @@ def prompt_set(seed: int = 0, n: int = 200) -> list[Prompt]:
 
 
 def _mean(values) -> float | None:
-    vals = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    vals = [float(v) for v in values if v is not None]
     return float(np.mean(vals)) if vals else None
 
 
@@ -531,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(results))
     if args.out:
         with open(args.out, "w") as fh:
-            json.dump(results, fh, indent=1, default=_json_default)
+            json.dump(results, fh, indent=1, default=_json_default, allow_nan=False)
     if args.strip:
         save_strip(args.strip, list(kept.values()), list(kept.keys()))
     return 0

@@ -1,0 +1,145 @@
+"""The procedural world: determinism, splits, captions, rendering."""
+
+import itertools
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from magicvideo.models import world
+
+
+def specs(n, seed=0, split="train"):
+    rng = np.random.default_rng(seed)
+    return [world.sample_spec(rng, split) for _ in range(n)]
+
+
+def test_batch_layout_and_range():
+    videos, captions, clip_specs = world.batch(0, 8, frames=12, size=48)
+    assert videos.shape == (8, 12, 3, 48, 48)
+    assert videos.dtype == torch.float32
+    assert -1.0 <= videos.min() and videos.max() <= 1.0
+    assert len(captions) == len(clip_specs) == 8
+    assert all(isinstance(c, str) and c for c in captions)
+
+
+def test_deterministic_by_seed_and_streaming_from_a_generator():
+    a = world.batch(3, 6)
+    b = world.batch(3, 6)
+    assert torch.equal(a[0], b[0]) and a[1] == b[1] and a[2] == b[2]
+    rng = np.random.default_rng(3)
+    first, second = world.batch(rng, 6), world.batch(rng, 6)
+    assert torch.equal(first[0], a[0])
+    assert second[1] != first[1]  # the generator moves on
+
+
+def test_render_is_host_image_layout():
+    spec = specs(1)[0]
+    frames = world.render(spec, frames=16, size=64)
+    assert frames.shape == (16, 64, 64, 3)
+    assert 0.0 <= frames.min() and frames.max() <= 1.0
+
+
+def test_render_64_clips_fast():
+    batch_specs = specs(64, seed=1)
+    world.render_batch(batch_specs[:2])  # warm up
+    start = time.perf_counter()
+    world.render_batch(batch_specs)
+    # ~0.3 s on 2 idle cores; generous bound so a busy test machine does not flake
+    assert time.perf_counter() - start < 5.0
+
+
+def test_object_colour_at_its_centre():
+    obj = world.ObjectSpec("green", "square", "still", None, 0.5, 0.5, 0.15)
+    spec = world.ClipSpec((obj,), "navy", "checker")
+    frames = world.render(spec, frames=4, size=64)
+    centre = frames[:, 32, 32] * 255
+    assert torch.allclose(centre, torch.tensor(world.PALETTE["green"], dtype=torch.float32).expand(4, 3), atol=1)
+    assert torch.equal(frames[0], frames[-1])  # still means still
+    corner = frames[0, 0, 0] * 255
+    base = torch.tensor(world.BACKGROUNDS["navy"], dtype=torch.float32)
+    assert (corner - base).abs().max() <= world.TEXTURE_CONTRAST + 1
+
+
+def test_more_frames_sample_the_same_motion_more_densely():
+    # a 16-frame clip's frames are every 4th frame of its 61-frame rendering (interpolation targets)
+    spec = specs(1, seed=5)[0]
+    short = world.render(spec, frames=16, size=32)
+    long = world.render(spec, frames=61, size=32)
+    assert torch.allclose(short, long[::4], atol=1e-5)
+
+
+def test_palette_is_well_separated_from_itself_and_backgrounds():
+    pal = np.array(list(world.PALETTE.values()), dtype=float)
+    d = np.linalg.norm(pal[:, None] - pal[None], axis=-1)
+    assert d[~np.eye(len(pal), dtype=bool)].min() > 90
+    bgs = np.array(list(world.BACKGROUNDS.values()), dtype=float)
+    shades = np.concatenate([bgs - world.TEXTURE_CONTRAST, bgs + world.TEXTURE_CONTRAST])
+    assert np.linalg.norm(pal[:, None] - shades[None], axis=-1).min() > 100
+    assert len(world.COLOURS) >= 8 and {"circle", "square", "triangle"} <= set(world.SHAPES)
+
+
+def test_heldout_split():
+    assert world._choose_heldout() == world.HELDOUT_TRIPLES  # the frozen list is reproducible
+    n_all = len(world.ALL_TRIPLES)
+    assert 0.08 * n_all <= len(world.HELDOUT_TRIPLES) <= 0.12 * n_all
+    train = set(world.TRAIN_TRIPLES)
+    assert train.isdisjoint(world.HELDOUT_TRIPLES)
+    # every value and every pair of values still appears in training
+    for i in range(3):
+        assert {t[i] for t in train} == {t[i] for t in world.ALL_TRIPLES}
+    for i, j in itertools.combinations(range(3), 2):
+        assert {(t[i], t[j]) for t in train} == {(t[i], t[j]) for t in world.ALL_TRIPLES}
+    for s in specs(300, split="train"):
+        assert not s.heldout
+    for s in specs(100, split="heldout"):
+        assert s.heldout and all(o.triple in world.HELDOUT_TRIPLES for o in s.objects)
+    with pytest.raises(ValueError, match="split"):
+        world.sample_spec(np.random.default_rng(0), "test")
+
+
+def test_every_attribute_is_sampled():
+    seen = specs(1500, seed=2, split="all")
+    objs = [o for s in seen for o in s.objects]
+    assert {o.colour for o in objs} == set(world.COLOURS)
+    assert {o.shape for o in objs} == set(world.SHAPES)
+    assert {o.motion for o in objs} == set(world.MOTIONS)
+    assert {o.speed for o in objs} == {"slow", "fast", None}
+    assert {s.texture for s in seen} == set(world.TEXTURES)
+    assert {len(s.objects) for s in seen} == {1, 2}
+
+
+def test_objects_stay_inside_and_apart():
+    for s in specs(400, seed=4, split="all"):
+        for o in s.objects:
+            x, y, r, _ = world.trajectory(o, 16)
+            ext = world.EXTENT[o.shape] * r
+            assert (x - ext >= -1e-9).all() and (x + ext <= 1 + 1e-9).all()
+            assert (y - ext >= -1e-9).all() and (y + ext <= 1 + 1e-9).all()
+            assert 8 / 64 * 0.6 <= r.min() and r.max() <= 0.25  # recognisable, not frame-filling
+        if len(s.objects) == 2:
+            a, b = s.objects
+            assert a.colour != b.colour
+            assert world._apart(a, b, gap=0.0)
+
+
+def test_captions_name_the_attributes_and_use_only_the_vocabulary():
+    vocab = set(world.vocabulary())
+    rng = np.random.default_rng(7)
+    for s in specs(500, seed=7, split="all"):
+        text = world.caption(s, rng)
+        words = text.replace(",", " ").replace(":", " ").split()
+        assert set(words) <= vocab, text
+        for o in s.objects:
+            assert set(world.COLOUR_WORDS[o.colour]) & set(words), text
+            assert set(world.SHAPE_WORDS[o.shape]) & set(words), text
+            if o.speed is not None:
+                assert set(world.SPEED_WORDS[o.speed]) & set(words), text
+    assert "a red ball" in {world.caption(world.ClipSpec((world.ObjectSpec("red", "circle", "left", "slow", .5, .5, .15),)), np.random.default_rng(i))[:10] for i in range(40)}
+
+
+def test_spec_json_round_trip():
+    for s in specs(20, seed=9, split="all"):
+        assert world.ClipSpec.from_dict(json.loads(json.dumps(s.to_dict()))) == s
