@@ -1,0 +1,152 @@
+"""The evaluator: exact on the world's own clips, robust to blur and noise, strict when wrong."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy import ndimage
+
+from magicvideo.models import evaluate as ev
+from magicvideo.models import world
+
+
+@pytest.fixture(scope="module")
+def ground_truth():
+    """300 prompts of the fixed set and their clips rendered by the world (16 x 64 x 64)."""
+    prompts = ev.prompt_set(seed=0, n=300)
+    clips = world.render_batch([p.spec for p in prompts]).numpy()
+    return prompts, clips
+
+
+def score_all(prompts, clips, transform=lambda c: c):
+    scored = [{"heldout": p.heldout, **ev.score_clip(transform(c), p.spec)} for p, c in zip(prompts, clips)]
+    return ev.summarise(scored)
+
+
+def test_ground_truth_adherence_at_least_98_percent(ground_truth):
+    summary = score_all(*ground_truth)
+    for group in ("all", "seen", "heldout"):
+        s = summary[group]
+        assert s["all"] >= 0.98, (group, s)
+        for attribute in ev.ATTRIBUTES:
+            assert s[attribute] >= 0.98, (group, attribute, s)
+        assert s["presence"] == 1.0
+        assert s["flicker"] < 1e-3
+        assert s["size_jitter"] < 0.05
+
+
+def test_robust_to_blur_and_noise(ground_truth):
+    prompts, clips = ground_truth
+    rng = np.random.default_rng(0)
+
+    def degrade(c):  # roughly what a VAE decode does to edges, plus grain
+        return ndimage.gaussian_filter(c, (0, 1.0, 1.0, 0)) + rng.normal(0, 0.03, c.shape)
+
+    summary = score_all(prompts[:150], clips[:150], degrade)
+    assert summary["all"]["all"] >= 0.95, summary["all"]
+
+
+def test_other_sizes_and_frame_counts():
+    prompts = ev.prompt_set(seed=1, n=24)
+    for frames, size in ((8, 64), (24, 96), (61, 48), (16, 128)):
+        clips = world.render_batch([p.spec for p in prompts], frames, size).numpy()
+        assert score_all(prompts, clips)["all"]["all"] >= 0.95, (frames, size)
+
+
+def test_wrong_attributes_are_caught():
+    obj = world.ObjectSpec("red", "circle", "left", "fast", 0.7, 0.5, 0.15)
+    spec = world.ClipSpec((obj,), "charcoal", "stripes_v")
+    clip = world.render(spec)
+    assert ev.score_clip(clip, spec)["all_ok"]
+
+    def judged(**changes):
+        return ev.score_clip(clip, world.ClipSpec((dataclasses.replace(obj, **changes),)))["objects"][0]
+
+    r = judged(colour="blue")
+    assert not r["colour_ok"] and r["shape_ok"] and r["motion_ok"] and not r["all_ok"]
+    r = judged(shape="triangle")
+    assert r["colour_ok"] and not r["shape_ok"]
+    r = judged(motion="right")
+    assert not r["motion_ok"] and r["speed_ok"]
+    r = judged(speed="slow")
+    assert r["motion_ok"] and not r["speed_ok"] and not r["all_ok"]
+    r = judged(motion="still", speed=None)
+    assert not r["motion_ok"] and r["speed_ok"] is None
+
+
+def test_missing_object_and_flicker():
+    obj = world.ObjectSpec("yellow", "square", "grow", "slow", 0.5, 0.5, 0.1)
+    spec = world.ClipSpec((obj,), "navy")
+    blank = world.render(world.ClipSpec((dataclasses.replace(obj, x=5.0),), "navy"))  # off-screen
+    r = ev.score_clip(blank, spec)
+    assert not r["all_ok"] and r["objects"][0]["presence"] == 0.0 and r["objects"][0]["found"] is None
+
+    clip = world.render(spec).clone()
+    assert ev.score_clip(clip, spec)["flicker"] == 0.0
+    clip[1::2] = (clip[1::2] + 0.05).clamp(0, 1)  # every other frame brighter
+    assert ev.score_clip(clip, spec)["flicker"] > 0.03
+
+
+def test_two_objects_are_told_apart():
+    a = world.ObjectSpec("white", "triangle", "up", "slow", 0.25, 0.7, 0.14)
+    b = world.ObjectSpec("orange", "square", "rotate", "fast", 0.72, 0.4, 0.15, angle=0.3)
+    spec = world.ClipSpec((a, b), "olive", "checker")
+    r = ev.score_clip(world.render(spec), spec)
+    assert r["all_ok"], r
+    swapped = world.ClipSpec((dataclasses.replace(a, motion="rotate"), b), "olive")
+    assert not ev.score_clip(world.render(spec), swapped)["all_ok"]
+
+
+def test_prompt_set_is_fixed_with_enough_heldout():
+    prompts = ev.prompt_set(seed=0, n=200)
+    assert len(prompts) == 200
+    assert sum(p.heldout for p in prompts) >= 40
+    assert all(p.heldout == p.spec.heldout for p in prompts)
+    assert len({p.seed for p in prompts}) == 200
+    again = ev.prompt_set(seed=0, n=200)
+    assert [p.caption for p in again] == [p.caption for p in prompts]
+    assert ev.prompt_set(seed=1, n=5)[0].caption != prompts[0].caption
+
+
+def test_evaluate_generator_results_and_table():
+    prompts = ev.prompt_set(seed=2, n=12)
+    calls = []
+
+    def generate(caption, seed):
+        calls.append((caption, seed))
+        return ev.ground_truth_fn(prompts)(caption, seed)
+
+    results = ev.evaluate_generator(generate, prompts)
+    assert [c for c, _ in calls] == [p.caption for p in prompts]
+    assert results["summary"]["all"]["prompts"] == 12
+    assert results["summary"]["all"]["all"] == 1.0
+    json.dumps(results, allow_nan=False)
+    table = ev.format_table(results)
+    for word in ("colour", "shape", "motion", "speed", "seen", "heldout", "flicker"):
+        assert word in table
+
+    def broken(caption, seed):  # a generator that ignores the prompt
+        return torch.full((16, 64, 64, 3), 0.1)
+
+    bad = ev.evaluate_generator(broken, prompts)["summary"]["all"]
+    assert bad["all"] == 0.0 and bad["presence"] == 0.0
+
+
+def test_cli_ground_truth_and_strip(tmp_path, capsys):
+    out, strip = tmp_path / "gt.json", tmp_path / "strip.png"
+    assert ev.main(["--ground-truth", "--n", "8", "--out", str(out), "--strip", str(strip), "--strip-count", "3"]) == 0
+    results = json.loads(out.read_text())
+    assert results["summary"]["all"]["prompts"] == 8 and results["config"]["source"] == "ground truth"
+    assert "prompt (all)" in capsys.readouterr().out
+    with Image.open(strip) as im:
+        assert im.width > 16 * 64 and im.height > 3 * 64
+
+
+def test_save_strip(tmp_path):
+    videos = [torch.rand(8, 32, 32, 3), np.zeros((8, 32, 32, 3))]
+    ev.save_strip(tmp_path / "s.png", videos, ["one", "two"], every=2, scale=1)
+    with Image.open(tmp_path / "s.png") as im:
+        assert im.size == (4 * 34 + 2, 2 * (32 + 14 + 2) + 2)
