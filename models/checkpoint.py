@@ -205,12 +205,14 @@ def _describe_ldm_unet(unet: dict, whole: bool, keys: dict) -> str:
         return f"an SDXL-family {where} (context_dim 2048)"
     if context_dim == 1024 or linear or any(k.startswith("cond_stage_model.model.") for k in keys):
         return f"an SD2.x {where} (context_dim {context_dim}, {'linear' if linear else 'conv'} proj_in, OpenCLIP text encoder)"
-    if context_dim == 768:
-        in_ch = unet["input_blocks.0.0.weight"][1]
-        if in_ch != 4:
-            return f"an SD1.x {where} with {in_ch} input channels (inpainting/instruct variant)"
-        return f"an SD1.x {where}"
-    return f"an LDM-layout UNet {where} (context_dim {context_dim})"
+    if context_dim is None:
+        return f"an LDM-layout UNet {where} without cross-attention"
+    # SD1.x's architecture; other context widths are small or custom models of the same layout
+    name = f"an SD1.x {where}" if context_dim == 768 else f"an SD1.x-layout {where} (context_dim {context_dim})"
+    in_ch = unet["input_blocks.0.0.weight"][1]
+    if in_ch != 4:
+        return f"{name} with {in_ch} input channels (inpainting/instruct variant)"
+    return name
 
 
 def _is_sd1(description: str) -> bool:
@@ -413,13 +415,14 @@ def load_model(path, *, dtype=torch.float32, device="cpu") -> MagicVideoBundle:
     return MagicVideoBundle(_eval(unet), _eval(vae), _eval(text), dict(header.metadata), "MagicVideo model")
 
 
-def load_sd15(path, *, motion=None, unet_overrides: dict | None = None, dtype=torch.float32,
-              device="cpu") -> MagicVideoBundle:
+def load_sd15(path, *, motion=None, unet_overrides: dict | None = None, vae_overrides: dict | None = None,
+              dtype=torch.float32, device="cpu") -> MagicVideoBundle:
     """Inflate an SD1.x checkpoint: its 2D weights, MagicVideo layers at identity.
 
     The UNetConfig is inferred from the file's shapes, then ``unet_overrides`` (e.g.
     ``max_frames``, ``cond_channels``, ``prediction_type``) and, with ``motion``, the
     motion file's config apply on top; the motion file's weights are then loaded. The
+    VAEConfig likewise comes from the shapes plus ``vae_overrides`` (e.g. ``temporal_layers``). The
     checkpoint's CLIP is not loaded (the host's CLIPTextEncode gives the conditioning).
     A UNet-only LDM file is accepted too (the bundle's vae is then None).
     """
@@ -460,7 +463,12 @@ def load_sd15(path, *, motion=None, unet_overrides: dict | None = None, dtype=to
     vae = None
     vae_shapes = header.under(VAE_PREFIX)
     if vae_shapes:
-        vae = _new_vae(VAEConfig.from_dict(infer_vae_config(vae_shapes)), device, dtype)
+        vae_fields = {**infer_vae_config(vae_shapes), **(vae_overrides or {})}
+        try:
+            vae_config = VAEConfig.from_dict(vae_fields)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"expected a valid VAE configuration for {header.path.name}, found {vae_fields} ({e})") from None
+        vae = _new_vae(vae_config, device, dtype)
         _fill(vae.state_dict(), header, VAE_PREFIX, what="an SD VAE", optional=lambda k: "temporal" in k)
     source = "SD1.x checkpoint" + (" + motion file" if motion_header is not None else " (inflated)")
     metadata = dict(motion_header.metadata) if motion_header is not None else {}

@@ -70,7 +70,7 @@ class UNetConfig:
 
     def __post_init__(self):
         self.channel_mult = tuple(int(m) for m in self.channel_mult)
-        self.attention_resolutions = tuple(int(r) for r in self.attention_resolutions)
+        self.attention_resolutions = tuple(sorted({int(r) for r in self.attention_resolutions}, reverse=True))
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
         if self.max_frames < 1:

@@ -1,0 +1,282 @@
+"""Checkpoints: SD1.5 inflation checked against the host's own loader, round trips for full
+and motion-only files, and a named CheckpointError for every kind of wrong file."""
+
+from __future__ import annotations
+
+import gc
+import json
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from magicvideo.models import checkpoint as ck
+from magicvideo.models.checkpoint import CheckpointError
+from magicvideo.models.unet import UNetConfig, VideoUNet, is_motion_key
+from magicvideo.models.vae import VAEConfig, VideoVAE
+from sd15_fixture import host_comfy, randomize_, sd15_checkpoint  # noqa: F401  (fixtures)
+from test_unet import TINY, inputs, randomize_motion_, rel_err, tiny
+
+TINY_VAE = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, temporal_layers=1, temporal_head_dim=16)
+
+
+def tiny_vae(seed: int = 3, temporal: bool = False) -> VideoVAE:
+    vae = VideoVAE(VAEConfig(**TINY_VAE)).eval()
+    return randomize_(vae, seed, include=lambda n: temporal or "temporal" not in n)
+
+
+def same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k].to(sa[k].dtype)) for k in sa)
+
+
+@pytest.fixture
+def tiny_sd(tmp_path):
+    """A tiny SD-layout checkpoint (image keys only) and the video model it came from."""
+    unet, vae = tiny(), tiny_vae()
+    path = ck.save_sd15(tmp_path / "tiny_sd.safetensors", unet=unet, vae=vae, dtype=None)
+    return path, unet, vae
+
+
+# ----------------------------------------------------------------------------- the real layout
+
+
+def test_sd15_checkpoint_loads_in_the_host_and_inflates_with_parity(host_comfy, sd15_checkpoint):
+    """The host's own loader reads the file as SD1.5; our inflation gives the same UNet and VAE."""
+    import comfy.sd
+    import comfy.supported_models
+
+    header = ck.read_header(sd15_checkpoint)
+    assert ck.identify(header) == "an SD1.x checkpoint"
+    assert ck.infer_unet_config(header.under(ck.UNET_PREFIX)) == {
+        k: v for k, v in UNetConfig().image_fields.items() if k not in ("num_heads", "norm_groups")
+    }
+
+    g = torch.Generator().manual_seed(0)
+    x, t, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([30.0, 700.0]), torch.randn(2, 77, 768, generator=g)
+    z = torch.randn(1, 4, 4, 4, generator=g)
+    with torch.inference_mode():
+        patcher, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(sd15_checkpoint))
+        assert type(patcher.model.model_config) is comfy.supported_models.SD15
+        assert clip is not None and vae is not None
+        ref = patcher.model.diffusion_model.float()(x, t, ctx)
+        ref_image = vae.first_stage_model.float().decode(z)
+        del patcher, clip, vae
+        gc.collect()
+
+        bundle = ck.load_sd15(sd15_checkpoint)
+        assert bundle.text_encoder is None and bundle.source.startswith("SD1.x")
+        assert bundle.unet.config == UNetConfig()
+        assert rel_err(bundle.unet(x, t, ctx, num_frames=2), ref) < 1e-4  # one 2-frame video, fresh layers
+        assert rel_err(bundle.vae.decode_raw(z, num_frames=1), ref_image) < 1e-4
+    del bundle
+    gc.collect()
+
+
+# ----------------------------------------------------------------------------- round trips
+
+
+def test_inflated_sd_checkpoint_starts_as_the_image_model(tiny_sd):
+    path, unet, vae = tiny_sd
+    # num_heads and max_frames do not show in SD weights' shapes (SD1.x's are the defaults)
+    bundle = ck.load_sd15(path, unet_overrides={"num_heads": 2, "max_frames": 8}, vae_overrides={"temporal_layers": 1, "temporal_head_dim": 16})
+    assert bundle.unet.config == unet.config
+    ours, theirs = bundle.unet.state_dict(), unet.state_dict()
+    for k, v in ours.items():
+        if not is_motion_key(k):
+            assert torch.equal(v, theirs[k]), k
+        elif "adaptor.scale" in k:
+            assert torch.equal(v, torch.ones_like(v)), k
+        elif "adaptor.shift" in k or "temporal_attn.to_out" in k or k.startswith("fps_embed.2."):
+            assert torch.equal(v, torch.zeros_like(v)), k
+    x, t, ctx = inputs(frames=3)
+    with torch.no_grad():
+        assert torch.equal(bundle.unet(x, t, ctx, num_frames=3), unet(x, t, ctx, num_frames=3))
+    assert bundle.vae.config == vae.config
+    assert all(torch.equal(v, vae.state_dict()[k]) for k, v in bundle.vae.state_dict().items() if "temporal" not in k)
+    assert ck.load(path).unet.config.num_heads == 8  # load() dispatches here; SD1.x defaults
+
+
+def test_full_file_round_trip(tmp_path):
+    unet, vae = randomize_motion_(tiny()), tiny_vae(temporal=True)
+    unet.config.prediction_type = "v_prediction"
+    path = ck.save_model(tmp_path / "full.safetensors", unet=unet, vae=vae, extra_metadata={"note": "hi", "n": 3})
+    header = ck.read_header(path)
+    assert header.metadata["format"] == "magicvideo" and header.metadata["format_version"] == "1"
+    assert header.metadata["kind"] == "full" and header.metadata["note"] == "hi" and header.metadata["n"] == "3"
+    assert json.loads(header.metadata["unet_config"]) == unet.config.to_dict()
+    assert all(k.startswith((ck.UNET_PREFIX, ck.VAE_PREFIX)) for k in header.shapes)
+
+    bundle = ck.load_model(path)
+    assert bundle.unet.config == unet.config and bundle.vae.config == vae.config
+    assert same_state(bundle.unet, unet) and same_state(bundle.vae, vae)
+    assert not bundle.unet.training and bundle.text_encoder is None
+
+    with torch.inference_mode():  # as nodes call it
+        half = ck.load(path, dtype=torch.float16)
+    assert next(half.unet.parameters()).dtype == torch.float16
+    assert same_state(half.unet, unet.half())
+
+
+def test_parts_may_be_absent(tmp_path):
+    vae = tiny_vae()
+    bundle = ck.load_model(ck.save_model(tmp_path / "vae.safetensors", vae=vae))
+    assert bundle.unet is None and bundle.text_encoder is None and same_state(bundle.vae, vae)
+
+
+def test_text_encoder_round_trip(tmp_path):
+    text = pytest.importorskip("magicvideo.models.text")
+    encoder = text.TextEncoder(text.TextConfig()).eval()
+    path = ck.save_model(tmp_path / "t.safetensors", unet=tiny(), text_encoder=encoder)
+    assert json.loads(ck.read_header(path).metadata["text_config"]) == encoder.config.to_dict()
+    assert same_state(ck.load_model(path).text_encoder, encoder)
+
+
+def test_motion_file_round_trip(tmp_path, tiny_sd):
+    sd_path, _, _ = tiny_sd
+    video = ck.load_sd15(sd_path, unet_overrides={"max_frames": 6, "cond_channels": 5}).unet
+    randomize_motion_(video)
+    motion = ck.save_motion(tmp_path / "motion.safetensors", video)
+    header = ck.read_header(motion)
+    assert header.metadata["kind"] == "motion"
+    assert header.shapes and all(is_motion_key(k) and k.startswith(ck.UNET_PREFIX) for k in header.shapes)
+
+    rebuilt = ck.load_sd15(sd_path, motion=motion)
+    assert rebuilt.unet.config == video.config and same_state(rebuilt.unet, video)
+    assert rebuilt.source == "SD1.x checkpoint + motion file"
+    applied = ck.apply_motion(ck.load_sd15(sd_path, unet_overrides={"max_frames": 6, "cond_channels": 5}).unet, motion)
+    assert same_state(applied, video)
+
+    with pytest.raises(CheckpointError, match="motion file.*apply"):
+        ck.load(motion)
+    with pytest.raises(CheckpointError, match=r"differences.*max_frames"):
+        ck.apply_motion(ck.load_sd15(sd_path).unet, motion)
+
+
+def test_motion_file_for_another_unet_is_refused(tmp_path, tiny_sd):
+    sd_path, _, _ = tiny_sd
+    other = VideoUNet(UNetConfig(**{**TINY, "model_channels": 64}))
+    motion = ck.save_motion(tmp_path / "other_motion.safetensors", other)
+    with pytest.raises(CheckpointError, match=r"different UNet.*model_channels: motion file 64, checkpoint 32"):
+        ck.load_sd15(sd_path, motion=motion)
+
+
+# ----------------------------------------------------------------------------- wrong files
+
+
+def fake_file(path, shapes: dict, metadata: dict | None = None):
+    """A safetensors file with the given keys and shapes (zeros): detection reads headers only."""
+    save_file({k: torch.zeros(s, dtype=torch.float16) for k, s in shapes.items()}, str(path), metadata=metadata)
+    return path
+
+
+def test_sdxl_is_named(tmp_path):
+    path = fake_file(tmp_path / "sdxl.safetensors", {
+        "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": (768,),
+        "conditioner.embedders.1.model.ln_final.weight": (1280,),
+        "model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3),
+        "model.diffusion_model.label_emb.0.0.weight": (1280, 2816),
+        "model.diffusion_model.input_blocks.4.1.proj_in.weight": (640, 640),
+        "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": (640, 2048),
+    })
+    for load in (ck.load, ck.load_sd15):
+        with pytest.raises(CheckpointError, match=r"expected .*SD1\.x.*found an SDXL checkpoint.*2048"):
+            load(path)
+
+
+def test_sd2_is_named(tmp_path):
+    path = fake_file(tmp_path / "sd21.safetensors", {
+        "cond_stage_model.model.ln_final.weight": (1024,),
+        "model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3),
+        "model.diffusion_model.input_blocks.1.1.proj_in.weight": (320, 320),
+        "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 1024),
+    })
+    with pytest.raises(CheckpointError, match=r"expected an SD1\.x checkpoint.*found an SD2\.x checkpoint.*1024.*linear proj_in"):
+        ck.load_sd15(path)
+
+
+def test_vae_given_as_model_is_named(tmp_path):
+    path = tmp_path / "vae_only.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_vae().state_dict().items() if "temporal" not in k}, str(path))
+    with pytest.raises(CheckpointError, match=r"expected an SD1\.x checkpoint.*found a VAE"):
+        ck.load_sd15(path)
+    with pytest.raises(CheckpointError, match=r"expected a MagicVideo model.*found a VAE"):
+        ck.load_model(path)
+
+
+def test_truncated_file_is_explained(tmp_path, tiny_sd):
+    data = tiny_sd[0].read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"truncated.*describes \d+ bytes.*the file has \d+"):
+        ck.load(cut)
+    cut.write_bytes(data[:200])  # inside the header
+    with pytest.raises(CheckpointError, match=r"truncated.*header alone needs"):
+        ck.load(cut)
+    cut.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty or truncated"):
+        ck.load(cut)
+
+
+def test_unknown_format_version_is_refused(tmp_path):
+    path = fake_file(tmp_path / "future.safetensors", {"model.diffusion_model.x": (1,)},
+                     {"format": "magicvideo", "format_version": "2", "kind": "full"})
+    with pytest.raises(CheckpointError, match=r"expected MagicVideo format_version 1, found '2'"):
+        ck.load(path)
+    with pytest.raises(CheckpointError, match=r"format_version 1, found '2'"):
+        ck.load_model(path)
+
+
+class _Boom:
+    """Unpickling this writes a marker file: the loader must never get that far."""
+
+    marker = None
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.mark.parametrize("name", ["model.ckpt", "model.pt", "disguised.safetensors", "zip.safetensors"])
+def test_pickles_are_refused_unread(tmp_path, name):
+    marker = tmp_path / "unpickled"
+    _Boom.marker = marker
+    path = tmp_path / name
+    if name.startswith("zip"):
+        torch.save({"w": torch.zeros(1)}, path)  # torch's zip container
+    else:
+        path.write_bytes(pickle.dumps({"state_dict": _Boom()}, protocol=4))
+    with pytest.raises(CheckpointError, match="pickle"):
+        ck.load(path)
+    assert not marker.exists()
+
+
+def test_shape_mismatch_lists_keys_with_expected_and_found(tiny_sd):
+    with pytest.raises(CheckpointError, match=r"shape mismatches \(input_blocks\.\d\.1\.transformer_blocks\.0\.attn2\.to_k\.weight: "
+                                              r"expected \(32, 24\), found \(32, 16\)"):
+        ck.load_sd15(tiny_sd[0], unet_overrides={"context_dim": 24})
+
+
+def test_full_file_whose_config_does_not_match_its_weights(tmp_path):
+    unet = tiny()
+    path = tmp_path / "lying.safetensors"
+    meta = {"format": "magicvideo", "format_version": "1", "kind": "full",
+            "unet_config": json.dumps({**unet.config.to_dict(), "max_frames": 4})}
+    save_file({ck.UNET_PREFIX + k: v.contiguous() for k, v in unet.state_dict().items()}, str(path), metadata=meta)
+    with pytest.raises(CheckpointError, match=r"adaptor\.scale: expected \(4, 32\), found \(8, 32\)"):
+        ck.load_model(path)
+
+
+def test_missing_and_foreign_files(tmp_path):
+    with pytest.raises(CheckpointError, match="found nothing"):
+        ck.load(tmp_path / "nope.safetensors")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b'{"a": 1}' * 4)
+    with pytest.raises(CheckpointError, match="expected a safetensors file, found a JSON file"):
+        ck.load(junk)
+    bad_meta = fake_file(tmp_path / "badmeta.safetensors", {"model.diffusion_model.x": (1,)},
+                         {"format": "magicvideo", "format_version": "1", "kind": "full", "unet_config": "{not json"})
+    with pytest.raises(CheckpointError, match="valid unet_config"):
+        ck.load_model(bad_meta)
+    with pytest.raises(CheckpointError, match="ending in .safetensors"):
+        ck.save_model(tmp_path / "x.ckpt", unet=tiny())
