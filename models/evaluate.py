@@ -441,31 +441,32 @@ def model_generate_fn(
     cfg: float = 7.5,
     sampler: str = "euler",
     scheduler: str = "normal",
-    fps: float | None = None,
+    fps: float | None = 8.0,
     device: str = "cpu",
 ):
-    """generate_fn(caption, seed) running the bundled pipeline: text encoder, keyframe
-    sampler, VideoVAE decode."""
+    """generate_fn(caption, seed) running a full MagicVideo file: its text encoder, the
+    keyframe sampler from pure noise, VideoVAE decode."""
     from .checkpoint import load_model
     from .sampling import sample
 
-    bundle = load_model(path)
-    for part in (bundle.unet, bundle.vae, bundle.text_encoder):
-        part.to(device).eval()
+    bundle = load_model(path, device=device)
+    unet, vae, text = bundle.unet, bundle.vae, bundle.text_encoder
+    if unet is None or vae is None or text is None:
+        raise ValueError(f"{path}: the evaluator needs a file with a UNet, a VAE and a built-in text encoder")
+    latent_shape = (frames, unet.config.in_channels, size // vae.config.downscale, size // vae.config.downscale)
     with torch.no_grad():
-        negative, _ = bundle.text_encoder.encode([""])
+        negative, _ = text.encode([""])
 
     @torch.no_grad()
     def generate(caption: str, seed: int) -> torch.Tensor:
-        positive, unknown = bundle.text_encoder.encode([caption])
+        positive, unknown = text.encode([caption])
         if unknown:
             raise ValueError(f"prompt {caption!r} has words the text encoder does not know: {unknown}")
-        latents = torch.zeros(frames, 4, size // 8, size // 8, device=device)
         latents = sample(
-            bundle.unet, latents, positive, negative, num_frames=frames, steps=steps, cfg=cfg,
+            unet, torch.zeros(latent_shape), positive, negative, num_frames=frames, steps=steps, cfg=cfg,
             sampler=sampler, scheduler=scheduler, seed=seed, fps=fps,
         )
-        images = bundle.vae.decode(latents, frames)  # [F, 3, H, W] in -1..1
+        images = vae.decode(latents.to(device), frames)  # [F, 3, H, W] in -1..1
         return ((images.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu()
 
     return generate
@@ -494,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cfg", type=float, default=7.5)
     ap.add_argument("--sampler", default="euler")
     ap.add_argument("--scheduler", default="normal")
-    ap.add_argument("--fps", type=float, default=None)
+    ap.add_argument("--fps", type=float, default=8.0, help="fps condition (the bundled default trains at 8)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", help="write results JSON here")
     ap.add_argument("--strip", help="write a PNG strip of the first prompts here")
