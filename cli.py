@@ -35,19 +35,23 @@ def _dtype(name: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
-def _text(bundle, prompts: list[str], device) -> torch.Tensor:
+def _text(bundle, prompts: list[str], device, ignore_unknown: bool = False) -> torch.Tensor:
     encoder = getattr(bundle, "text_encoder", None)
     if encoder is None:
         raise SystemExit(
             "error: this model file has no built-in text encoder; pass --conditioning with precomputed "
             "text embeddings (a safetensors file with 'positive' [and 'negative'] tensors)"
         )
+    from .models.text import unknown_words_message
+
     encoder = encoder.to(device).eval()
     with torch.no_grad():
         context, unknown = encoder.encode(prompts)
     if unknown:
-        print(f"warning: words outside the text encoder's vocabulary are ignored: {sorted(set(unknown))}",
-              file=sys.stderr)
+        message = unknown_words_message(unknown, encoder.config.vocab)
+        if not ignore_unknown:
+            raise SystemExit(f"error: {message} Pass --ignore-unknown-words to leave them out.")
+        print(f"warning: {message} Leaving them out.", file=sys.stderr)
     return context
 
 
@@ -62,12 +66,12 @@ def _conditioning(args, bundle, device) -> tuple[torch.Tensor, torch.Tensor | No
         if negative is None and args.cfg != 1.0:
             if getattr(bundle, "text_encoder", None) is None:
                 raise SystemExit("error: cfg != 1 needs a 'negative' tensor in the conditioning file (or --cfg 1)")
-            negative = _text(bundle, [args.negative], device)
+            negative = _text(bundle, [args.negative], device, args.ignore_unknown_words)
         return positive, negative
     if args.prompt is None:
         raise SystemExit("error: give --prompt (built-in text encoder) or --conditioning FILE")
-    positive = _text(bundle, [args.prompt], device)
-    negative = _text(bundle, [args.negative], device) if args.cfg != 1.0 else None
+    positive = _text(bundle, [args.prompt], device, args.ignore_unknown_words)
+    negative = _text(bundle, [args.negative], device, args.ignore_unknown_words) if args.cfg != 1.0 else None
     return positive, negative
 
 
@@ -123,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="text (or conditioning file) -> video file")
     g.add_argument("--prompt", help="what the video shows (needs a model with a built-in text encoder)")
     g.add_argument("--negative", default="", help="negative prompt for classifier-free guidance (default: empty)")
+    g.add_argument("--ignore-unknown-words", action="store_true",
+                   help="leave out prompt words the built-in text encoder does not know (default: error)")
     g.add_argument("--conditioning", help="safetensors with 'positive' [and 'negative'] text embeddings [1, tokens, width]")
     g.add_argument("--model", default=str(DEFAULT_MODEL), help="MagicVideo model file (default: the bundled weights)")
     g.add_argument("--output", default="magicvideo.mp4", help="video file; the extension picks mp4, webm, gif or webp")

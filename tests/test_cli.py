@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 from magicvideo.cli import main
 from magicvideo.models import checkpoint, video_io
+from magicvideo.models.text import TextConfig, TextEncoder
 from magicvideo.models.unet import UNetConfig, VideoUNet
 from magicvideo.models.vae import VAEConfig, VideoVAE
 
@@ -36,6 +37,8 @@ def files(tmp_path_factory):
     model = checkpoint.save_model(root / "tiny.safetensors", unet=unet, vae=vae)
     cond = root / "cond.safetensors"
     save_file({"positive": torch.randn(1, 5, WIDTH), "negative": torch.zeros(1, 5, WIDTH)}, cond)
+    text = TextEncoder(TextConfig(width=WIDTH, layers=1, heads=2))
+    checkpoint.save_model(root / "tiny_text.safetensors", unet=unet, vae=vae, text_encoder=text)
     return model, cond, root
 
 
@@ -75,3 +78,14 @@ def test_errors(files, capsys):
     save_file({"positive": torch.zeros(1, 77, 768), "negative": torch.zeros(1, 77, 768)}, wide)
     assert main(_args(model, wide, root / "g.gif")) == 2
     assert "width 16" in capsys.readouterr().err
+
+
+def test_prompt_through_the_built_in_text_encoder(files):
+    _, _, root = files
+    model = root / "tiny_text.safetensors"
+    args = ["generate", "--model", str(model), "--frames", "2", "--width", "16", "--height", "16", "--steps", "1"]
+    assert main([*args, "--prompt", "a red circle moving left", "--output", str(root / "p.gif")]) == 0
+    assert video_io.read_video(root / "p.gif").frames.shape == (2, 16, 16, 3)
+    with pytest.raises(SystemExit, match="does not know 1 word"):
+        main([*args, "--prompt", "a red circel", "--output", str(root / "q.gif")])
+    assert main([*args, "--prompt", "a red circel", "--ignore-unknown-words", "--output", str(root / "q.gif")]) == 0
