@@ -143,8 +143,11 @@ def test_loader_full_file(nodes, tiny, tmp_path):
 
     from magicvideo.models import checkpoint
 
+    from magicvideo.models.text import TextConfig, TextEncoder
+
     model, vae = tiny
-    checkpoint.save_model(tmp_path / "tiny_full.safetensors", unet=model.unet, vae=vae)
+    text_encoder = TextEncoder(TextConfig(width=16, layers=1, heads=2))
+    checkpoint.save_model(tmp_path / "tiny_full.safetensors", unet=model.unet, vae=vae, text_encoder=text_encoder)
     (tmp_path / "not_a_model.ckpt").write_bytes(b"pickle")
     folder_paths.add_model_folder_path("magicvideo", str(tmp_path))
     folder_paths.filename_list_cache.pop("magicvideo", None)
@@ -152,11 +155,14 @@ def test_loader_full_file(nodes, tiny, tmp_path):
     assert "tiny_full.safetensors" in choices and "not_a_model.ckpt" not in choices  # never offer pickles
 
     loaded, loaded_vae, text = nodes.ModelLoader().load("tiny_full.safetensors", "none", "none", "auto")
-    assert text is None and loaded.latent_rgb.shape == (5, 3)
+    assert isinstance(text, TextEncoder) and loaded.latent_rgb.shape == (5, 3)
     assert loaded.scaling_factor == vae.config.scaling_factor
     assert torch.equal(loaded.unet.out[2].weight, model.unet.out[2].weight.to(loaded.unet.out[2].weight.device))
     latent = nodes.EmptyVideoLatent().generate(width=32, height=32, frames=2, batch=1)[0]
-    assert _run_sampler(nodes, loaded, latent, steps=1)["samples"].shape == (2, 4, 4, 4)
+    encode = importlib.import_module("magicvideo.nodes.text").MagicVideoTextEncode().encode
+    positive, negative = encode(text, "a red circle moving left")[0], encode(text, "")[0]
+    out = _run_sampler(nodes, loaded, latent, steps=1, positive=positive, negative=negative)
+    assert out["samples"].shape == (2, 4, 4, 4)
 
     with pytest.raises(ValueError, match="choose one source"):
         nodes.ModelLoader().load("tiny_full.safetensors", "some_sd15.safetensors", "none", "auto")
