@@ -87,16 +87,18 @@ def generate(args) -> Path:
     fmt = output.suffix.lstrip(".").lower()
     if fmt not in video_io.FORMATS:
         raise SystemExit(f"error: output {output.name}: expected one of the extensions {sorted(video_io.FORMATS)}")
-    if args.width % 8 or args.height % 8:
-        raise SystemExit(f"error: width and height must be multiples of 8, got {args.width}x{args.height}")
-
     t0 = time.perf_counter()
     bundle = checkpoint.load_model(model_path)
+    if bundle.unet is None or bundle.vae is None:
+        raise SystemExit(f"error: {model_path.name} has no {'UNet' if bundle.unet is None else 'VAE'}; expected a full model file")
     unet = bundle.unet.to(device, dtype).eval()
     vae = bundle.vae.to(device, torch.float32 if dtype == torch.float16 else dtype).eval()
+    down = vae.config.downscale
+    if args.width % down or args.height % down:
+        raise SystemExit(f"error: width and height must be multiples of {down}, got {args.width}x{args.height}")
     positive, negative = _conditioning(args, bundle, device)
 
-    latents = torch.zeros(args.frames, unet.config.in_channels, args.height // 8, args.width // 8)
+    latents = torch.zeros(args.frames, unet.config.in_channels, args.height // down, args.width // down)
     cond = None
     if getattr(unet.config, "cond_channels", 0):
         cond = sampling.reference_cond(None, videos=1, num_frames=args.frames, channels=unet.config.cond_channels,
