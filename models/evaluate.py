@@ -306,6 +306,42 @@ def score_clip(frames, spec: world.ClipSpec) -> dict:
     }
 
 
+def window_drift(frames, window: int = world.REFERENCE_FRAMES) -> dict:
+    """Drift of a long video, window by window, against its first window: background colour
+    distance (0..1 RGB), relative size change of the biggest object, and whether its colour and
+    shape are still those of the first window. For sliding-window chains."""
+    frames = _as_numpy(frames)
+    windows = []
+    for start in range(0, len(frames) - window + 1, window):
+        clip = frames[start : start + window]
+        tracks, _ = find_tracks(clip)
+        _, bg = foreground(clip)
+        main = tracks[0] if tracks else None
+        windows.append({
+            "start": start,
+            "background": bg,
+            "colour": main.colour if main else None,
+            "shape": classify_shape(main) if main else None,
+            "area": float(np.nanmean(main.area)) if main else None,
+            "presence": float(main.present.mean()) if main else 0.0,
+        })
+    if not windows:
+        raise ValueError(f"need at least one window of {window} frames, got {len(frames)} frames")
+    first = windows[0]
+    bg0 = first["background"]
+    for w in windows:
+        w["background_drift"] = float(np.linalg.norm(w.pop("background") - bg0))
+        w["same_colour"] = w["colour"] == first["colour"]
+        w["same_shape"] = w["shape"] == first["shape"]
+        w["size_drift"] = (w["area"] / first["area"] - 1) if w["area"] and first["area"] else None
+    return {
+        "windows": windows,
+        "max_background_drift": max(w["background_drift"] for w in windows),
+        "kept_colour": all(w["same_colour"] for w in windows),
+        "kept_shape": all(w["same_shape"] for w in windows),
+    }
+
+
 # ---------------------------------------------------------------------------------------
 # Prompt set and generator evaluation
 

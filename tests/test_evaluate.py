@@ -171,3 +171,15 @@ def test_model_glue_runs_a_tiny_full_model(tmp_path):
     assert torch.equal(frames, generate("a red ball moving left", 3))  # seeded
     r = ev.evaluate_generator(generate, ev.prompt_set(n=2))
     assert r["summary"]["all"]["prompts"] == 2
+
+
+def test_window_drift():
+    obj = world.ObjectSpec("cyan", "triangle", "still", None, 0.5, 0.5, 0.15)
+    steady = world.render(world.ClipSpec((obj,), "grey"), frames=48)
+    d = ev.window_drift(steady, window=16)
+    assert len(d["windows"]) == 3 and d["kept_colour"] and d["kept_shape"]
+    assert d["max_background_drift"] == 0.0 and d["windows"][2]["size_drift"] == pytest.approx(0.0)
+    drifting = steady.clone()
+    drifting[32:] = world.render(world.ClipSpec((dataclasses.replace(obj, shape="square", colour="blue"),), "black"), frames=16)
+    d = ev.window_drift(drifting, window=16)
+    assert not d["kept_colour"] and not d["kept_shape"] and d["max_background_drift"] > 0.1
