@@ -328,6 +328,11 @@ def _fill(state: dict[str, torch.Tensor], header: Header, prefix: str, *, what: 
         raise CheckpointError(f"{header.path.name}: expected readable tensors, found a damaged file ({e})") from None
 
 
+def _norm(value):
+    """Config values compare alike whether they came from JSON (lists) or code (tuples)."""
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
 def _squeezable(expected, found) -> bool:
     return [d for d in expected if d != 1] == [d for d in found if d != 1]
 
@@ -449,6 +454,13 @@ def load_sd15(path, *, motion=None, unet_overrides: dict | None = None, vae_over
             raise CheckpointError(f"{motion_header.path.name} was made for a different UNet than {header.path.name} ({listed})")
         fields = motion_config.to_dict()
     if unet_overrides:
+        clash = {k: (v, image[k]) for k, v in unet_overrides.items() if k in image and _norm(v) != _norm(image[k])}
+        if clash:
+            listed = "; ".join(f"{k}={a!r} but the checkpoint has {b!r}" for k, (a, b) in clash.items())
+            raise CheckpointError(
+                f"{header.path.name}: unet_overrides contradict the checkpoint's weights ({listed}); "
+                "override only what shapes do not fix (max_frames, cond_channels, prediction_type, num_heads, ...)"
+            )
         fields.update(unet_overrides)
     try:
         config = UNetConfig.from_dict(fields)

@@ -251,10 +251,31 @@ def test_pickles_are_refused_unread(tmp_path, name):
     assert not marker.exists()
 
 
-def test_shape_mismatch_lists_keys_with_expected_and_found(tiny_sd):
-    with pytest.raises(CheckpointError, match=r"shape mismatches \(input_blocks\.\d\.1\.transformer_blocks\.0\.attn2\.to_k\.weight: "
-                                              r"expected \(32, 24\), found \(32, 16\)"):
+def test_overrides_that_contradict_the_weights_are_named(tiny_sd):
+    with pytest.raises(CheckpointError, match=r"unet_overrides contradict.*context_dim=24 but the checkpoint has 16"):
         ck.load_sd15(tiny_sd[0], unet_overrides={"context_dim": 24})
+    # what shapes do not fix is fine, lists or tuples alike
+    ck.load_sd15(tiny_sd[0], unet_overrides={"num_heads": 4, "channel_mult": [1, 2], "cond_channels": 5})
+
+
+def test_shape_mismatch_lists_keys_with_expected_and_found(tiny_sd):
+    """A file whose layers disagree (one cross-attention 24 wide, the rest 16)."""
+    from safetensors import safe_open
+
+    path = tiny_sd[0]
+    header = ck.read_header(path)
+    lying = path.with_name("lying_sd.safetensors")
+    tensors = {}
+    with safe_open(path, framework="pt") as f:
+        for k in header.shapes:
+            t = f.get_tensor(k)
+            if k.endswith("attn2.to_k.weight") and "input_blocks.1." in k:
+                t = torch.zeros(t.shape[0], 24)
+            tensors[k] = t
+    save_file(tensors, str(lying))
+    with pytest.raises(CheckpointError, match=r"shape mismatches \(input_blocks\.1\.1\.transformer_blocks\.0\.attn2\.to_k\.weight: "
+                                              r"expected \(32, 16\), found \(32, 24\)"):
+        ck.load_sd15(lying)
 
 
 def test_full_file_whose_config_does_not_match_its_weights(tmp_path):
