@@ -452,8 +452,8 @@ class VideoUNet(nn.Module):
         randomly, which a loader that overwrites them all should not pay.
         """
         with torch.device("meta"):
-            model = cls(config)
-        model = model.to_empty(device=device).to(dtype)
+            model = cls(config).to(dtype)  # free on meta; memory is allocated once, below
+        model = model.to_empty(device=device)
         model.reset_motion_parameters()
         return model
 
