@@ -50,7 +50,7 @@ def test_robust_to_blur_and_noise(ground_truth):
 
 
 def test_other_sizes_and_frame_counts():
-    prompts = ev.prompt_set(seed=1, n=24)
+    prompts = ev.prompt_set(seed=1, n=16)
     for frames, size in ((8, 64), (24, 96), (61, 48), (16, 128)):
         clips = world.render_batch([p.spec for p in prompts], frames, size).numpy()
         assert score_all(prompts, clips)["all"]["all"] >= 0.95, (frames, size)

@@ -2,7 +2,6 @@
 
 import itertools
 import json
-import time
 
 import numpy as np
 import pytest
@@ -42,13 +41,10 @@ def test_render_is_host_image_layout():
     assert 0.0 <= frames.min() and frames.max() <= 1.0
 
 
-def test_render_64_clips_fast():
-    batch_specs = specs(64, seed=1)
-    world.render_batch(batch_specs[:2])  # warm up
-    start = time.perf_counter()
-    world.render_batch(batch_specs)
-    # ~0.3 s on 2 idle cores; generous bound so a busy test machine does not flake
-    assert time.perf_counter() - start < 5.0
+def test_render_a_trainer_batch():
+    # speed is measured by benchmarks, not timed tests (~0.3 s for these 64 clips on 2 idle cores)
+    clips = world.render_batch(specs(64, seed=1))
+    assert clips.shape == (64, 16, 64, 64, 3) and torch.isfinite(clips).all()
 
 
 def test_object_colour_at_its_centre():
