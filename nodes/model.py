@@ -270,14 +270,14 @@ class KeyframeSampler:
         channels = getattr(model.config, "cond_channels", 0)
         if reference is not None or channels:
             cond = sampling.reference_cond(
-                reference["samples"] * model.scaling_factor if reference is not None else None, videos=samples.shape[0] // num_frames,
-                num_frames=num_frames, channels=channels, size=tuple(samples.shape[-2:]),
+                reference["samples"] * model.scaling_factor if reference is not None else None,
+                videos=samples.shape[0] // num_frames, num_frames=num_frames, channels=channels,
+                size=tuple(samples.shape[-2:]),
             )
-        run_steps = max(1, min(int(steps * denoise), steps))
         out = sampling.sample(
             model.unet, samples, _conditioning(positive, "positive"), _conditioning(negative, "negative"),
             num_frames=num_frames, steps=steps, cfg=cfg, sampler=sampler, scheduler=scheduler, seed=seed, fps=fps,
-            denoise=denoise, cond=cond, callback=_preview_callback(model, run_steps),
+            denoise=denoise, cond=cond, callback=_preview_callback(model, steps),  # the callback reports the true total
         )
         return (_latent(out.cpu() / model.scaling_factor, num_frames, latent),)
 
