@@ -1,0 +1,421 @@
+"""Training: the VideoVAE, then the keyframe VideoUNet with its text encoder.
+
+Read top to bottom: data sources, the two training stages, the command line.
+
+    python -m magicvideo.train --config configs/default.json --stage all --run-dir runs/default
+
+The same code trains on the procedural world (the bundled default) or on a folder of the
+user's clips (``--data-dir``, captions from ``<clip>.txt`` beside each clip), starting from
+scratch or from an SD1.5 checkpoint (``--init``), on CPU or GPU (``--device``).
+
+Each stage writes its checkpoint and a resumable state to the run folder every
+``save_every`` steps; ``--resume`` carries on from the last one. The loss log is
+``<run-dir>/<stage>.log`` (one JSON line per logged step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint, world
+from .sampling import training_schedule
+from .text import TextConfig, TextEncoder
+
+from .unet import UNetConfig, VideoUNet
+from .vae import VAEConfig, VideoVAE
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class WorldSource:
+    """Clips of the procedural world, made on the fly (deterministic by seed)."""
+
+    def __init__(self, seed: int, frames: int, size: int, split: str = "train"):
+        self.rng = np.random.default_rng(seed)
+        self.frames, self.size, self.split = frames, size, split
+
+    def batch(self, batch_size: int):
+        """-> videos [B, F, 3, H, W] in -1..1, captions list[str]"""
+        videos, captions, _ = world.batch(self.rng, batch_size, self.frames, self.size, self.split)
+        return videos, captions
+
+
+class FolderSource:
+    """The user's own clips: every video in a folder, captions from a .txt beside each.
+
+    Clips are decoded once with PyAV (at most ``frames`` frames from a random start), centre
+    cropped to a square and resized to ``size``. A clip without a caption file trains with
+    the empty caption (unconditional), which is reported once at start.
+    """
+
+    EXTENSIONS = {".mp4", ".webm", ".mov", ".mkv", ".gif", ".avi"}
+
+    def __init__(self, folder: str, seed: int, frames: int, size: int):
+        from .video_io import read_video
+
+        paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in self.EXTENSIONS)
+        if not paths:
+            raise ValueError(f"no video files ({', '.join(sorted(self.EXTENSIONS))}) found in {folder}")
+        self.clips, self.captions, missing = [], [], []
+        for path in paths:
+            frames_hw3 = read_video(str(path)).frames  # [F, H, W, 3] in 0..1
+            if frames_hw3.shape[0] < frames:
+                raise ValueError(f"{path.name}: has {frames_hw3.shape[0]} frames, training needs at least {frames}")
+            self.clips.append(_square_resize(frames_hw3, size))
+            txt = path.with_suffix(".txt")
+            self.captions.append(txt.read_text().strip() if txt.exists() else "")
+            if not txt.exists():
+                missing.append(path.name)
+        if missing:
+            print(f"[train] {len(missing)} clip(s) have no caption file and train unconditionally: {missing[:5]}")
+        self.rng = random.Random(seed)
+        self.frames = frames
+
+    def batch(self, batch_size: int):
+        videos, captions = [], []
+        for _ in range(batch_size):
+            i = self.rng.randrange(len(self.clips))
+            clip = self.clips[i]
+            start = self.rng.randrange(clip.shape[0] - self.frames + 1)
+            videos.append(clip[start : start + self.frames])
+            captions.append(self.captions[i])
+        return torch.stack(videos) * 2 - 1, captions
+
+
+def _square_resize(frames_hw3: torch.Tensor, size: int) -> torch.Tensor:
+    """[F, H, W, 3] -> [F, 3, size, size] (centre crop, area resize)."""
+    x = frames_hw3.permute(0, 3, 1, 2).float()
+    h, w = x.shape[-2:]
+    s = min(h, w)
+    x = x[..., (h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
+    return F.interpolate(x, size=(size, size), mode="area")
+
+
+def make_source(cfg: dict, args, seed: int):
+    data = cfg["data"]
+    if args.data_dir:
+        return FolderSource(args.data_dir, seed, data["frames"], data["size"])
+    return WorldSource(seed, data["frames"], data["size"], split="train")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+class EMA:
+    """Exponential moving average of a module's weights (the weights we ship)."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = copy.deepcopy(module).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module, step: int):
+        d = min(self.decay, (1 + step) / (10 + step))  # warm up: early averages follow closely
+        for s, p in zip(self.shadow.parameters(), module.parameters()):
+            s.lerp_(p.detach(), 1 - d)
+        for s, b in zip(self.shadow.buffers(), module.buffers()):
+            s.copy_(b)
+
+
+class Logger:
+    """One JSON line per logged step, to ``<run-dir>/<stage>.log``, and a progress line."""
+
+    def __init__(self, path: Path, total: int, start: int):
+        self.file = open(path, "a", buffering=1)
+        self.total, self.t0, self.start = total, time.time(), start
+
+    def log(self, step: int, **values):
+        self.file.write(json.dumps({"step": step, "time": round(time.time() - self.t0, 1), **values}) + "\n")
+        done = step + 1 - self.start
+        rate = done / max(time.time() - self.t0, 1e-6)
+        eta = (self.total - step - 1) / max(rate, 1e-9)
+        vals = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+        print(f"\r[{step + 1}/{self.total}] {vals} {rate:.2f} it/s eta {eta / 60:.1f} min", end="", file=sys.stderr, flush=True)
+
+
+def save_state(path: Path, step: int, modules: dict, optimizer: torch.optim.Optimizer):
+    """Resumable training state (tensors and numbers only; loaded with weights_only=True)."""
+    state = {"step": step, "optimizer": optimizer.state_dict(), **{k: m.state_dict() for k, m in modules.items()}}
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_state(path: Path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def foreground_weights(x: torch.Tensor, weight: float) -> torch.Tensor:
+    """Per-pixel loss weights 1 + ``weight`` on pixels that differ from their frame's median colour.
+
+    Small objects on large plain backgrounds are a few percent of the pixels, so a plain
+    reconstruction loss learns the background first and the objects' colours last; this
+    weights the (generic) "not the dominant colour" pixels up. ``weight=0`` is the plain loss.
+    """
+    if weight <= 0:
+        return torch.ones_like(x[:, :1])
+    median = x.flatten(2).median(dim=2).values[:, :, None, None]
+    foreground = ((x - median).abs().amax(dim=1, keepdim=True) > 0.2).float()
+    return 1 + weight * foreground
+
+
+def cosine_lr(step: int, total: int, base: float, warmup: int = 200) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ----------------------------------------------------------------------------- stage 1: VAE
+
+
+def train_vae(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
+    """Reconstruction (L1 + L2) with a small KL term; clips, so the temporal decoder learns.
+
+    Ends by measuring the latent standard deviation and storing 1/std as the VAE's
+    ``scaling_factor``, so the UNet sees unit-variance latents as SD's does.
+    """
+    tc = cfg["vae"]
+    torch.manual_seed(cfg["seed"])
+    out_path = run_dir / "vae.safetensors"
+    state_path = run_dir / "vae_state.pt"
+
+    if args.init:
+        vae = checkpoint.load_sd15(args.init).vae  # start from the SD VAE's 2D weights
+    else:
+        vae = VideoVAE(VAEConfig.from_dict(tc["config"]))
+    vae.to(device).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=tc["lr"], weight_decay=0.0)
+    start = 0
+    if args.resume and state_path.exists():
+        state = load_state(state_path)
+        vae.load_state_dict(state["vae"])
+        opt.load_state_dict(state["optimizer"])
+        start = state["step"] + 1
+        print(f"[train vae] resumed at step {start}")
+
+    source = make_source({"data": {**cfg["data"], "frames": tc["frames"]}}, args, cfg["seed"] + start)
+    log = Logger(run_dir / "vae.log", tc["steps"], start)
+    for step in range(start, tc["steps"]):
+        videos, _ = source.batch(tc["batch_size"])
+        frames = videos.shape[1]
+        x = videos.flatten(0, 1).to(device)  # [(b f), 3, H, W]
+        mean, logvar = vae.encode_dist(x)
+        z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
+        recon = vae.decode_raw(z, num_frames=frames)
+        err = (recon - x).abs() + (recon - x).pow(2)
+        rec = (err * foreground_weights(x, tc.get("foreground_weight", 0.0))).mean()
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
+        loss = rec + tc["kl_weight"] * kl
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, tc["steps"], tc["lr"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if step % 10 == 0 or step == tc["steps"] - 1:
+            log.log(step, loss=loss.item(), rec=rec.item(), kl=kl.item())
+        if (step + 1) % tc["save_every"] == 0 or step == tc["steps"] - 1:
+            save_state(state_path, step, {"vae": vae}, opt)
+    print(file=sys.stderr)
+
+    vae.eval()
+    with torch.no_grad():  # latent scale from fresh clips
+        videos, _ = source.batch(16)
+        mean, _ = vae.encode_dist(videos.flatten(0, 1).to(device))
+        vae.config.scaling_factor = float(1.0 / mean.std())
+    print(f"[train vae] scaling_factor = {vae.config.scaling_factor:.4f}")
+    checkpoint.save_model(out_path, vae=vae.cpu())
+    return out_path
+
+
+# ----------------------------------------------------------------------------- stage 2: keyframe UNet
+
+
+class LatentPool:
+    """Clips encoded once by the frozen VAE, refreshed a few clips per step.
+
+    Encoding every clip at every step costs about as much as the UNet step itself on a
+    CPU; a pool that is topped up with ``refresh`` fresh clips per step halves that and
+    still shows the UNet a new clip every few steps. Captions stay raw text so the text
+    encoder trains on them.
+    """
+
+    def __init__(self, source, vae: VideoVAE, size: int, refresh: int, device, seed: int):
+        self.source, self.vae, self.refresh, self.device = source, vae, refresh, device
+        self.rng = np.random.default_rng(seed)
+        self.latents, self.captions = [], []
+        while len(self.latents) < size:
+            print(f"\r[train unet] encoding the latent pool: {len(self.latents)}/{size}", end="", file=sys.stderr)
+            self._add(min(16, size - len(self.latents)))
+        print(file=sys.stderr)
+
+    @torch.no_grad()
+    def _add(self, n: int):
+        videos, captions = self.source.batch(n)
+        b, f = videos.shape[:2]
+        latents = self.vae.encode(videos.flatten(0, 1).to(self.device), chunk_size=None)
+        self.latents.extend(latents.view(b, f, *latents.shape[1:]).cpu())
+        self.captions.extend(captions)
+
+    def batch(self, batch_size: int):
+        """-> latents [(b f), 4, h, w] (scaled), captions; replaces the oldest clips."""
+        if self.refresh:
+            self._add(self.refresh)
+            del self.latents[: self.refresh], self.captions[: self.refresh]
+        idx = self.rng.choice(len(self.latents), batch_size, replace=False)
+        latents = torch.stack([self.latents[i] for i in idx]).flatten(0, 1)
+        return latents.to(self.device), [self.captions[i] for i in idx]
+
+
+def train_unet(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
+    """Denoising on VAE latents, jointly training the built-in text encoder.
+
+    One timestep per clip (all its frames share it, as at sampling time); captions are
+    dropped to the empty prompt with probability ``cond_drop`` so classifier-free guidance
+    works; the EMA weights are what we ship.
+    """
+    tc = cfg["unet"]
+    torch.manual_seed(cfg["seed"] + 1)
+    vae = checkpoint.load_model(run_dir / "vae.safetensors").vae.to(device).eval().requires_grad_(False)
+    state_path = run_dir / "unet_state.pt"
+
+    if args.init:  # SD1.5's 2D weights; only MagicVideo's own fields come from our config
+        image_fields = UNetConfig().image_fields
+        video_fields = {k: v for k, v in tc["config"].items() if k not in image_fields}
+        unet = checkpoint.load_sd15(args.init, unet_overrides=video_fields).unet
+    else:
+        unet = VideoUNet(UNetConfig.from_dict(tc["config"]))
+    # the built-in text encoder, as wide as the UNet's cross-attention expects
+    text = TextEncoder(TextConfig.from_dict({**tc["text_config"], "width": unet.config.context_dim}))
+    modules = {"unet": unet, "text": text}
+    for m in modules.values():
+        m.to(device).train()
+    params = [p for m in modules.values() for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=tc["lr"], weight_decay=0.01)
+    start = 0
+    if args.resume and state_path.exists():
+        state = load_state(state_path)
+        for k, m in modules.items():
+            m.load_state_dict(state[k])
+        opt.load_state_dict(state["optimizer"])
+        start = state["step"] + 1
+        print(f"[train unet] resumed at step {start}")
+    emas = {k: EMA(m, tc["ema"]) for k, m in modules.items()}
+    if args.resume and state_path.exists():
+        for k in modules:
+            if f"ema_{k}" in state:
+                emas[k].shadow.load_state_dict(state[f"ema_{k}"])
+
+    alphas_cumprod = training_schedule().to(device)
+    prediction = unet.config.prediction_type
+    frames, fps = cfg["data"]["frames"], cfg["data"].get("fps", 8)
+    source = make_source(cfg, args, cfg["seed"] + 1 + start)
+    pool = LatentPool(source, vae, tc["pool_size"], tc["pool_refresh"], device, cfg["seed"] + 3 + start)
+    drop_rng = random.Random(cfg["seed"] + 2 + start)
+    log = Logger(run_dir / "unet.log", tc["steps"], start)
+    for step in range(start, tc["steps"]):
+        x0, captions = pool.batch(tc["batch_size"])  # [(b f), 4, h, w], scaled
+        b = len(captions)
+        captions = ["" if drop_rng.random() < tc["cond_drop"] else c for c in captions]
+        context, unknown = text.encode(captions)
+        if unknown:
+            raise ValueError(f"training captions use words outside the text encoder's vocabulary: {sorted(set(unknown))}")
+        context = context.to(device)
+
+        t = torch.randint(0, len(alphas_cumprod), (b,), device=device).repeat_interleave(frames)
+        noise = torch.randn_like(x0)
+        a = alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
+        s = (1 - alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
+        xt = a * x0 + s * noise
+        target = noise if prediction == "epsilon" else a * noise - s * x0
+        fps_t = torch.full((b * frames,), float(fps), device=device)
+        pred = unet(xt, t, context, num_frames=frames, fps=fps_t)
+        loss = F.mse_loss(pred, target)
+
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, tc["steps"], tc["lr"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        for k, m in modules.items():
+            emas[k].update(m, step)
+        if step % 10 == 0 or step == tc["steps"] - 1:
+            log.log(step, loss=loss.item(), lr=opt.param_groups[0]["lr"])
+        if (step + 1) % tc["save_every"] == 0 or step == tc["steps"] - 1:
+            save_state(state_path, step, modules | {f"ema_{k}": e.shadow for k, e in emas.items()}, opt)
+            export(run_dir / "model.safetensors", emas, vae, cfg)
+    print(file=sys.stderr)
+    return export(run_dir / "model.safetensors", emas, vae, cfg)
+
+
+def export(path: Path, emas: dict, vae: VideoVAE, cfg: dict) -> Path:
+    """The full model file: EMA UNet + text encoder + the trained VAE, with the recipe."""
+    text = emas["text"].shadow if "text" in emas else None
+    checkpoint.save_model(
+        path,
+        unet=copy.deepcopy(emas["unet"].shadow).cpu(),
+        vae=copy.deepcopy(vae).cpu(),
+        text_encoder=copy.deepcopy(text).cpu() if text is not None else None,
+        extra_metadata={"training_recipe": json.dumps(cfg, sort_keys=True)},
+    )
+    return path
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m magicvideo.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="JSON training config (see configs/default.json)")
+    p.add_argument("--stage", choices=["vae", "unet", "all"], default="all")
+    p.add_argument("--run-dir", required=True, help="folder for logs, checkpoints and resumable state")
+    p.add_argument("--resume", action="store_true", help="carry on from the run folder's last state")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--data-dir", help="train on a folder of your own clips instead of the procedural world")
+    p.add_argument("--init", help="start from an SD1.5 checkpoint (.safetensors)")
+    p.add_argument("--steps", type=int, help="override the number of steps of the stage(s) run")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--out", help="copy the final model file here (e.g. weights/magicvideo_default.safetensors)")
+    args = p.parse_args(argv)
+
+    cfg = json.loads(Path(args.config).read_text())
+    if args.steps:
+        for stage in ("vae", "unet"):
+            cfg[stage]["steps"] = args.steps
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run_dir = Path(args.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+    device = torch.device(args.device)
+
+    final = None
+    if args.stage in ("vae", "all"):
+        final = train_vae(cfg, args, run_dir, device)
+    if args.stage in ("unet", "all"):
+        final = train_unet(cfg, args, run_dir, device)
+    if args.out and final is not None:
+        import shutil
+
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(final, args.out)
+        print(f"[train] wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
