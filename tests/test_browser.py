@@ -102,3 +102,25 @@ def test_dropping_a_saved_video_restores_its_workflow(comfy, page, fmt):
     restored = page.evaluate("() => app.graph._nodes.find((n) => n.type === 'MagicVideoSaveVideo').widgets.map((w) => w.value)")
     assert restored[1] == fmt
     assert page.js_errors == []
+
+
+def test_load_video_uploads_and_previews_a_video(comfy, page, tmp_path):
+    from host_nodes.magicvideo_testkit import moving_pattern
+
+    clip = tmp_path / "uploaded clip.mp4"
+    video_io.write_video(clip, moving_pattern(6, 48, 64), 8, "mp4")
+    page.evaluate("""() => {
+        app.graph.clear();
+        const node = LiteGraph.createNode("MagicVideoLoadVideo");
+        node.pos = [100, 100];
+        app.graph.add(node);
+    }""")
+    buttons = page.evaluate("() => app.graph._nodes[0].widgets.filter((w) => w.type === 'button').map((w) => w.name)")
+    assert buttons == ["choose video to upload"]
+
+    page.set_input_files("input[type=file][accept^='video']", str(clip))  # what the button's file dialog does
+    page.wait_for_function("() => app.graph._nodes[0].widgets.find((w) => w.name === 'video').value === 'uploaded clip.mp4'",
+                           timeout=30_000)
+    page.wait_for_function("() => document.querySelector('.magicvideo-preview video')?.readyState >= 2", timeout=30_000)
+    assert (comfy.input_dir / "uploaded clip.mp4").read_bytes() == clip.read_bytes()
+    assert page.js_errors == []
