@@ -295,7 +295,7 @@ class ComfyHost:
             where = Path(failed.group(1).strip())
             if any(e is not None and (where == e or where.resolve() == e.resolve() or e in where.parents) for e in entries):
                 self.stop()
-                raise HostError(f"ComfyUI could not import the MagicVideo pack ({where}):\n{self.log_tail()}")
+                raise HostError(f"ComfyUI could not import the node folder {where}:\n{self.log_tail()}")
 
     def check_nodes(self, names) -> None:
         missing = sorted(set(names) - set(self.object_info))
