@@ -151,3 +151,16 @@ def test_the_demo_workflow_converts_and_runs(comfy):
     files = comfy.output_files(entry)
     assert [comfy.output_path(f).suffix for f in files] == [".mp4"]
     assert video_io.read_metadata(comfy.output_path(files[0]))["workflow"] == workflow
+
+
+def test_a_loaded_image_becomes_a_video(comfy, tmp_path):
+    still = tmp_path / "still.png"
+    Image.fromarray(np.full((40, 56, 3), (200, 40, 90), np.uint8)).save(still)
+    name = comfy.upload(still)
+    prompt = {"1": {"class_type": "LoadImage", "inputs": {"image": name}},
+              "2": {"class_type": "RepeatImageBatch", "inputs": {"image": ["1", 0], "amount": 6}},
+              "3": save_node(["2", 0], fmt="webm", prefix="still/v")}
+    info, path = only_file(comfy, comfy.run(prompt), "3")
+    decoded = video_io.read_video(path)
+    assert decoded.frames.shape == (6, 40, 56, 3)
+    assert np.abs(decoded.frames.astype(int).mean(axis=(0, 1, 2)) - [200, 40, 90]).max() < 6
