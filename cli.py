@@ -1,4 +1,4 @@
-"""Command line: generate a video without ComfyUI, through the same library calls as the nodes.
+"""Command line: generate a video without ComfyUI, through ``models/pipeline.py`` (the nodes' library calls).
 
     python -m magicvideo generate --prompt "a red circle moving left" --output clip.mp4
     magicvideo generate --conditioning cond.safetensors --model my_model.safetensors --frames 16
@@ -35,48 +35,27 @@ def _dtype(name: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
-def _text(bundle, prompts: list[str], device, ignore_unknown: bool = False) -> torch.Tensor:
-    encoder = getattr(bundle, "text_encoder", None)
-    if encoder is None:
-        raise SystemExit(
-            "error: this model file has no built-in text encoder; pass --conditioning with precomputed "
-            "text embeddings (a safetensors file with 'positive' [and 'negative'] tensors)"
-        )
-    from .models.text import unknown_words_message
+def _conditioning_file(args, bundle) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``positive`` (and ``negative``) from --conditioning; a missing negative is the encoded
+    --negative prompt when the file has a text encoder."""
+    from safetensors.torch import load_file
 
-    encoder = encoder.to(device).eval()
-    with torch.no_grad():
-        context, unknown = encoder.encode(prompts)
-    if unknown:
-        message = unknown_words_message(unknown, encoder.config.vocab)
-        if not ignore_unknown:
-            raise SystemExit(f"error: {message} Pass --ignore-unknown-words to leave them out.")
-        print(f"warning: {message} Leaving them out.", file=sys.stderr)
-    return context
+    from .models import pipeline
 
-
-def _conditioning(args, bundle, device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if args.conditioning:
-        from safetensors.torch import load_file
-
-        tensors = load_file(args.conditioning)
-        if "positive" not in tensors:
-            raise SystemExit(f"error: {args.conditioning} holds {sorted(tensors)}; expected a 'positive' tensor")
-        positive, negative = tensors["positive"], tensors.get("negative")
-        if negative is None and args.cfg != 1.0:
-            if getattr(bundle, "text_encoder", None) is None:
-                raise SystemExit("error: cfg != 1 needs a 'negative' tensor in the conditioning file (or --cfg 1)")
-            negative = _text(bundle, [args.negative], device, args.ignore_unknown_words)
-        return positive, negative
-    if args.prompt is None:
-        raise SystemExit("error: give --prompt (built-in text encoder) or --conditioning FILE")
-    positive = _text(bundle, [args.prompt], device, args.ignore_unknown_words)
-    negative = _text(bundle, [args.negative], device, args.ignore_unknown_words) if args.cfg != 1.0 else None
+    tensors = load_file(args.conditioning)
+    if "positive" not in tensors:
+        raise SystemExit(f"error: {args.conditioning} holds {sorted(tensors)}; expected a 'positive' tensor")
+    positive, negative = tensors["positive"], tensors.get("negative")
+    if negative is None and args.cfg != 1.0:
+        if getattr(bundle, "text_encoder", None) is None:
+            raise SystemExit("error: cfg != 1 needs a 'negative' tensor in the conditioning file (or --cfg 1)")
+        negative = pipeline.encode_prompt(bundle.text_encoder, args.negative,
+                                          ignore_unknown_words=args.ignore_unknown_words)
     return positive, negative
 
 
 def generate(args) -> Path:
-    from .models import checkpoint, sampling, video_io
+    from .models import checkpoint, pipeline, video_io
 
     device = _device(args.device)
     dtype = _dtype(args.dtype, device)
@@ -87,33 +66,35 @@ def generate(args) -> Path:
     fmt = output.suffix.lstrip(".").lower()
     if fmt not in video_io.FORMATS:
         raise SystemExit(f"error: output {output.name}: expected one of the extensions {sorted(video_io.FORMATS)}")
+    if not args.conditioning and args.prompt is None:
+        raise SystemExit("error: give --prompt (built-in text encoder) or --conditioning FILE")
     t0 = time.perf_counter()
     bundle = checkpoint.load_model(model_path)
     if bundle.unet is None or bundle.vae is None:
         raise SystemExit(f"error: {model_path.name} has no {'UNet' if bundle.unet is None else 'VAE'}; expected a full model file")
-    unet = bundle.unet.to(device, dtype).eval()
-    vae = bundle.vae.to(device, torch.float32 if dtype == torch.float16 else dtype).eval()
-    down = vae.config.downscale
-    if args.width % down or args.height % down:
-        raise SystemExit(f"error: width and height must be multiples of {down}, got {args.width}x{args.height}")
-    positive, negative = _conditioning(args, bundle, device)
-
-    latents = torch.zeros(args.frames, unet.config.in_channels, args.height // down, args.width // down)
-    cond = None
-    if getattr(unet.config, "cond_channels", 0):
-        cond = sampling.reference_cond(None, videos=1, num_frames=args.frames, channels=unet.config.cond_channels,
-                                       size=tuple(latents.shape[-2:]))
+    if not args.conditioning and bundle.text_encoder is None:
+        raise SystemExit(
+            "error: this model file has no built-in text encoder; pass --conditioning with precomputed "
+            "text embeddings (a safetensors file with 'positive' [and 'negative'] tensors)"
+        )
 
     def progress(step, total, x0):
-        print(f"\rstep {step}/{total}", end="", file=sys.stderr, flush=True)
+        print(f"\rstep {step}/{total}", end="\n" if step == total else "", file=sys.stderr, flush=True)
 
-    with torch.no_grad():
-        latents = sampling.sample(unet, latents, positive, negative, num_frames=args.frames, steps=args.steps,
-                                  cfg=args.cfg, sampler=args.sampler, scheduler=args.scheduler, seed=args.seed,
-                                  fps=args.fps, cond=cond, callback=progress)
-        print(file=sys.stderr)
-        images = vae.decode(latents, num_frames=args.frames, chunk_size=args.chunk_size)
-    frames = ((images.float() + 1) / 2).clamp(0, 1).movedim(1, -1).cpu()
+    settings = dict(frames=args.frames, width=args.width, height=args.height, steps=args.steps, cfg=args.cfg,
+                    sampler=args.sampler, scheduler=args.scheduler, seed=args.seed, fps=args.fps, device=device,
+                    dtype=dtype, chunk_size=args.chunk_size, callback=progress)
+    try:
+        if args.conditioning:
+            positive, negative = _conditioning_file(args, bundle)
+            frames = pipeline.conditioning_to_video(bundle, positive, negative, **settings)
+        else:
+            frames = pipeline.text_to_video(bundle, args.prompt, negative=args.negative,
+                                            ignore_unknown_words=args.ignore_unknown_words, **settings)
+    except pipeline.UnknownWordsError as exc:
+        raise SystemExit(f"error: {exc} Pass --ignore-unknown-words to leave them out.") from None
+    except pipeline.RequestError as exc:
+        raise SystemExit(f"error: {exc}") from None
     output.parent.mkdir(parents=True, exist_ok=True)
     written = video_io.write_video(output, frames, args.fps, fmt)
     print(f"wrote {written.path} ({written.frames} frames, {written.width}x{written.height}, {written.fps:g} fps) "

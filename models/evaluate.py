@@ -480,30 +480,18 @@ def model_generate_fn(
     fps: float | None = 8.0,
     device: str = "cpu",
 ):
-    """generate_fn(caption, seed) running a full MagicVideo file: its text encoder, the
-    keyframe sampler from pure noise, VideoVAE decode."""
+    """generate_fn(caption, seed) running a full MagicVideo file through ``pipeline.text_to_video``
+    (its text encoder, the keyframe sampler from pure noise, VideoVAE decode)."""
     from .checkpoint import load_model
-    from .sampling import sample
+    from .pipeline import text_to_video
 
     bundle = load_model(path, device=device)
-    unet, vae, text = bundle.unet, bundle.vae, bundle.text_encoder
-    if unet is None or vae is None or text is None:
+    if bundle.unet is None or bundle.vae is None or bundle.text_encoder is None:
         raise ValueError(f"{path}: the evaluator needs a file with a UNet, a VAE and a built-in text encoder")
-    latent_shape = (frames, unet.config.in_channels, size // vae.config.downscale, size // vae.config.downscale)
-    with torch.no_grad():
-        negative, _ = text.encode([""])
 
-    @torch.no_grad()
     def generate(caption: str, seed: int) -> torch.Tensor:
-        positive, unknown = text.encode([caption])
-        if unknown:
-            raise ValueError(f"prompt {caption!r} has words the text encoder does not know: {unknown}")
-        latents = sample(
-            unet, torch.zeros(latent_shape), positive, negative, num_frames=frames, steps=steps, cfg=cfg,
-            sampler=sampler, scheduler=scheduler, seed=seed, fps=fps,
-        )
-        images = vae.decode(latents.to(device), frames)  # [F, 3, H, W] in -1..1
-        return ((images.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu()
+        return text_to_video(bundle, caption, frames=frames, width=size, height=size, steps=steps, cfg=cfg,
+                             sampler=sampler, scheduler=scheduler, seed=seed, fps=fps)
 
     return generate
 
