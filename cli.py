@@ -11,6 +11,7 @@ optionally ``negative``) tensors ``[1, tokens, width]``, e.g. saved from a CLIP 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from pathlib import Path
@@ -132,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(format="%(levelname)s: %(message)s")  # the library's warnings (e.g. words left out)
     try:
         if args.command == "generate":
             generate(args)
