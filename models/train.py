@@ -389,6 +389,8 @@ def main(argv=None):
     p.add_argument("--data-dir", help="train on a folder of your own clips instead of the procedural world")
     p.add_argument("--init", help="start from an SD1.5 checkpoint (.safetensors)")
     p.add_argument("--steps", type=int, help="override the number of steps of the stage(s) run")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                   help="override one config value, e.g. --set vae.steps=1500 --set unet.lr=3e-4")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", help="copy the final model file here (e.g. weights/magicvideo_default.safetensors)")
     args = p.parse_args(argv)
@@ -397,6 +399,15 @@ def main(argv=None):
     if args.steps:
         for stage in ("vae", "unet"):
             cfg[stage]["steps"] = args.steps
+    for item in args.set:
+        key, _, value = item.partition("=")
+        *parents, leaf = key.split(".")
+        node = cfg
+        for name in parents:
+            if name not in node:
+                raise SystemExit(f"--set {item}: no '{name}' in the config (has {sorted(node)})")
+            node = node[name]
+        node[leaf] = json.loads(value)
     if args.threads:
         torch.set_num_threads(args.threads)
     run_dir = Path(args.run_dir)

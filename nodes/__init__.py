@@ -5,20 +5,11 @@ Each ``nodes/*.py`` module defines ``NODE_CLASS_MAPPINGS`` and
 ``MagicVideo``; categories live under ``MagicVideo/``.
 """
 
-import importlib
-
-_MODULES = ["video", "model", "text"]
+from . import model, text, video
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}
 
-for _name in _MODULES:
-    try:
-        _mod = importlib.import_module(f".{_name}", __name__)
-    except ModuleNotFoundError as exc:
-        # a node module not written yet; any other missing module is a real error
-        if exc.name != f"{__name__}.{_name}":
-            raise
-        continue
-    NODE_CLASS_MAPPINGS.update(_mod.NODE_CLASS_MAPPINGS)
-    NODE_DISPLAY_NAME_MAPPINGS.update(_mod.NODE_DISPLAY_NAME_MAPPINGS)
+for _module in (video, model, text):
+    NODE_CLASS_MAPPINGS.update(_module.NODE_CLASS_MAPPINGS)
+    NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The exact recipe of the bundled default (weights/magicvideo_default.safetensors).
+# Run from the repository root after `bash scripts/setup.sh`. See docs/TRAINING.md.
+#
+# The VAE was trained in three legs (the second and third resume the first, which also
+# restarts the cosine learning-rate schedule at the new length); replaying them in this
+# order with these thread counts reproduces the run up to CPU float non-determinism.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+RUN=${RUN:-runs/default}
+export OMP_WAIT_POLICY=PASSIVE
+
+# 1. VideoVAE: 1500 steps of plain reconstruction ...
+$PY -m magicvideo.train --config configs/default.json --stage vae --run-dir "$RUN" --threads 1 \
+    --set vae.steps=1500 --set vae.foreground_weight=0
+# ... then to 4000 and 5500 steps with object pixels weighted 1 + 8.
+$PY -m magicvideo.train --config configs/default.json --stage vae --run-dir "$RUN" --threads 2 --resume \
+    --set vae.steps=4000
+$PY -m magicvideo.train --config configs/default.json --stage vae --run-dir "$RUN" --threads 2 --resume
+
+# 2. Keyframe VideoUNet + built-in text encoder on the frozen VAE's latents.
+$PY -m magicvideo.train --config configs/default.json --stage unet --run-dir "$RUN" --threads 2 \
+    --out weights/magicvideo_default.safetensors "$@"
