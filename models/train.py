@@ -182,38 +182,49 @@ def cosine_lr(step: int, total: int, base: float, warmup: int = 200) -> float:
 # ----------------------------------------------------------------------------- stage 1: VAE
 
 
-def train_vae(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
-    """Reconstruction (L1 + L2) with a small KL term; clips, so the temporal decoder learns.
+def train_vae(cfg: dict, args, run_dir: Path, device: torch.device, decoder_only: bool = False) -> Path:
+    """Reconstruction (L1 + L2, object pixels weighted up) with a small KL term, on clips so
+    the temporal decoder layers learn too.
 
-    Ends by measuring the latent standard deviation and storing 1/std as the VAE's
-    ``scaling_factor``, so the UNet sees unit-variance latents as SD's does.
+    The full stage ends by measuring the latent standard deviation and storing 1/std as the
+    VAE's ``scaling_factor``, so the UNet sees unit-variance latents as SD's does. With
+    ``decoder_only`` (stage ``decoder``) the encoder is frozen: the latents, and so a UNet
+    already trained on them, stay valid while the decoder keeps improving.
     """
     tc = cfg["vae"]
-    torch.manual_seed(cfg["seed"])
+    name = "decoder" if decoder_only else "vae"
+    steps = tc["decoder_steps"] if decoder_only else tc["steps"]
+    torch.manual_seed(cfg["seed"] + (10 if decoder_only else 0))
     out_path = run_dir / "vae.safetensors"
-    state_path = run_dir / "vae_state.pt"
+    state_path = run_dir / f"{name}_state.pt"
 
-    if args.init:
+    if decoder_only:
+        vae = checkpoint.load_model(out_path).vae
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+    elif args.init:
         vae = checkpoint.load_sd15(args.init).vae  # start from the SD VAE's 2D weights
     else:
         vae = VideoVAE(VAEConfig.from_dict(tc["config"]))
     vae.to(device).train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=tc["lr"], weight_decay=0.0)
+    params = [p for p in vae.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=tc["lr"], weight_decay=0.0)
     start = 0
     if args.resume and state_path.exists():
         state = load_state(state_path)
         vae.load_state_dict(state["vae"])
         opt.load_state_dict(state["optimizer"])
         start = state["step"] + 1
-        print(f"[train vae] resumed at step {start}")
+        print(f"[train {name}] resumed at step {start}")
 
     source = make_source({"data": {**cfg["data"], "frames": tc["frames"]}}, args, cfg["seed"] + start)
-    log = Logger(run_dir / "vae.log", tc["steps"], start)
-    for step in range(start, tc["steps"]):
+    log = Logger(run_dir / f"{name}.log", steps, start)
+    for step in range(start, steps):
         videos, _ = source.batch(tc["batch_size"])
         frames = videos.shape[1]
         x = videos.flatten(0, 1).to(device)  # [(b f), 3, H, W]
-        mean, logvar = vae.encode_dist(x)
+        with torch.set_grad_enabled(not decoder_only):
+            mean, logvar = vae.encode_dist(x)
         z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
         recon = vae.decode_raw(z, num_frames=frames)
         err = (recon - x).abs() + (recon - x).pow(2)
@@ -221,23 +232,24 @@ def train_vae(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
         loss = rec + tc["kl_weight"] * kl
         for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, tc["steps"], tc["lr"])
+            g["lr"] = cosine_lr(step, steps, tc["lr"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        if step % 10 == 0 or step == tc["steps"] - 1:
+        if step % 10 == 0 or step == steps - 1:
             log.log(step, loss=loss.item(), rec=rec.item(), kl=kl.item())
-        if (step + 1) % tc["save_every"] == 0 or step == tc["steps"] - 1:
+        if (step + 1) % tc["save_every"] == 0 or step == steps - 1:
             save_state(state_path, step, {"vae": vae}, opt)
     print(file=sys.stderr)
 
     vae.eval()
-    with torch.no_grad():  # latent scale from fresh clips
-        videos, _ = source.batch(16)
-        mean, _ = vae.encode_dist(videos.flatten(0, 1).to(device))
-        vae.config.scaling_factor = float(1.0 / mean.std())
-    print(f"[train vae] scaling_factor = {vae.config.scaling_factor:.4f}")
+    if not decoder_only:
+        with torch.no_grad():  # latent scale from fresh clips
+            videos, _ = source.batch(16)
+            mean, _ = vae.encode_dist(videos.flatten(0, 1).to(device))
+            vae.config.scaling_factor = float(1.0 / mean.std())
+        print(f"[train vae] scaling_factor = {vae.config.scaling_factor:.4f}")
     checkpoint.save_model(out_path, vae=vae.cpu())
     return out_path
 
@@ -363,6 +375,17 @@ def train_unet(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
     return export(run_dir / "model.safetensors", emas, vae, cfg)
 
 
+def export_run(cfg: dict, run_dir: Path) -> Path:
+    """Stage ``export``: the run's EMA UNet + text encoder with its current VAE (e.g. after
+    a ``decoder`` stage improved the decoder) as one model file."""
+    model = checkpoint.load_model(run_dir / "model.safetensors")
+    vae = checkpoint.load_model(run_dir / "vae.safetensors").vae
+    path = run_dir / "model.safetensors"
+    checkpoint.save_model(path, unet=model.unet, vae=vae, text_encoder=model.text_encoder,
+                          extra_metadata={"training_recipe": json.dumps(cfg, sort_keys=True)})
+    return path
+
+
 def export(path: Path, emas: dict, vae: VideoVAE, cfg: dict) -> Path:
     """The full model file: EMA UNet + text encoder + the trained VAE, with the recipe."""
     text = emas["text"].shadow if "text" in emas else None
@@ -382,7 +405,9 @@ def export(path: Path, emas: dict, vae: VideoVAE, cfg: dict) -> Path:
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m magicvideo.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="JSON training config (see configs/default.json)")
-    p.add_argument("--stage", choices=["vae", "unet", "all"], default="all")
+    p.add_argument("--stage", choices=["vae", "unet", "decoder", "export", "all"], default="all",
+                   help="vae, then unet (all = both); decoder fine-tunes the VAE decoder alone; "
+                        "export writes the run's model file with its current VAE")
     p.add_argument("--run-dir", required=True, help="folder for logs, checkpoints and resumable state")
     p.add_argument("--resume", action="store_true", help="carry on from the run folder's last state")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -420,6 +445,10 @@ def main(argv=None):
         final = train_vae(cfg, args, run_dir, device)
     if args.stage in ("unet", "all"):
         final = train_unet(cfg, args, run_dir, device)
+    if args.stage == "decoder":
+        final = train_vae(cfg, args, run_dir, device, decoder_only=True)
+    if args.stage == "export":
+        final = export_run(cfg, run_dir)
     if args.out and final is not None:
         import shutil
 

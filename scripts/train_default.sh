@@ -19,6 +19,16 @@ $PY -m magicvideo.train --config configs/default.json --stage vae --run-dir "$RU
     --set vae.steps=4000
 $PY -m magicvideo.train --config configs/default.json --stage vae --run-dir "$RUN" --threads 2 --resume
 
-# 2. Keyframe VideoUNet + built-in text encoder on the frozen VAE's latents.
-$PY -m magicvideo.train --config configs/default.json --stage unet --run-dir "$RUN" --threads 2 \
-    --out weights/magicvideo_default.safetensors "$@"
+# 2. Keyframe VideoUNet + built-in text encoder on the frozen VAE's latents, and at the same
+#    time (a second process, 1 thread) the VAE decoder alone, encoder frozen, so the latents
+#    the UNet learns stay valid.
+$PY -m magicvideo.train --config configs/default.json --stage unet --run-dir "$RUN" --threads 2 &
+unet=$!
+sleep 120  # let the UNet stage encode its latent pool with the VAE before the decoder changes
+$PY -m magicvideo.train --config configs/default.json --stage decoder --run-dir "$RUN" --threads 1 \
+    --set vae.lr=5e-4
+wait $unet
+
+# 3. One file: EMA UNet + text encoder + the fine-tuned VAE, with this recipe in its metadata.
+$PY -m magicvideo.train --config configs/default.json --stage export --run-dir "$RUN" \
+    --out weights/magicvideo_default.safetensors

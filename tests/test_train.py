@@ -74,3 +74,20 @@ def test_foreground_weights_emphasise_pixels_unlike_the_frame_median():
     w = train.foreground_weights(x, 8.0)
     assert w[0, 0, 2, 2] == 9.0 and w[0, 0, 0, 0] == 1.0
     assert torch.equal(train.foreground_weights(x, 0.0), torch.ones_like(w))
+
+
+def test_decoder_stage_keeps_the_encoder_and_export_takes_the_new_decoder(config_file, tmp_path):
+    run = tmp_path / "run"
+    base = ["--config", str(config_file), "--run-dir", str(run), "--threads", "1"]
+    train.main(base + ["--stage", "all"])
+    before = checkpoint.load_model(run / "vae.safetensors").vae.state_dict()
+    train.main(base + ["--stage", "decoder", "--set", "vae.decoder_steps=2"])
+    after = checkpoint.load_model(run / "vae.safetensors").vae.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("encoder.", "quant_conv.")))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+
+    out = tmp_path / "final.safetensors"
+    train.main(base + ["--stage", "export", "--out", str(out)])
+    exported = checkpoint.load_model(out)
+    assert torch.equal(exported.vae.state_dict()["decoder.conv_out.weight"], after["decoder.conv_out.weight"])
+    assert exported.unet is not None and exported.text_encoder is not None
