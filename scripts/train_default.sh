@@ -27,6 +27,9 @@ unet=$!
 sleep 120  # let the UNet stage encode its latent pool with the VAE before the decoder changes
 $PY -m magicvideo.train --config configs/default.json --stage decoder --run-dir "$RUN" --threads 1 \
     --set vae.lr=5e-4
+# the evaluator on VAE round trips (scripts/eval_vae.py) still lost colours and shapes: 4000 more
+$PY -m magicvideo.train --config configs/default.json --stage decoder --run-dir "$RUN" --threads 1 \
+    --set vae.lr=5e-4 --set vae.decoder_steps=7000 --resume
 wait $unet
 
 # 3. One file: EMA UNet + text encoder + the fine-tuned VAE, with this recipe in its metadata.
