@@ -154,7 +154,8 @@ def test_fresh_model_treats_frames_independently():
     with torch.no_grad():
         video = unet(x, t, ctx, num_frames=4)
         frames = torch.cat([unet(x[i:i + 1], t[i:i + 1], ctx, num_frames=1) for i in range(4)])
-    torch.testing.assert_close(video, frames, rtol=1e-5, atol=1e-6)
+    # batch size changes the CPU kernels' summation order: float noise is ~1e-6, any leak between frames ~1e-1
+    torch.testing.assert_close(video, frames, rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- directed temporal attention
