@@ -22,7 +22,7 @@ TINY = {
                    "norm_groups": 8, "max_frames": 8, "prediction_type": "v_prediction"},
         "text_config": {"width": 16, "layers": 1, "heads": 2},
         "batch_size": 2, "steps": 3, "lr": 1e-3, "ema": 0.9, "cond_drop": 0.5,
-        "pool_size": 4, "pool_refresh": 1, "save_every": 2,
+        "pool_size": 4, "pool_refresh": 1, "save_every": 2, "foreground_weight": 4.0,
     },
 }
 
@@ -91,3 +91,16 @@ def test_decoder_stage_keeps_the_encoder_and_export_takes_the_new_decoder(config
     exported = checkpoint.load_model(out)
     assert torch.equal(exported.vae.state_dict()["decoder.conv_out.weight"], after["decoder.conv_out.weight"])
     assert exported.unet is not None and exported.text_encoder is not None
+
+
+def test_latent_weights_cover_still_and_moving_objects_only():
+    x = -torch.ones(4, 3, 32, 32)  # 4 frames of a black background
+    x[:, 0, 2:6, 2:6] = 1  # a still red square in the top-left cell
+    for f in range(4):  # a short bar moving right along the bottom
+        x[f, 1, 28:30, 4 * f + 8: 4 * f + 10] = 1
+    w = train.latent_weights(x, (4, 4), 4, 3.0)
+    assert w.shape == (4, 1, 4, 4)
+    assert torch.all(w[:, 0, 0, 0] == 4)  # the still square's cell, in every frame
+    assert w[0, 0, 3, 1] == 4 and w[3, 0, 3, 2] == 4  # the moving line where it is
+    assert w[:, 0, 1:3, 1:3].eq(1).all()  # empty background
+    assert torch.equal(train.latent_weights(x, (4, 4), 4, 0.0), torch.ones(4, 1, 4, 4))
