@@ -127,6 +127,7 @@ def conditioning_to_video(
     chunk_size: int = 8,
     callback: Callback | None = None,
     timings: dict | None = None,
+    noise_sharing: float = 0.0,
 ) -> torch.Tensor:
     """Text embeddings -> frames ``[frames, height, width, 3]`` float32 in 0..1 on the CPU.
 
@@ -143,7 +144,8 @@ def conditioning_to_video(
     t0 = time.perf_counter()
     with torch.no_grad():
         latents = sampling.sample(unet, latents, positive, negative, num_frames=frames, steps=steps, cfg=cfg,
-                                  sampler=sampler, scheduler=scheduler, seed=seed, fps=fps, callback=callback)
+                                  sampler=sampler, scheduler=scheduler, seed=seed, fps=fps, callback=callback,
+                                  noise_sharing=noise_sharing)
         _sync(run_device)
         t1 = time.perf_counter()
         images = vae.decode(latents, num_frames=frames, chunk_size=chunk_size)  # [F, 3, H, W] in about -1..1
@@ -174,6 +176,7 @@ def text_to_video(
     callback: Callback | None = None,
     ignore_unknown_words: bool = False,
     timings: dict | None = None,
+    noise_sharing: float = 0.0,
 ) -> torch.Tensor:
     """A prompt through the model file's built-in text encoder -> frames ``[frames, height, width, 3]``
     float32 in 0..1 on the CPU.
@@ -195,6 +198,7 @@ def text_to_video(
     out = conditioning_to_video(
         bundle, positive, neg, frames=frames, width=width, height=height, steps=steps, cfg=cfg, sampler=sampler,
         scheduler=scheduler, seed=seed, fps=fps, chunk_size=chunk_size, callback=callback, timings=stages,
+        noise_sharing=noise_sharing,
     )
     if timings is not None:
         timings.update(text_encode=t1 - t0, **stages, total=time.perf_counter() - t0)

@@ -14,6 +14,7 @@ from magicvideo.models.sampling import (
     reference_cond,
     sample,
     training_schedule,
+    video_noise,
 )
 
 WIDTH = 8
@@ -215,3 +216,34 @@ def test_tiny_video_unet_end_to_end():
     a, b, c = run(1), run(1), run(2)
     assert a.shape == (8, 4, 8, 8) and torch.isfinite(a).all()
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_video_noise_shares_the_asked_fraction_across_frames():
+    gen = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    plain = video_noise((32, 4, 8, 8), 16, 0.0, gen())
+    assert torch.equal(plain, torch.randn((32, 4, 8, 8), generator=gen()))  # sharing 0 = plain randn
+    x = video_noise((2 * 16, 4, 32, 32), 16, 0.5, gen()).view(2, 16, -1)
+    assert abs(x.std().item() - 1) < 0.02  # every frame stays unit variance
+    corr = torch.corrcoef(x[0])  # frame x frame within the first video
+    off_diagonal = corr[~torch.eye(16, dtype=torch.bool)]
+    assert abs(off_diagonal.mean().item() - 0.5) < 0.05
+    across_videos = torch.corrcoef(torch.stack([x[0, 0], x[1, 0]]))[0, 1]
+    assert abs(across_videos.item()) < 0.05  # videos do not share
+    a = video_noise((16, 4, 8, 8), 16, 0.5, gen())
+    assert torch.equal(a, video_noise((16, 4, 8, 8), 16, 0.5, gen()))  # seeded
+
+
+def test_noise_sharing_is_validated_and_reaches_the_start():
+    model = PointMass()
+    latents = torch.zeros(4, 4, 16, 16)
+    positive = torch.ones(1, 1, WIDTH)
+    with pytest.raises(ValueError, match="noise_sharing"):
+        sample(model, latents, positive, None, num_frames=4, steps=2, cfg=1.0, noise_sharing=1.0)
+    starts = []
+    record = lambda x, *a, **k: starts.append(x.clone()) or PointMass.forward(model, x, *a, **k)  # noqa: E731
+    model.forward = record
+    for ns in (0.0, 0.9):
+        sample(model, latents, positive, None, num_frames=4, steps=2, cfg=1.0, noise_sharing=ns)
+    plain, shared = starts[0], starts[2]  # the first model input of each run
+    assert abs(torch.corrcoef(plain.flatten(1))[0, 1].item()) < 0.1
+    assert torch.corrcoef(shared.flatten(1))[0, 1].item() > 0.8
