@@ -84,7 +84,7 @@ def generate(args) -> Path:
 
     settings = dict(frames=args.frames, width=args.width, height=args.height, steps=args.steps, cfg=args.cfg,
                     sampler=args.sampler, scheduler=args.scheduler, seed=args.seed, fps=args.fps, device=device,
-                    dtype=dtype, chunk_size=args.chunk_size, callback=progress)
+                    dtype=dtype, chunk_size=args.chunk_size, callback=progress, noise_sharing=args.noise_sharing)
     try:
         if args.conditioning:
             positive, negative = _conditioning_file(args, bundle)
@@ -101,6 +101,13 @@ def generate(args) -> Path:
     print(f"wrote {written.path} ({written.frames} frames, {written.width}x{written.height}, {written.fps:g} fps) "
           f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return Path(written.path)
+
+
+def _sharing(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scheduler", choices=sampling.SCHEDULERS, default="normal")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--fps", type=float, default=8.0)
+    g.add_argument("--noise-sharing", type=_sharing, default=0.0,
+                   help="fraction of the starting noise shared by all frames, 0 to below 1 (default 0)")
     g.add_argument("--chunk-size", type=int, default=8, help="frames decoded at once by the VAE")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto")

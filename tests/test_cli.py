@@ -54,6 +54,9 @@ def test_generate_writes_the_video(files):
     a = video_io.read_video(root / "a.gif").frames
     assert a.shape == (3, 24, 32, 3)
     assert (a == video_io.read_video(root / "b.gif").frames).all()  # the seed reproduces
+    assert main(_args(model, cond, root / "s.gif", "--sampler", "dpmpp_2m", "--scheduler", "karras",
+                      "--noise-sharing", "0.9")) == 0
+    assert not (a == video_io.read_video(root / "s.gif").frames).all()  # shared noise starts elsewhere
 
 
 def test_python_dash_m(files):
@@ -74,6 +77,9 @@ def test_errors(files, capsys):
         main(["generate", "--model", str(model), "--prompt", "a red circle", "--output", str(root / "e.gif")])
     with pytest.raises(SystemExit, match="extensions"):
         main(_args(model, cond, root / "f.avi"))
+    with pytest.raises(SystemExit):
+        main(_args(model, cond, root / "h.gif", "--noise-sharing", "1"))
+    assert "must be at least 0 and below 1, got 1" in capsys.readouterr().err
     wide = root / "wide.safetensors"
     save_file({"positive": torch.zeros(1, 77, 768), "negative": torch.zeros(1, 77, 768)}, wide)
     assert main(_args(model, wide, root / "g.gif")) == 2

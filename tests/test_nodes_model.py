@@ -96,6 +96,18 @@ def test_sampler_and_vae_nodes(nodes, tiny):
     assert v2v["samples"].shape == (3, 4, 4, 4)
 
 
+def test_noise_sharing_input(nodes, tiny):
+    model, _ = tiny
+    latent = nodes.EmptyVideoLatent().generate(width=32, height=32, frames=4, batch=1)[0]
+    plain = _run_sampler(nodes, model, latent)["samples"]
+    assert torch.equal(plain, _run_sampler(nodes, model, latent, noise_sharing=0.0)["samples"])  # 0 = the old default
+    shared = _run_sampler(nodes, model, latent, noise_sharing=0.9)["samples"]
+    spread = lambda x: (x - x.mean(0, keepdim=True)).pow(2).mean()  # noqa: E731  frames' spread around their mean
+    assert spread(shared) < 0.5 * spread(plain)
+    with pytest.raises(ValueError, match="noise_sharing must be at least 0 and below 1, got 1.0"):
+        _run_sampler(nodes, model, latent, noise_sharing=1.0)
+
+
 def test_frames_input_and_errors(nodes, tiny):
     model, vae = tiny
     latent = {"samples": torch.zeros(6, 4, 4, 4)}  # no num_frames key: frames input or whole batch
