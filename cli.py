@@ -132,8 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scheduler", choices=sampling.SCHEDULERS, default="normal")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--fps", type=float, default=8.0)
-    g.add_argument("--noise-sharing", type=_sharing, default=0.0,
-                   help="fraction of the starting noise shared by all frames, 0 to below 1 (default 0)")
+    g.add_argument("--noise-sharing", type=_sharing, default=None,
+                   help="fraction of the starting noise shared by all frames, 0 to below 1 "
+                        "(default: what the model was trained with)")
     g.add_argument("--chunk-size", type=int, default=8, help="frames decoded at once by the VAE")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto")

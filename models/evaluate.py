@@ -479,7 +479,7 @@ def model_generate_fn(
     scheduler: str = "normal",
     fps: float | None = 8.0,
     device: str = "cpu",
-    noise_sharing: float = 0.0,
+    noise_sharing: float | None = None,
 ):
     """generate_fn(caption, seed) running a full MagicVideo file through ``pipeline.text_to_video``
     (its text encoder, the keyframe sampler from pure noise, VideoVAE decode)."""
@@ -521,8 +521,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sampler", default="euler")
     ap.add_argument("--scheduler", default="normal")
     ap.add_argument("--fps", type=float, default=8.0, help="fps condition (the bundled default trains at 8)")
-    ap.add_argument("--noise-sharing", type=float, default=0.0,
-                    help="fraction of the starting noise's variance shared by all frames (default 0)")
+    ap.add_argument("--noise-sharing", type=float, default=None,
+                    help="fraction of the starting noise's variance shared by all frames "
+                         "(default: what the model was trained with)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", help="write results JSON here")
     ap.add_argument("--strip", help="write a PNG strip of the first prompts here")

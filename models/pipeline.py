@@ -127,7 +127,7 @@ def conditioning_to_video(
     chunk_size: int = 8,
     callback: Callback | None = None,
     timings: dict | None = None,
-    noise_sharing: float = 0.0,
+    noise_sharing: float | None = None,
 ) -> torch.Tensor:
     """Text embeddings -> frames ``[frames, height, width, 3]`` float32 in 0..1 on the CPU.
 
@@ -176,7 +176,7 @@ def text_to_video(
     callback: Callback | None = None,
     ignore_unknown_words: bool = False,
     timings: dict | None = None,
-    noise_sharing: float = 0.0,
+    noise_sharing: float | None = None,
 ) -> torch.Tensor:
     """A prompt through the model file's built-in text encoder -> frames ``[frames, height, width, 3]``
     float32 in 0..1 on the CPU.

@@ -209,17 +209,20 @@ def _alphas_at(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def video_noise(shape, num_frames: int, sharing: float, generator: torch.Generator) -> torch.Tensor:
+def video_noise(shape, num_frames: int, sharing: float, generator: torch.Generator | None = None,
+                device=None) -> torch.Tensor:
     """Unit-variance Gaussian noise ``[(b f), c, h, w]`` whose frames share ``sharing`` of
     their variance: ``sqrt(sharing) * shared + sqrt(1 - sharing) * own`` (the "mixed" noise
     prior of PYoCo, Ge et al. 2023). Each frame is still N(0, 1), so a model trained on
     independent noise sees in-distribution frames, but the frames start alike, which steadies
-    objects across them. ``sharing=0`` draws exactly what plain ``torch.randn`` would.
+    objects across them; a model trained on it (``train``) learns to use that. ``sharing=0``
+    draws exactly what plain ``torch.randn`` would. ``generator`` None = torch's global RNG.
     """
-    own = torch.randn(shape, generator=generator, dtype=torch.float32)
+    own = torch.randn(shape, generator=generator, dtype=torch.float32, device=device)
     if sharing <= 0:
         return own
-    shared = torch.randn((shape[0] // num_frames, 1, *shape[1:]), generator=generator, dtype=torch.float32)
+    shared = torch.randn((shape[0] // num_frames, 1, *shape[1:]), generator=generator, dtype=torch.float32,
+                         device=device)
     own = own.view(-1, num_frames, *shape[1:])
     return (sharing**0.5 * shared + (1 - sharing) ** 0.5 * own).flatten(0, 1)
 
@@ -240,7 +243,7 @@ def sample(
     denoise: float = 1.0,
     cond: torch.Tensor | None = None,
     callback: Callback | None = None,
-    noise_sharing: float = 0.0,
+    noise_sharing: float | None = None,
 ) -> torch.Tensor:
     """Denoise video latents ``[(b f), c, h, w]`` with a VideoUNet; returns float32 latents.
 
@@ -249,7 +252,8 @@ def sample(
     ``cond`` are the UNet's extra input channels ``[(b f), cond_channels, h, w]`` (see
     :func:`reference_cond`); zeros when the model has such channels and none are given.
     ``noise_sharing`` is the fraction of the starting noise's variance that all frames of a
-    video share (see :func:`video_noise`).
+    video share (see :func:`video_noise`); None = the prior the model was trained with
+    (``config.noise_sharing``, 0 for models without the field).
     """
     config = unet.config
     if latents.ndim != 4 or latents.shape[1] != config.in_channels:
@@ -262,6 +266,8 @@ def sample(
         raise ValueError(f"steps must be at least 1, got {steps}")
     if not 0.0 <= denoise <= 1.0:
         raise ValueError(f"denoise must be between 0 and 1, got {denoise}")
+    if noise_sharing is None:
+        noise_sharing = float(getattr(unet.config, "noise_sharing", 0.0))
     if not 0.0 <= noise_sharing < 1.0:
         raise ValueError(f"noise_sharing must be at least 0 and below 1, got {noise_sharing}")
     videos = latents.shape[0] // num_frames

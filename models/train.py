@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint, world
-from .sampling import training_schedule
+from .sampling import training_schedule, video_noise
 from .text import TextConfig, TextEncoder
 
 from .unet import UNetConfig, VideoUNet
@@ -365,7 +365,8 @@ def train_unet(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
                       tc.get("foreground_weight", 0.0))
     drop_rng = random.Random(cfg["seed"] + 2 + start)
     log = Logger(run_dir / "unet.log", tc["steps"], start)
-    for step in range(start, tc["steps"]):
+    end = min(tc["steps"], args.stop_at) if getattr(args, "stop_at", None) else tc["steps"]
+    for step in range(start, end):
         x0, captions, weights = pool.batch(tc["batch_size"])  # [(b f), 4, h, w], scaled
         b = len(captions)
         captions = ["" if drop_rng.random() < tc["cond_drop"] else c for c in captions]
@@ -375,7 +376,7 @@ def train_unet(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
         context = context.to(device)
 
         t = torch.randint(0, len(alphas_cumprod), (b,), device=device).repeat_interleave(frames)
-        noise = torch.randn_like(x0)
+        noise = video_noise(x0.shape, frames, unet.config.noise_sharing, device=device)
         a = alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
         s = (1 - alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
         xt = a * x0 + s * noise
@@ -392,9 +393,9 @@ def train_unet(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
         opt.step()
         for k, m in modules.items():
             emas[k].update(m, step)
-        if step % 10 == 0 or step == tc["steps"] - 1:
+        if step % 10 == 0 or step == end - 1:
             log.log(step, loss=loss.item(), lr=opt.param_groups[0]["lr"])
-        if (step + 1) % tc["save_every"] == 0 or step == tc["steps"] - 1:
+        if (step + 1) % tc["save_every"] == 0 or step == end - 1:
             save_state(state_path, step, modules | {f"ema_{k}": e.shadow for k, e in emas.items()}, opt)
             export(run_dir / "model.safetensors", emas, vae, cfg)
     print(file=sys.stderr)
@@ -443,6 +444,9 @@ def main(argv=None):
     p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                    help="override one config value, e.g. --set vae.steps=1500 --set unet.lr=3e-4")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                   help="unet stage: stop (and save) before this step; the learning-rate schedule keeps its "
+                        "full length, so a run can be split into legs that change other settings")
     p.add_argument("--out", help="copy the final model file here (e.g. weights/magicvideo_default.safetensors)")
     args = p.parse_args(argv)
 

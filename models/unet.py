@@ -67,6 +67,7 @@ class UNetConfig:
     default_fps: float = 8.0  # used when forward() gets fps=None
     cond_channels: int = 0  # e.g. 5 = reference latents (4) + mask (1)
     prediction_type: str = "epsilon"  # metadata for the sampler: "epsilon" | "v_prediction"
+    noise_sharing: float = 0.0  # metadata: the noise prior it was trained with (sampling.video_noise)
 
     def __post_init__(self):
         self.channel_mult = tuple(int(m) for m in self.channel_mult)
@@ -75,6 +76,8 @@ class UNetConfig:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
         if self.max_frames < 1:
             raise ValueError(f"max_frames must be at least 1, got {self.max_frames}")
+        if not 0.0 <= self.noise_sharing < 1.0:
+            raise ValueError(f"noise_sharing must be at least 0 and below 1, got {self.noise_sharing}")
         for mult in self.channel_mult:
             ch = self.model_channels * mult
             if ch % self.norm_groups:

@@ -255,14 +255,15 @@ class KeyframeSampler:
             "optional": {
                 "reference": ("LATENT", {"tooltip": "Latents of the first frame(s) for image-to-video (models with "
                                                     "image-prior channels only)."}),
-                "noise_sharing": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.95, "step": 0.05,
+                "noise_sharing": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 0.95, "step": 0.05,
                                   "tooltip": "Fraction of the starting noise shared by all frames of a video: higher "
-                                             "keeps objects steadier across frames, 0 = independent noise per frame."}),
+                                             "keeps objects steadier across frames, 0 = independent noise per frame, "
+                                             "-1 = what the model was trained with (0 for SD1.5-based models)."}),
             },
         }
 
     def sample(self, model, positive, negative, latent, seed, steps, cfg, sampler, scheduler, fps, denoise, frames,
-               reference=None, noise_sharing=0.0):
+               reference=None, noise_sharing=-1.0):
         num_frames = _num_frames(latent, frames)
         samples = latent["samples"] * model.scaling_factor
         if samples.shape[0] % num_frames:
@@ -280,7 +281,7 @@ class KeyframeSampler:
         out = sampling.sample(
             model.unet, samples, _conditioning(positive, "positive"), _conditioning(negative, "negative"),
             num_frames=num_frames, steps=steps, cfg=cfg, sampler=sampler, scheduler=scheduler, seed=seed, fps=fps,
-            denoise=denoise, cond=cond, noise_sharing=noise_sharing,
+            denoise=denoise, cond=cond, noise_sharing=None if noise_sharing < 0 else noise_sharing,
             callback=_preview_callback(model, steps),  # the callback reports the true total
         )
         return (_latent(out.cpu() / model.scaling_factor, num_frames, latent),)

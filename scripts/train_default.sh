@@ -24,7 +24,7 @@ $PY -m magicvideo.train --config configs/default.json --stage vae --run-dir "$RU
 #    the UNet learns stay valid.
 #    The first 6000 UNet steps used the plain loss (no object weighting).
 $PY -m magicvideo.train --config configs/default.json --stage unet --run-dir "$RUN" --threads 2 \
-    --set unet.steps=6000 --set unet.foreground_weight=0 &
+    --set unet.steps=6000 --set unet.foreground_weight=0 --set unet.config.noise_sharing=0 &
 unet=$!
 sleep 120  # let the UNet stage encode its latent pool with the VAE before the decoder changes
 $PY -m magicvideo.train --config configs/default.json --stage decoder --run-dir "$RUN" --threads 1 \
@@ -37,8 +37,13 @@ $PY -m magicvideo.train --config configs/default.json --stage decoder --run-dir 
     --set vae.lr=5e-4 --set vae.decoder_steps=11000 --resume
 wait $unet
 # UNet samples after 6000 steps kept colours but not shapes or motion (evaluator: all
-# attributes 0.5%); 11000 more steps with latent cells that cover objects weighted 1 + 4
-# (the cosine schedule restarts at the new length).
+# attributes 0.5%; objects jittered from frame to frame): 11000 more steps (the cosine
+# schedule restarts at the new length) with latent cells that cover objects weighted 1 + 4,
+# first 1500 steps on independent noise per frame ...
+$PY -m magicvideo.train --config configs/default.json --stage unet --run-dir "$RUN" --threads 2 --resume \
+    --set unet.steps=17000 --set unet.config.noise_sharing=0 --stop-at 7500
+# ... then on noise whose frames share half its variance (the mixed prior; the file records
+# noise_sharing=0.5 and the sampler uses it by default).
 $PY -m magicvideo.train --config configs/default.json --stage unet --run-dir "$RUN" --threads 2 --resume \
     --set unet.steps=17000
 

@@ -244,6 +244,9 @@ def test_noise_sharing_is_validated_and_reaches_the_start():
     model.forward = record
     for ns in (0.0, 0.9):
         sample(model, latents, positive, None, num_frames=4, steps=2, cfg=1.0, noise_sharing=ns)
-    plain, shared = starts[0], starts[2]  # the first model input of each run
+    model.config.noise_sharing = 0.9  # None (the default) = the prior the model was trained with
+    sample(model, latents, positive, None, num_frames=4, steps=2, cfg=1.0)
+    plain, shared, own_prior = starts[0], starts[2], starts[4]  # the first model input of each run
     assert abs(torch.corrcoef(plain.flatten(1))[0, 1].item()) < 0.1
     assert torch.corrcoef(shared.flatten(1))[0, 1].item() > 0.8
+    assert torch.equal(own_prior, shared)

@@ -19,7 +19,8 @@ TINY = {
     "unet": {
         "config": {"model_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1,
                    "attention_resolutions": [1, 2], "num_heads": 2, "context_dim": 16,
-                   "norm_groups": 8, "max_frames": 8, "prediction_type": "v_prediction"},
+                   "norm_groups": 8, "max_frames": 8, "prediction_type": "v_prediction",
+                   "noise_sharing": 0.5},
         "text_config": {"width": 16, "layers": 1, "heads": 2},
         "batch_size": 2, "steps": 3, "lr": 1e-3, "ema": 0.9, "cond_drop": 0.5,
         "pool_size": 4, "pool_refresh": 1, "save_every": 2, "foreground_weight": 4.0,
@@ -44,6 +45,7 @@ def test_both_stages_write_a_full_model_with_its_recipe(config_file, tmp_path):
     assert bundle.unet is not None and bundle.vae is not None and bundle.text_encoder is not None
     assert json.loads(bundle.metadata["training_recipe"])["unet"]["steps"] == 3
     assert bundle.vae.config.scaling_factor != 1.0  # measured from the data, not the default
+    assert bundle.unet.config.noise_sharing == 0.5  # the noise prior it trained with travels with it
     logged = [json.loads(line) for line in (run / "unet.log").read_text().splitlines()]
     assert [r["step"] for r in logged] == [0, 2]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in logged)
@@ -104,3 +106,15 @@ def test_latent_weights_cover_still_and_moving_objects_only():
     assert w[0, 0, 3, 1] == 4 and w[3, 0, 3, 2] == 4  # the moving line where it is
     assert w[:, 0, 1:3, 1:3].eq(1).all()  # empty background
     assert torch.equal(train.latent_weights(x, (4, 4), 4, 0.0), torch.ones(4, 1, 4, 4))
+
+
+def test_stop_at_splits_the_unet_run_without_changing_its_schedule(config_file, tmp_path):
+    run = tmp_path / "run"
+    base = ["--config", str(config_file), "--run-dir", str(run), "--threads", "1", "--set", "unet.steps=5"]
+    train.main(base + ["--stage", "all", "--stop-at", "2"])
+    first = [json.loads(line) for line in (run / "unet.log").read_text().splitlines()]
+    assert [r["step"] for r in first] == [0, 1]  # stopped, and saved, before step 2
+    train.main(base + ["--stage", "unet", "--resume", "--set", "unet.config.noise_sharing=0"])
+    logged = [json.loads(line) for line in (run / "unet.log").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [0, 1, 4]  # the second leg started at step 2
+    assert logged[-1]["lr"] == pytest.approx(train.cosine_lr(4, 5, TINY["unet"]["lr"]))
