@@ -473,7 +473,7 @@ def model_generate_fn(
     *,
     frames: int = world.REFERENCE_FRAMES,
     size: int = world.REFERENCE_SIZE,
-    steps: int = 25,
+    steps: int = 20,
     cfg: float = 7.5,
     sampler: str = "euler",
     scheduler: str = "normal",
@@ -516,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="prompt-set seed (default 0)")
     ap.add_argument("--frames", type=int, default=world.REFERENCE_FRAMES)
     ap.add_argument("--size", type=int, default=world.REFERENCE_SIZE)
-    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--steps", type=int, default=20, help="sampling steps (default 20, as the nodes)")
     ap.add_argument("--cfg", type=float, default=7.5)
     ap.add_argument("--sampler", default="euler")
     ap.add_argument("--scheduler", default="normal")
