@@ -220,8 +220,9 @@ def train_vae(cfg: dict, args, run_dir: Path, device: torch.device, decoder_only
         vae = checkpoint.load_model(out_path).vae
         vae.encoder.requires_grad_(False)
         vae.quant_conv.requires_grad_(False)
-    elif args.init:
-        vae = checkpoint.load_sd15(args.init).vae  # start from the SD VAE's 2D weights
+    elif args.init:  # a MagicVideo file's VAE as it is, or the SD VAE's 2D weights
+        init = magicvideo_init(args.init)
+        vae = init.vae if init is not None and init.vae is not None else checkpoint.load_sd15(args.init).vae
     else:
         vae = VideoVAE(VAEConfig.from_dict(tc["config"]))
     vae.to(device).train()
@@ -318,6 +319,14 @@ class LatentPool:
         return latents.to(self.device), [self.captions[i] for i in idx], weights.to(self.device)
 
 
+def magicvideo_init(path) -> checkpoint.MagicVideoBundle | None:
+    """``--init`` naming a full MagicVideo file (e.g. the bundled default): its modules, to train
+    on from where it stopped. None for anything else (an SD1.x checkpoint is loaded per stage)."""
+    if not path or not checkpoint.read_header(path).is_magicvideo:
+        return None
+    return checkpoint.load_model(path)
+
+
 def train_unet(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
     """Denoising on VAE latents, jointly training the built-in text encoder.
 
@@ -327,20 +336,31 @@ def train_unet(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
     """
     tc = cfg["unet"]
     torch.manual_seed(cfg["seed"] + 1)
-    vae = checkpoint.load_model(run_dir / "vae.safetensors").vae.to(device).eval().requires_grad_(False)
+    init = magicvideo_init(args.init)
+    vae_path = run_dir / "vae.safetensors"
+    if init is not None and init.vae is not None and not vae_path.exists():
+        checkpoint.save_model(vae_path, vae=init.vae)  # go on with the file's own VAE
+    vae = checkpoint.load_model(vae_path).vae.to(device).eval().requires_grad_(False)
     state_path = run_dir / "unet_state.pt"
 
-    if args.init:  # SD1.5's 2D weights; only MagicVideo's own fields come from our config
+    if init is not None:  # continue a MagicVideo model: its UNet (and its config) as they are
+        if init.unet is None:
+            raise SystemExit(f"--init {args.init}: expected a MagicVideo file with a UNet, found none")
+        unet = init.unet
+    elif args.init:  # SD1.5's 2D weights; only MagicVideo's own fields come from our config
         image_fields = UNetConfig().image_fields
         video_fields = {k: v for k, v in tc["config"].items() if k not in image_fields}
         unet = checkpoint.load_sd15(args.init, unet_overrides=video_fields).unet
     else:
         unet = VideoUNet(UNetConfig.from_dict(tc["config"]))
     # the built-in text encoder, as wide as the UNet's cross-attention expects
-    text = TextEncoder(TextConfig.from_dict({**tc["text_config"], "width": unet.config.context_dim}))
+    if init is not None and init.text_encoder is not None:
+        text = init.text_encoder
+    else:
+        text = TextEncoder(TextConfig.from_dict({**tc["text_config"], "width": unet.config.context_dim}))
     modules = {"unet": unet, "text": text}
     for m in modules.values():
-        m.to(device).train()
+        m.to(device).train().requires_grad_(True)
     params = [p for m in modules.values() for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=tc["lr"], weight_decay=0.01)
     start = 0
@@ -439,7 +459,8 @@ def main(argv=None):
     p.add_argument("--resume", action="store_true", help="carry on from the run folder's last state")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--data-dir", help="train on a folder of your own clips instead of the procedural world")
-    p.add_argument("--init", help="start from an SD1.5 checkpoint (.safetensors)")
+    p.add_argument("--init", help="start from an SD1.5 checkpoint, or go on training a MagicVideo model file "
+                                   "(e.g. weights/magicvideo_default.safetensors) in a new run folder")
     p.add_argument("--steps", type=int, help="override the number of steps of the stage(s) run")
     p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                    help="override one config value, e.g. --set vae.steps=1500 --set unet.lr=3e-4")

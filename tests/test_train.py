@@ -118,3 +118,18 @@ def test_stop_at_splits_the_unet_run_without_changing_its_schedule(config_file, 
     logged = [json.loads(line) for line in (run / "unet.log").read_text().splitlines()]
     assert [r["step"] for r in logged] == [0, 1, 4]  # the second leg started at step 2
     assert logged[-1]["lr"] == pytest.approx(train.cosine_lr(4, 5, TINY["unet"]["lr"]))
+
+
+def test_init_from_a_magicvideo_file_goes_on_from_its_weights(config_file, tmp_path):
+    first = tmp_path / "first.safetensors"
+    train.main(["--config", str(config_file), "--stage", "all", "--run-dir", str(tmp_path / "a"), "--threads", "1",
+                "--out", str(first)])
+    again = tmp_path / "again.safetensors"
+    # a fresh run folder, learning rate 0: the exported EMA weights are the file's own
+    train.main(["--config", str(config_file), "--stage", "unet", "--run-dir", str(tmp_path / "b"), "--threads", "1",
+                "--init", str(first), "--set", "unet.lr=0", "--set", "unet.steps=2"])
+    train.main(["--config", str(config_file), "--stage", "export", "--run-dir", str(tmp_path / "b"), "--out", str(again)])
+    a, b = checkpoint.load_model(first), checkpoint.load_model(again)
+    for name in ("unet", "text_encoder", "vae"):
+        sa, sb = getattr(a, name).state_dict(), getattr(b, name).state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), name
