@@ -208,7 +208,6 @@ def _alphas_at(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the sampler
 
 
-@torch.no_grad()
 def video_noise(shape, num_frames: int, sharing: float, generator: torch.Generator | None = None,
                 device=None) -> torch.Tensor:
     """Unit-variance Gaussian noise ``[(b f), c, h, w]`` whose frames share ``sharing`` of
@@ -227,6 +226,7 @@ def video_noise(shape, num_frames: int, sharing: float, generator: torch.Generat
     return (sharing**0.5 * shared + (1 - sharing) ** 0.5 * own).flatten(0, 1)
 
 
+@torch.no_grad()
 def sample(
     unet: torch.nn.Module,
     latents: torch.Tensor,

@@ -215,6 +215,7 @@ def test_tiny_video_unet_end_to_end():
                               sampler="dpmpp_2m", scheduler="karras", seed=seed, fps=8)
     a, b, c = run(1), run(1), run(2)
     assert a.shape == (8, 4, 8, 8) and torch.isfinite(a).all()
+    assert not a.requires_grad  # sampling builds no autograd graph, even on a model that has gradients
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
