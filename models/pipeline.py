@@ -128,24 +128,38 @@ def conditioning_to_video(
     callback: Callback | None = None,
     timings: dict | None = None,
     noise_sharing: float | None = None,
+    init_video: torch.Tensor | None = None,
+    denoise: float = 1.0,
 ) -> torch.Tensor:
     """Text embeddings -> frames ``[frames, height, width, 3]`` float32 in 0..1 on the CPU.
 
     ``positive`` / ``negative`` are ``[1, tokens, width]``; ``negative`` is required when
     ``cfg`` != 1. ``callback(step, total, x0)`` runs after every sampling step and may raise
     to stop. ``timings``, when given, receives seconds per stage: ``sampling``, ``vae_decode``.
+    ``init_video`` (frames ``[frames, height, width, 3]`` in 0..1) with ``denoise`` < 1 is
+    video-to-video: the VAE encodes it, it is noised to ``denoise`` and the last
+    ``steps * denoise`` steps run (``denoise`` 0 = a plain VAE round trip).
     """
     unet, vae, _ = prepare(bundle, device=device, dtype=dtype)
     _check_request(vae, frames, width, height, cfg, negative)
     down = vae.config.downscale
     run_device = next(unet.parameters()).device
-    latents = torch.zeros(frames, unet.config.in_channels, height // down, width // down)
+    if init_video is None:
+        latents = torch.zeros(frames, unet.config.in_channels, height // down, width // down)
+    else:
+        if tuple(init_video.shape) != (frames, height, width, 3):
+            raise RequestError(
+                f"init_video must be [{frames}, {height}, {width}, 3] (frames, height, width, RGB); "
+                f"got {tuple(init_video.shape)}"
+            )
+        with torch.no_grad():
+            latents = vae.encode(init_video.movedim(-1, 1) * 2 - 1, chunk_size=chunk_size).float().cpu()
 
     t0 = time.perf_counter()
     with torch.no_grad():
         latents = sampling.sample(unet, latents, positive, negative, num_frames=frames, steps=steps, cfg=cfg,
                                   sampler=sampler, scheduler=scheduler, seed=seed, fps=fps, callback=callback,
-                                  noise_sharing=noise_sharing)
+                                  noise_sharing=noise_sharing, denoise=denoise)
         _sync(run_device)
         t1 = time.perf_counter()
         images = vae.decode(latents, num_frames=frames, chunk_size=chunk_size)  # [F, 3, H, W] in about -1..1
@@ -177,6 +191,8 @@ def text_to_video(
     ignore_unknown_words: bool = False,
     timings: dict | None = None,
     noise_sharing: float | None = None,
+    init_video: torch.Tensor | None = None,
+    denoise: float = 1.0,
 ) -> torch.Tensor:
     """A prompt through the model file's built-in text encoder -> frames ``[frames, height, width, 3]``
     float32 in 0..1 on the CPU.
@@ -186,6 +202,7 @@ def text_to_video(
     ``cfg`` != 1. The same seed gives the same video on any device. ``timings``, when given,
     receives seconds per stage: ``text_encode``, ``sampling``, ``vae_decode`` and ``total`` (their
     sum plus the glue; moving the modules to ``device`` / ``dtype`` is not counted).
+    ``init_video`` / ``denoise``: video-to-video, see :func:`conditioning_to_video`.
     """
     _, vae, text = prepare(bundle, device=device, dtype=dtype)
     _check_request(vae, frames, width, height, cfg, negative="")
@@ -198,7 +215,7 @@ def text_to_video(
     out = conditioning_to_video(
         bundle, positive, neg, frames=frames, width=width, height=height, steps=steps, cfg=cfg, sampler=sampler,
         scheduler=scheduler, seed=seed, fps=fps, chunk_size=chunk_size, callback=callback, timings=stages,
-        noise_sharing=noise_sharing,
+        noise_sharing=noise_sharing, init_video=init_video, denoise=denoise,
     )
     if timings is not None:
         timings.update(text_encode=t1 - t0, **stages, total=time.perf_counter() - t0)

@@ -29,7 +29,7 @@ unet=$!
 sleep 120  # let the UNet stage encode its latent pool with the VAE before the decoder changes
 $PY -m magicvideo.train --config configs/default.json --stage decoder --run-dir "$RUN" --threads 1 \
     --set vae.lr=5e-4
-# the evaluator on VAE round trips (scripts/eval_vae.py) still lost colours and shapes: 4000 more
+# the evaluator on VAE round trips (python -m magicvideo.evaluate --from-truth 0) still lost colours and shapes: 4000 more
 $PY -m magicvideo.train --config configs/default.json --stage decoder --run-dir "$RUN" --threads 1 \
     --set vae.lr=5e-4 --set vae.decoder_steps=7000 --resume
 # (VAE round trips: prompt adherence 61.7% after the VAE stage, 71.7% after 7000 decoder steps)

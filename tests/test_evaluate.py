@@ -152,8 +152,9 @@ def test_save_strip(tmp_path):
         assert im.size == (4 * 34 + 2, 2 * (32 + 14 + 2) + 2)
 
 
-def test_model_glue_runs_a_tiny_full_model(tmp_path):
-    """The evaluator's bridge to checkpoint + sampler + VAE, on a tiny random model."""
+@pytest.fixture
+def tiny_model(tmp_path):
+    """A tiny random full MagicVideo file (UNet, VAE, built-in text encoder)."""
     from magicvideo.models.checkpoint import save_model
     from magicvideo.models.text import TextConfig, TextEncoder
     from magicvideo.models.unet import UNetConfig, VideoUNet
@@ -164,13 +165,46 @@ def test_model_glue_runs_a_tiny_full_model(tmp_path):
                                 num_heads=2, context_dim=16, max_frames=8))
     vae = VideoVAE(VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, temporal_layers=1, temporal_head_dim=16))
     text = TextEncoder(TextConfig(width=16, layers=1, heads=2))
-    path = save_model(tmp_path / "tiny.safetensors", unet=unet, vae=vae, text_encoder=text)
+    return str(save_model(tmp_path / "tiny.safetensors", unet=unet, vae=vae, text_encoder=text))
+
+
+def test_model_glue_runs_a_tiny_full_model(tiny_model):
+    """The evaluator's bridge to checkpoint + sampler + VAE, on a tiny random model."""
+    path = tiny_model
     generate = ev.model_generate_fn(str(path), frames=8, size=16, steps=2, cfg=2.0)
     frames = generate("a red ball moving left", 3)
     assert frames.shape == (8, 16, 16, 3) and 0 <= frames.min() and frames.max() <= 1
     assert torch.equal(frames, generate("a red ball moving left", 3))  # seeded
     r = ev.evaluate_generator(generate, ev.prompt_set(n=2))
     assert r["summary"]["all"]["prompts"] == 2
+
+
+def test_from_truth_starts_from_the_prompts_own_clip(tiny_model):
+    """--from-truth 0 is exactly the VAE round trip of the world clip; a strength in between
+    keeps the truth's layout more than sampling from pure noise does; out of range is refused."""
+    from magicvideo.models.checkpoint import load_model
+
+    prompts = ev.prompt_set(n=2)
+    p = prompts[0]
+    kw = dict(frames=8, size=16, steps=4, cfg=2.0)
+    vae = load_model(tiny_model).vae
+    clip = world.render(p.spec, 8, 16)
+    with torch.no_grad():
+        round_trip = ((vae.decode(vae.encode(clip.permute(0, 3, 1, 2) * 2 - 1), num_frames=8) + 1) / 2).clamp(0, 1)
+    at0 = ev.model_generate_fn(tiny_model, from_truth=0.0, prompts=prompts, **kw)(p.caption, p.seed)
+    assert torch.allclose(at0, round_trip.permute(0, 2, 3, 1), atol=1e-5)
+
+    def distance(strength):
+        frames = ev.model_generate_fn(tiny_model, from_truth=strength, prompts=prompts, **kw)(p.caption, p.seed)
+        return (frames - at0).abs().mean().item()
+
+    assert 0 < distance(0.5) < distance(1.0)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        ev.model_generate_fn(tiny_model, from_truth=1.5, prompts=prompts, **kw)
+    with pytest.raises(ValueError, match="needs the prompts"):
+        ev.model_generate_fn(tiny_model, from_truth=0.5, **kw)
+    with pytest.raises(SystemExit):
+        ev.main(["--model", tiny_model, "--from-truth", "2"])
 
 
 def test_window_drift():

@@ -102,6 +102,23 @@ def test_request_errors(bundle, files):
         pipeline.conditioning_to_video(bundle, torch.zeros(1, 77, 768), torch.zeros(1, 77, 768), **SMALL)
 
 
+def test_video_to_video(bundle):
+    """init_video + denoise: encode, noise to the strength, run the last steps; 0 is a round trip."""
+    video = torch.rand(SMALL["frames"], SMALL["height"], SMALL["width"], 3)
+    frames = pipeline.text_to_video(bundle, "a red circle", init_video=video, denoise=0.5, seed=2, **SMALL)
+    with torch.no_grad():
+        positive, _ = bundle.text_encoder.encode(["a red circle"])
+        negative, _ = bundle.text_encoder.encode([""])
+        start = bundle.vae.encode(video.permute(0, 3, 1, 2) * 2 - 1)
+        latents = sampling.sample(bundle.unet, start, positive, negative, num_frames=SMALL["frames"],
+                                  steps=SMALL["steps"], cfg=SMALL.get("cfg", 7.5), seed=2, fps=8.0, denoise=0.5)
+        images = bundle.vae.decode(latents, num_frames=SMALL["frames"])
+    assert torch.allclose(frames, ((images + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1), atol=1e-6)
+    assert not torch.equal(frames, pipeline.text_to_video(bundle, "a red circle", seed=2, **SMALL))
+    with pytest.raises(pipeline.RequestError, match=r"init_video must be \[3, 24, 16, 3\].*got \(3, 16, 16, 3\)"):
+        pipeline.text_to_video(bundle, "a red circle", init_video=torch.rand(3, 16, 16, 3), denoise=0.5, **SMALL)
+
+
 def test_callback_and_timings(bundle):
     calls, timings = [], {}
     pipeline.text_to_video(bundle, "a red circle", callback=lambda step, total, x0: calls.append((step, total, x0.shape)),
