@@ -482,6 +482,7 @@ def model_generate_fn(
     noise_sharing: float | None = None,
     from_truth: float | None = None,
     prompts: list[Prompt] | None = None,
+    image_first: bool | None = None,
 ):
     """generate_fn(caption, seed) running a full MagicVideo file through ``pipeline.text_to_video``
     (its text encoder, the keyframe sampler from pure noise, VideoVAE decode).
@@ -510,7 +511,7 @@ def model_generate_fn(
         init = {} if from_truth is None else {"init_video": truth(caption, seed), "denoise": from_truth}
         return text_to_video(bundle, caption, frames=frames, width=size, height=size, steps=steps, cfg=cfg,
                              sampler=sampler, scheduler=scheduler, seed=seed, fps=fps, noise_sharing=noise_sharing,
-                             **init)
+                             image_first=image_first, **init)
 
     return generate
 
@@ -549,6 +550,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--noise-sharing", type=float, default=None,
                     help="fraction of the starting noise's variance shared by all frames "
                          "(default: what the model was trained with)")
+    ap.add_argument("--image-first", action=argparse.BooleanOptionalAction, default=None,
+                    help="sample the first frame alone, then the rest from it (default: what the model was "
+                         "trained for, its config's image_first)")
     ap.add_argument("--from-truth", type=_strength, default=None, metavar="STRENGTH",
                     help="diagnostic: start each prompt from its own world clip noised to STRENGTH (0..1) "
                          "instead of pure noise; 0 = the VAE round trip (the ceiling of any UNet on this VAE)")
@@ -567,6 +571,7 @@ def main(argv: list[str] | None = None) -> int:
             args.model, frames=args.frames, size=args.size, steps=args.steps, cfg=args.cfg,
             sampler=args.sampler, scheduler=args.scheduler, fps=args.fps, device=args.device,
             noise_sharing=args.noise_sharing, from_truth=args.from_truth, prompts=prompts,
+            image_first=args.image_first,
         )
         source = args.model if args.from_truth is None else f"{args.model} from the truth at {args.from_truth}"
 

@@ -130,6 +130,7 @@ def conditioning_to_video(
     noise_sharing: float | None = None,
     init_video: torch.Tensor | None = None,
     denoise: float = 1.0,
+    image_first: bool | None = None,
 ) -> torch.Tensor:
     """Text embeddings -> frames ``[frames, height, width, 3]`` float32 in 0..1 on the CPU.
 
@@ -139,6 +140,8 @@ def conditioning_to_video(
     ``init_video`` (frames ``[frames, height, width, 3]`` in 0..1) with ``denoise`` < 1 is
     video-to-video: the VAE encodes it, it is noised to ``denoise`` and the last
     ``steps * denoise`` steps run (``denoise`` 0 = a plain VAE round trip).
+    ``image_first``: first frame alone, then the rest from it (None = the model's own; see
+    ``sampling.sample``).
     """
     unet, vae, _ = prepare(bundle, device=device, dtype=dtype)
     _check_request(vae, frames, width, height, cfg, negative)
@@ -159,7 +162,7 @@ def conditioning_to_video(
     with torch.no_grad():
         latents = sampling.sample(unet, latents, positive, negative, num_frames=frames, steps=steps, cfg=cfg,
                                   sampler=sampler, scheduler=scheduler, seed=seed, fps=fps, callback=callback,
-                                  noise_sharing=noise_sharing, denoise=denoise)
+                                  noise_sharing=noise_sharing, denoise=denoise, image_first=image_first)
         _sync(run_device)
         t1 = time.perf_counter()
         images = vae.decode(latents, num_frames=frames, chunk_size=chunk_size)  # [F, 3, H, W] in about -1..1
@@ -193,6 +196,7 @@ def text_to_video(
     noise_sharing: float | None = None,
     init_video: torch.Tensor | None = None,
     denoise: float = 1.0,
+    image_first: bool | None = None,
 ) -> torch.Tensor:
     """A prompt through the model file's built-in text encoder -> frames ``[frames, height, width, 3]``
     float32 in 0..1 on the CPU.
@@ -202,7 +206,7 @@ def text_to_video(
     ``cfg`` != 1. The same seed gives the same video on any device. ``timings``, when given,
     receives seconds per stage: ``text_encode``, ``sampling``, ``vae_decode`` and ``total`` (their
     sum plus the glue; moving the modules to ``device`` / ``dtype`` is not counted).
-    ``init_video`` / ``denoise``: video-to-video, see :func:`conditioning_to_video`.
+    ``init_video`` / ``denoise`` (video-to-video) and ``image_first``: see :func:`conditioning_to_video`.
     """
     _, vae, text = prepare(bundle, device=device, dtype=dtype)
     _check_request(vae, frames, width, height, cfg, negative="")
@@ -215,7 +219,7 @@ def text_to_video(
     out = conditioning_to_video(
         bundle, positive, neg, frames=frames, width=width, height=height, steps=steps, cfg=cfg, sampler=sampler,
         scheduler=scheduler, seed=seed, fps=fps, chunk_size=chunk_size, callback=callback, timings=stages,
-        noise_sharing=noise_sharing, init_video=init_video, denoise=denoise,
+        noise_sharing=noise_sharing, init_video=init_video, denoise=denoise, image_first=image_first,
     )
     if timings is not None:
         timings.update(text_encode=t1 - t0, **stages, total=time.perf_counter() - t0)

@@ -130,6 +130,23 @@ def make_scheduler(sampler: str, scheduler: str = "normal", prediction_type: str
     return cls(**config)
 
 
+def given_reference(latents: torch.Tensor, reference: torch.Tensor, *, num_frames: int) -> tuple[torch.Tensor, int]:
+    """Image-to-video for models trained with clean first frames (``config.image_first``):
+    ``reference`` latents ``[r, c, h, w]`` become the first r frames of every video in
+    ``latents`` ``[(b f), c, h, w]``. Returns (the new latents, r) for ``sample(..., given_frames=r)``."""
+    r = reference.shape[0]
+    if reference.ndim != 4 or reference.shape[1:] != latents.shape[1:]:
+        raise ValueError(
+            f"reference latents must be [frames, {latents.shape[1]}, {latents.shape[2]}, {latents.shape[3]}] like "
+            f"the video's (encode a reference image of the video's size); got {tuple(reference.shape)}"
+        )
+    if not 0 < r < num_frames:
+        raise ValueError(f"{r} reference frames given for a {num_frames}-frame video; give fewer than {num_frames}")
+    video = latents.float().clone().view(-1, num_frames, *latents.shape[1:])
+    video[:, :r] = reference.float().to(video.device)
+    return video.flatten(0, 1), r
+
+
 def reference_cond(reference: torch.Tensor | None, *, videos: int, num_frames: int, channels: int,
                    size: tuple[int, int]) -> torch.Tensor:
     """Magic 1-For-1's image prior as conditioning channels: ``[(b f), channels, h, w]``.
@@ -141,8 +158,8 @@ def reference_cond(reference: torch.Tensor | None, *, videos: int, num_frames: i
     h, w = size
     if reference is not None and channels == 0:
         raise ValueError(
-            "reference latents given, but this model has no image-prior channels (cond_channels=0); "
-            "image-to-video needs a model trained with them (cond_channels=5: 4 latent + 1 mask)"
+            "reference latents given, but this model has no image-prior channels (cond_channels=0) and was not "
+            "trained to continue given first frames (image_first); image-to-video needs one of the two"
         )
     cond = torch.zeros(videos, num_frames, channels, h, w)
     if reference is not None:
@@ -244,6 +261,8 @@ def sample(
     cond: torch.Tensor | None = None,
     callback: Callback | None = None,
     noise_sharing: float | None = None,
+    given_frames: int = 0,
+    image_first: bool | None = None,
 ) -> torch.Tensor:
     """Denoise video latents ``[(b f), c, h, w]`` with a VideoUNet; returns float32 latents.
 
@@ -254,6 +273,15 @@ def sample(
     ``noise_sharing`` is the fraction of the starting noise's variance that all frames of a
     video share (see :func:`video_noise`); None = the prior the model was trained with
     (``config.noise_sharing``, 0 for models without the field).
+
+    ``given_frames`` = k: the first k frames of every video in ``latents`` are given clean
+    (an encoded image or the end of a previous window). The model sees them at timestep 0
+    and they come back unchanged; only the other frames are denoised. This is image-to-video
+    for models trained with clean first frames (``train``'s ``first_frame_prob``).
+    ``image_first`` (None = ``config.image_first``): text-to-video as Magic 1-For-1 factors
+    it, for such models: the first frame of each video is sampled alone (a text-to-image
+    pass, 1/f of the work), then the rest from it. It applies when sampling from pure noise
+    with no given frames; ``callback`` then counts the steps of both passes.
     """
     config = unet.config
     if latents.ndim != 4 or latents.shape[1] != config.in_channels:
@@ -271,6 +299,15 @@ def sample(
     if not 0.0 <= noise_sharing < 1.0:
         raise ValueError(f"noise_sharing must be at least 0 and below 1, got {noise_sharing}")
     videos = latents.shape[0] // num_frames
+    if not 0 <= given_frames < num_frames:
+        raise ValueError(f"given_frames must be at least 0 and below num_frames={num_frames}, got {given_frames}")
+    if image_first is None:
+        image_first = bool(getattr(config, "image_first", False))
+    if image_first and given_frames == 0 and denoise >= 1.0 and num_frames > 1:
+        return _sample_image_first(
+            unet, latents, positive, negative, num_frames=num_frames, steps=steps, cfg=cfg, sampler=sampler,
+            scheduler=scheduler, seed=seed, fps=fps, cond=cond, callback=callback, noise_sharing=noise_sharing,
+        )
     use_cfg = cfg != 1.0
     if use_cfg and negative is None:
         raise ValueError(
@@ -320,12 +357,19 @@ def sample(
     else:
         x = sched.add_noise(latents.to(device, torch.float32), noise, timesteps[:1])
 
+    given = (torch.arange(latents.shape[0], device=device) % num_frames) < given_frames  # [(b f)]
+    clean = latents.to(device, torch.float32)
+    keep = given.view(-1, 1, 1, 1)
+
     alphas_cumprod = sched.alphas_cumprod.to(device, torch.float32)
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(sched.step).parameters else {}
     total = len(timesteps)
     for i, t in enumerate(timesteps):
         x_in = sched.scale_model_input(x, t)  # the DDPM-space sample sqrt(a) x0 + sqrt(1 - a) eps
         t_batch = t.to(device).float().expand(latents.shape[0])
+        if given_frames:  # given frames enter clean, at timestep 0
+            x_in = torch.where(keep, clean, x_in)
+            t_batch = t_batch.masked_fill(given, 0.0)
         if use_cfg:
             out = unet(
                 torch.cat([x_in, x_in]).to(dtype), torch.cat([t_batch, t_batch]), context,
@@ -343,6 +387,31 @@ def sample(
             x0 = (x_in - (1 - a).sqrt() * out) / a.sqrt()
 
         x = sched.step(out, t, x, **step_kwargs).prev_sample
+        if given_frames:
+            x0 = torch.where(keep, clean, x0)
+            x = torch.where(keep, clean, x)
         if callback is not None:
             callback(i + 1, total, x0)
     return x
+
+
+def _sample_image_first(unet, latents, positive, negative, *, num_frames: int, steps: int, callback, cond, **kwargs):
+    """Text-to-video in two passes: frame 0 of every video alone, then the others given it."""
+    videos = latents.shape[0] // num_frames
+    first = latents.view(videos, num_frames, *latents.shape[1:])[:, 0]
+    first_cond = None if cond is None else cond.view(videos, num_frames, *cond.shape[1:])[:, 0]
+
+    def first_pass(step, total, x0):  # previews show the first frame on every frame meanwhile
+        if callback is not None:
+            callback(step, 2 * total, x0.repeat_interleave(num_frames, 0))
+
+    def second_pass(step, total, x0):
+        if callback is not None:
+            callback(total + step, 2 * total, x0)
+
+    image = sample(unet, first, positive, negative, num_frames=1, steps=steps, callback=first_pass, cond=first_cond,
+                   image_first=False, **kwargs)
+    video = latents.float().clone().view(videos, num_frames, *latents.shape[1:])
+    video[:, 0] = image.to(video.device)
+    return sample(unet, video.flatten(0, 1), positive, negative, num_frames=num_frames, steps=steps,
+                  callback=second_pass, cond=cond, given_frames=1, image_first=False, **kwargs)

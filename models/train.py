@@ -190,6 +190,15 @@ def latent_weights(pixels: torch.Tensor, latent_hw, frames: int, weight: float) 
     return 1 + weight * F.adaptive_max_pool2d(mask, tuple(latent_hw))
 
 
+def given_first_frames(videos: int, frames: int, prob: float, device=None) -> torch.Tensor:
+    """Per-frame mask ``[(b f)]``: frame 0 of each video with probability ``prob``, for
+    training image-to-video (Magic 1-For-1's factorisation) in the same UNet: a given frame
+    enters clean at timestep 0 and the other frames learn to continue it."""
+    mask = torch.zeros(videos, frames, dtype=torch.bool, device=device)
+    mask[:, 0] = torch.rand(videos, device=device) < prob
+    return mask.flatten()
+
+
 def cosine_lr(step: int, total: int, base: float, warmup: int = 200) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
@@ -353,6 +362,11 @@ def train_unet(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
         unet = checkpoint.load_sd15(args.init, unet_overrides=video_fields).unet
     else:
         unet = VideoUNet(UNetConfig.from_dict(tc["config"]))
+    first_frame_prob = float(tc.get("first_frame_prob", 0.0))
+    if not 0.0 <= first_frame_prob <= 1.0:
+        raise SystemExit(f"unet.first_frame_prob must be between 0 and 1, got {first_frame_prob}")
+    if first_frame_prob:  # the file records it, so text-to-video samples image first, then video
+        unet.config.image_first = True
     # the built-in text encoder, as wide as the UNet's cross-attention expects
     if init is not None and init.text_encoder is not None:
         text = init.text_encoder
@@ -400,6 +414,11 @@ def train_unet(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
         a = alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
         s = (1 - alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
         xt = a * x0 + s * noise
+        if first_frame_prob:  # image-to-video: frame 0 given clean (timestep 0), not scored
+            given = given_first_frames(b, frames, first_frame_prob, device)
+            t = t.masked_fill(given, 0)
+            xt = torch.where(given.view(-1, 1, 1, 1), x0, xt)
+            weights = weights * (~given).view(-1, 1, 1, 1)
         target = noise if prediction == "epsilon" else a * noise - s * x0
         fps_t = torch.full((b * frames,), float(fps), device=device)
         pred = unet(xt, t, context, num_frames=frames, fps=fps_t)

@@ -68,6 +68,7 @@ class UNetConfig:
     cond_channels: int = 0  # e.g. 5 = reference latents (4) + mask (1)
     prediction_type: str = "epsilon"  # metadata for the sampler: "epsilon" | "v_prediction"
     noise_sharing: float = 0.0  # metadata: the noise prior it was trained with (sampling.video_noise)
+    image_first: bool = False  # metadata: trained to continue clean given first frames (sampling.sample)
 
     def __post_init__(self):
         self.channel_mult = tuple(int(m) for m in self.channel_mult)

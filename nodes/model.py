@@ -221,7 +221,8 @@ class KeyframeSampler:
         "Generates video latents with a MagicVideo model: every frame denoised together, frames seeing earlier "
         "frames through directed temporal attention. Takes CONDITIONING from CLIPTextEncode (or MagicVideo Text "
         "Encode), classifier-free guidance against the negative, diffusers samplers. denoise < 1 starts from the "
-        "given latent (video-to-video); reference latents (first frames) condition image-to-video models."
+        "given latent (video-to-video); reference latents (first frames) condition image-to-video models. Models "
+        "trained image-first (the bundled default) make the first frame alone, then the rest from it."
     )
     CATEGORY = f"{CATEGORY}/sampling"
     FUNCTION = "sample"
@@ -254,7 +255,8 @@ class KeyframeSampler:
             },
             "optional": {
                 "reference": ("LATENT", {"tooltip": "Latents of the first frame(s) for image-to-video (models with "
-                                                    "image-prior channels only)."}),
+                                                    "image-prior channels, or trained to continue given first frames "
+                                                    "like the bundled default): they are kept as the video's first frames."}),
                 "noise_sharing": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 0.95, "step": 0.05,
                                   "tooltip": "Fraction of the starting noise shared by all frames of a video: higher "
                                              "keeps objects steadier across frames, 0 = independent noise per frame, "
@@ -270,9 +272,12 @@ class KeyframeSampler:
             raise ValueError(
                 f"the latent has {samples.shape[0]} frames, which is not divisible by frames={num_frames}"
             )
-        cond = None
+        cond, given = None, 0
         channels = getattr(model.config, "cond_channels", 0)
-        if reference is not None or channels:
+        if reference is not None and not channels and getattr(model.config, "image_first", False):
+            samples, given = sampling.given_reference(samples, reference["samples"] * model.scaling_factor,
+                                                      num_frames=num_frames)
+        elif reference is not None or channels:
             cond = sampling.reference_cond(
                 reference["samples"] * model.scaling_factor if reference is not None else None,
                 videos=samples.shape[0] // num_frames, num_frames=num_frames, channels=channels,
@@ -281,7 +286,7 @@ class KeyframeSampler:
         out = sampling.sample(
             model.unet, samples, _conditioning(positive, "positive"), _conditioning(negative, "negative"),
             num_frames=num_frames, steps=steps, cfg=cfg, sampler=sampler, scheduler=scheduler, seed=seed, fps=fps,
-            denoise=denoise, cond=cond, noise_sharing=None if noise_sharing < 0 else noise_sharing,
+            denoise=denoise, cond=cond, noise_sharing=None if noise_sharing < 0 else noise_sharing, given_frames=given,
             callback=_preview_callback(model, steps),  # the callback reports the true total
         )
         return (_latent(out.cpu() / model.scaling_factor, num_frames, latent),)

@@ -125,6 +125,29 @@ def test_frames_input_and_errors(nodes, tiny):
         nodes.VAEEncode().encode(vae=vae, images=torch.zeros(2, 30, 32, 3), chunk_size=8)
 
 
+def test_reference_frames_are_kept_by_image_first_models(nodes, tiny):
+    """Image-to-video on a model trained image-first (no image-prior channels): the reference
+    latents are the video's first frames, and the rest follow from them."""
+    import copy
+
+    from magicvideo.models.sampling import VideoModel
+
+    model, _ = tiny
+    unet = copy.deepcopy(model.unet)
+    unet.config.image_first = True
+    i2v = VideoModel(unet)
+    latent = {"samples": torch.zeros(8, 4, 4, 4), "num_frames": 4}  # two 4-frame videos
+    ref = torch.randn(1, 4, 4, 4)
+    out = _run_sampler(nodes, i2v, latent, reference={"samples": ref})["samples"].view(2, 4, 4, 4, 4)
+    assert torch.allclose(out[:, 0], ref.expand(2, -1, -1, -1), atol=1e-5)
+    other = _run_sampler(nodes, i2v, latent, reference={"samples": -ref})["samples"].view(2, 4, 4, 4, 4)
+    assert not torch.allclose(out[:, 1:], other[:, 1:])  # later frames depend on the given one
+    with pytest.raises(ValueError, match="4 reference frames given for a 4-frame video"):
+        _run_sampler(nodes, i2v, latent, reference={"samples": torch.zeros(4, 4, 4, 4)})
+    with pytest.raises(ValueError, match=r"reference latents must be \[frames, 4, 4, 4\].*got \(1, 4, 8, 8\)"):
+        _run_sampler(nodes, i2v, latent, reference={"samples": torch.zeros(1, 4, 8, 8)})
+
+
 def test_progress_preview_and_cancel(nodes, tiny, monkeypatch):
     """The callback feeds the host's ProgressBar with a JPEG preview and honours Cancel."""
     import comfy.model_management as mm

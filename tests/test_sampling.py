@@ -251,3 +251,46 @@ def test_noise_sharing_is_validated_and_reaches_the_start():
     assert abs(torch.corrcoef(plain.flatten(1))[0, 1].item()) < 0.1
     assert torch.corrcoef(shared.flatten(1))[0, 1].item() > 0.8
     assert torch.equal(own_prior, shared)
+
+
+def test_given_frames_enter_clean_at_timestep_zero_and_come_back_unchanged():
+    """Image-to-video: the first k frames are the caller's, seen at t=0; the rest are denoised."""
+    model = PointMass()
+    latents = _latents(frames=3, videos=2)
+    latents.view(2, 3, 4, 4, 4)[:, 0] = 7.0
+    out = sample(model, latents, _ctx(0.5), None, num_frames=3, steps=4, cfg=1.0, given_frames=1)
+    frames = out.view(2, 3, 4, 4, 4)
+    assert frames[:, 0].eq(7.0).all()  # exactly what was given
+    assert torch.allclose(frames[:, 1:], torch.full_like(frames[:, 1:], 0.5), atol=1e-3)  # the others denoised
+    for call in model.calls:
+        t = call["t"].view(2, 3)
+        assert t[:, 0].eq(0).all() and t[:, 1:].gt(0).all()
+    with pytest.raises(ValueError, match="given_frames must be at least 0 and below num_frames=3, got 3"):
+        sample(model, latents, _ctx(0.5), None, num_frames=3, steps=1, cfg=1.0, given_frames=3)
+
+
+def test_image_first_samples_frame_zero_alone_then_the_rest_from_it():
+    """Magic 1-For-1's factorisation: a 1-frame pass, then the video given its first frame;
+    the model's config picks it by default, the callback counts both passes."""
+    model = PointMass()
+    model.config.image_first = True
+    seen = []
+    out = sample(model, _latents(frames=3, videos=2), _ctx(0.5), _ctx(0), num_frames=3, steps=3, cfg=2.0, seed=5,
+                 callback=lambda step, total, x0: seen.append((step, total, tuple(x0.shape))))
+    assert seen == [(s, 6, (6, 4, 4, 4)) for s in range(1, 7)]
+    assert [c["batch"] for c in model.calls] == [4, 4, 4, 12, 12, 12]  # (neg + pos) x videos x frames
+    assert all(c["t"].view(4, 3)[:, 0].eq(0).all() for c in model.calls[3:])
+
+    image = sample(PointMass(), _latents(frames=1, videos=2), _ctx(0.5), _ctx(0), num_frames=1, steps=3, cfg=2.0,
+                   seed=5)
+    video = _latents(frames=3, videos=2)
+    video.view(2, 3, 4, 4, 4)[:, 0] = image
+    rest = sample(PointMass(), video, _ctx(0.5), _ctx(0), num_frames=3, steps=3, cfg=2.0, seed=5, given_frames=1)
+    assert torch.equal(out, rest)
+
+    plain = PointMass()
+    plain.config.image_first = True
+    sample(plain, _latents(), _ctx(0.5), None, num_frames=3, steps=2, cfg=1.0, image_first=False)
+    assert [c["batch"] for c in plain.calls] == [3, 3]  # asked off: one joint pass
+    sample(plain, _latents(), _ctx(0.5), None, num_frames=3, steps=2, cfg=1.0, denoise=0.5)
+    assert [c["batch"] for c in plain.calls[2:]] == [3]  # video-to-video stays one pass

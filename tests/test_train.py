@@ -133,3 +133,21 @@ def test_init_from_a_magicvideo_file_goes_on_from_its_weights(config_file, tmp_p
     for name in ("unet", "text_encoder", "vae"):
         sa, sb = getattr(a, name).state_dict(), getattr(b, name).state_dict()
         assert all(torch.equal(sa[k], sb[k]) for k in sa), name
+
+
+def test_first_frame_prob_trains_image_to_video_and_the_file_says_so(config_file, tmp_path):
+    """unet.first_frame_prob: frame 0 of that share of clips is given clean at timestep 0 and
+    not scored; the exported UNet config has image_first, so sampling goes image, then video."""
+    torch.manual_seed(0)
+    mask = train.given_first_frames(2000, 4, 0.7).view(2000, 4)
+    assert not mask[:, 1:].any() and 0.65 < mask[:, 0].float().mean() < 0.75
+    assert not train.given_first_frames(3, 4, 0.0).any() and train.given_first_frames(3, 4, 1.0).view(3, 4)[:, 0].all()
+
+    out = tmp_path / "i2v.safetensors"
+    train.main(["--config", str(config_file), "--stage", "all", "--run-dir", str(tmp_path / "r"), "--threads", "1",
+                "--set", "unet.first_frame_prob=1.0", "--out", str(out)])
+    bundle = checkpoint.load_model(out)
+    assert bundle.unet.config.image_first is True
+    with pytest.raises(SystemExit, match="first_frame_prob must be between 0 and 1, got 2"):
+        train.main(["--config", str(config_file), "--stage", "unet", "--run-dir", str(tmp_path / "r"), "--threads", "1",
+                    "--set", "unet.first_frame_prob=2"])
