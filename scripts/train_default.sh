@@ -51,11 +51,12 @@ $PY -m magicvideo.train --config configs/default.json --stage unet --run-dir "$R
 $PY -m magicvideo.train --config configs/default.json --stage export --run-dir "$RUN" \
     --out weights/magicvideo_default.safetensors
 
-# 4. 5000 more UNet steps of 16 clips each in a fresh run folder, from the file above (its
-#    UNet, text encoder, VAE and UNet config come along): on 2 cores a batch of 16 costs
-#    1.4 s per step, 1.6x the clips per second of batch 4, and averages out more of the
-#    gradient noise. Fresh AdamW, cosine lr from 2e-4 (200 warm-up steps) to 2e-5; the
-#    latent pool takes 2 fresh clips per step, so each clip is seen about 8 times.
-$PY -m magicvideo.train --config configs/default.json --stage unet --run-dir "$RUN-b16" --threads 2 \
-    --init weights/magicvideo_default.safetensors --set unet.steps=5000 --set unet.batch_size=16 \
-    --set unet.lr=2e-4 --set unet.pool_refresh=2 --out weights/magicvideo_default.safetensors
+# 4. Image-first: 3600 more UNet steps of 8 clips in a fresh run folder, from the file above
+#    (its UNet, text encoder, VAE and UNet config come along). In 70% of the clips frame 0 is
+#    given clean at timestep 0 and not scored, so the UNet learns to continue a first frame
+#    (image-to-video) and still makes first frames from text in the rest; the file records
+#    image_first, and text-to-video samples the first frame alone, then the rest from it.
+#    Fresh AdamW, cosine lr from 2e-4 (200 warm-up steps) to 2e-5.
+$PY -m magicvideo.train --config configs/default.json --stage unet --run-dir "$RUN-i2v" --threads 2 \
+    --init weights/magicvideo_default.safetensors --set unet.steps=3600 --set unet.batch_size=8 \
+    --set unet.lr=2e-4 --set unet.first_frame_prob=0.7 --out weights/magicvideo_default.safetensors
