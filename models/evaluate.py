@@ -483,6 +483,7 @@ def model_generate_fn(
     from_truth: float | None = None,
     prompts: list[Prompt] | None = None,
     image_first: bool | None = None,
+    given_frames: int = 0,
 ):
     """generate_fn(caption, seed) running a full MagicVideo file through ``pipeline.text_to_video``
     (its text encoder, the keyframe sampler from pure noise, VideoVAE decode).
@@ -492,6 +493,9 @@ def model_generate_fn(
     and let the model finish (video-to-video). 0 is the VAE round trip, the ceiling of any
     UNet on this VAE; 0.3 / 0.6 show what the model loses on fine detail and on layout and
     motion; 1 equals plain sampling.
+
+    ``given_frames`` = k scores image-to-video (models trained image-first): the first k
+    frames of the prompt's own world clip are given, the model makes the rest.
     """
     from .checkpoint import load_model
     from .pipeline import text_to_video
@@ -500,6 +504,12 @@ def model_generate_fn(
     if bundle.unet is None or bundle.vae is None or bundle.text_encoder is None:
         raise ValueError(f"{path}: the evaluator needs a file with a UNet, a VAE and a built-in text encoder")
 
+    if given_frames and from_truth is not None:
+        raise ValueError("from_truth and given_frames are two different diagnostics; ask for one")
+    if given_frames and prompts is None:
+        raise ValueError("given_frames needs the prompts being scored (their world clips give the first frames)")
+    if given_frames:
+        truth = ground_truth_fn(prompts, frames, size)
     if from_truth is not None:
         if not 0.0 <= from_truth <= 1.0:
             raise ValueError(f"from_truth must be between 0 and 1, got {from_truth}")
@@ -509,6 +519,8 @@ def model_generate_fn(
 
     def generate(caption: str, seed: int) -> torch.Tensor:
         init = {} if from_truth is None else {"init_video": truth(caption, seed), "denoise": from_truth}
+        if given_frames:
+            init = {"first_frames": truth(caption, seed)[:given_frames]}
         return text_to_video(bundle, caption, frames=frames, width=size, height=size, steps=steps, cfg=cfg,
                              sampler=sampler, scheduler=scheduler, seed=seed, fps=fps, noise_sharing=noise_sharing,
                              image_first=image_first, **init)
@@ -553,6 +565,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--image-first", action=argparse.BooleanOptionalAction, default=None,
                     help="sample the first frame alone, then the rest from it (default: what the model was "
                          "trained for, its config's image_first)")
+    ap.add_argument("--given-frames", type=int, default=0, metavar="K",
+                    help="image-to-video: give the first K frames of each prompt's own world clip "
+                         "(models trained image-first)")
     ap.add_argument("--from-truth", type=_strength, default=None, metavar="STRENGTH",
                     help="diagnostic: start each prompt from its own world clip noised to STRENGTH (0..1) "
                          "instead of pure noise; 0 = the VAE round trip (the ceiling of any UNet on this VAE)")
@@ -571,9 +586,11 @@ def main(argv: list[str] | None = None) -> int:
             args.model, frames=args.frames, size=args.size, steps=args.steps, cfg=args.cfg,
             sampler=args.sampler, scheduler=args.scheduler, fps=args.fps, device=args.device,
             noise_sharing=args.noise_sharing, from_truth=args.from_truth, prompts=prompts,
-            image_first=args.image_first,
+            image_first=args.image_first, given_frames=args.given_frames,
         )
         source = args.model if args.from_truth is None else f"{args.model} from the truth at {args.from_truth}"
+        if args.given_frames:
+            source = f"{args.model} given the first {args.given_frames} frame(s)"
 
     kept = {}
 

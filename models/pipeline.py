@@ -131,6 +131,7 @@ def conditioning_to_video(
     init_video: torch.Tensor | None = None,
     denoise: float = 1.0,
     image_first: bool | None = None,
+    first_frames: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Text embeddings -> frames ``[frames, height, width, 3]`` float32 in 0..1 on the CPU.
 
@@ -142,6 +143,8 @@ def conditioning_to_video(
     ``steps * denoise`` steps run (``denoise`` 0 = a plain VAE round trip).
     ``image_first``: first frame alone, then the rest from it (None = the model's own; see
     ``sampling.sample``).
+    ``first_frames`` ``[k, height, width, 3]`` in 0..1 is image-to-video on a model trained
+    image-first: they are encoded and kept as the first k frames; the rest follow from them.
     """
     unet, vae, _ = prepare(bundle, device=device, dtype=dtype)
     _check_request(vae, frames, width, height, cfg, negative)
@@ -157,12 +160,27 @@ def conditioning_to_video(
             )
         with torch.no_grad():
             latents = vae.encode(init_video.movedim(-1, 1) * 2 - 1, chunk_size=chunk_size).float().cpu()
+    given = 0
+    if first_frames is not None:
+        if not getattr(unet.config, "image_first", False):
+            raise RequestError("first_frames (image-to-video) needs a model trained image-first (unet_config.image_first)")
+        if first_frames.ndim != 4 or tuple(first_frames.shape[1:]) != (height, width, 3):
+            raise RequestError(
+                f"first_frames must be [k, {height}, {width}, 3] (frames, height, width, RGB); got {tuple(first_frames.shape)}"
+            )
+        with torch.no_grad():
+            reference = vae.encode(first_frames.movedim(-1, 1) * 2 - 1, chunk_size=chunk_size).float().cpu()
+        try:
+            latents, given = sampling.given_reference(latents, reference, num_frames=frames)
+        except ValueError as e:
+            raise RequestError(str(e)) from None
 
     t0 = time.perf_counter()
     with torch.no_grad():
         latents = sampling.sample(unet, latents, positive, negative, num_frames=frames, steps=steps, cfg=cfg,
                                   sampler=sampler, scheduler=scheduler, seed=seed, fps=fps, callback=callback,
-                                  noise_sharing=noise_sharing, denoise=denoise, image_first=image_first)
+                                  noise_sharing=noise_sharing, denoise=denoise, image_first=image_first,
+                                  given_frames=given)
         _sync(run_device)
         t1 = time.perf_counter()
         images = vae.decode(latents, num_frames=frames, chunk_size=chunk_size)  # [F, 3, H, W] in about -1..1
@@ -197,6 +215,7 @@ def text_to_video(
     init_video: torch.Tensor | None = None,
     denoise: float = 1.0,
     image_first: bool | None = None,
+    first_frames: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A prompt through the model file's built-in text encoder -> frames ``[frames, height, width, 3]``
     float32 in 0..1 on the CPU.
@@ -206,7 +225,8 @@ def text_to_video(
     ``cfg`` != 1. The same seed gives the same video on any device. ``timings``, when given,
     receives seconds per stage: ``text_encode``, ``sampling``, ``vae_decode`` and ``total`` (their
     sum plus the glue; moving the modules to ``device`` / ``dtype`` is not counted).
-    ``init_video`` / ``denoise`` (video-to-video) and ``image_first``: see :func:`conditioning_to_video`.
+    ``init_video`` / ``denoise`` (video-to-video), ``image_first`` and ``first_frames``
+    (image-to-video): see :func:`conditioning_to_video`.
     """
     _, vae, text = prepare(bundle, device=device, dtype=dtype)
     _check_request(vae, frames, width, height, cfg, negative="")
@@ -220,6 +240,7 @@ def text_to_video(
         bundle, positive, neg, frames=frames, width=width, height=height, steps=steps, cfg=cfg, sampler=sampler,
         scheduler=scheduler, seed=seed, fps=fps, chunk_size=chunk_size, callback=callback, timings=stages,
         noise_sharing=noise_sharing, init_video=init_video, denoise=denoise, image_first=image_first,
+        first_frames=first_frames,
     )
     if timings is not None:
         timings.update(text_encode=t1 - t0, **stages, total=time.perf_counter() - t0)

@@ -207,6 +207,26 @@ def test_from_truth_starts_from_the_prompts_own_clip(tiny_model):
         ev.main(["--model", tiny_model, "--from-truth", "2"])
 
 
+def test_given_frames_scores_image_to_video(tiny_model):
+    """--given-frames K: the prompt's own first K world frames are given to an image-first model."""
+    from magicvideo.models import checkpoint
+
+    bundle = checkpoint.load_model(tiny_model)
+    bundle.unet.config.image_first = True
+    path = tiny_model.replace("tiny", "tiny_i2v")
+    checkpoint.save_model(path, unet=bundle.unet, vae=bundle.vae, text_encoder=bundle.text_encoder)
+    prompts = ev.prompt_set(n=2)
+    p = prompts[0]
+    generate = ev.model_generate_fn(path, frames=8, size=16, steps=2, cfg=2.0, given_frames=1, prompts=prompts)
+    frames = generate(p.caption, p.seed)
+    with torch.no_grad():
+        first = world.render(p.spec, 8, 16)[:1].permute(0, 3, 1, 2) * 2 - 1
+        expected = ((bundle.vae.decode(bundle.vae.encode(first), num_frames=1) + 1) / 2).clamp(0, 1)
+    assert torch.allclose(frames[0], expected[0].permute(1, 2, 0), atol=1e-5)  # frame 0 is the world's
+    with pytest.raises(ValueError, match="two different diagnostics"):
+        ev.model_generate_fn(path, given_frames=1, from_truth=0.5, prompts=prompts)
+
+
 def test_window_drift():
     obj = world.ObjectSpec("cyan", "triangle", "still", None, 0.5, 0.5, 0.15)
     steady = world.render(world.ClipSpec((obj,), "grey"), frames=48)

@@ -119,6 +119,33 @@ def test_video_to_video(bundle):
         pipeline.text_to_video(bundle, "a red circle", init_video=torch.rand(3, 16, 16, 3), denoise=0.5, **SMALL)
 
 
+def test_image_to_video_from_first_frames(bundle):
+    """first_frames on an image-first model: encoded, kept as the first frames, the rest sampled."""
+    import copy
+
+    frame = torch.rand(1, SMALL["height"], SMALL["width"], 3)
+    with pytest.raises(pipeline.RequestError, match="needs a model trained image-first"):
+        pipeline.text_to_video(bundle, "a red circle", first_frames=frame, **SMALL)
+    i2v = copy.copy(bundle)
+    i2v.unet = copy.deepcopy(bundle.unet)
+    i2v.unet.config.image_first = True
+    frames = pipeline.text_to_video(i2v, "a red circle", first_frames=frame, seed=4, **SMALL)
+    with torch.no_grad():
+        positive, _ = bundle.text_encoder.encode(["a red circle"])
+        negative, _ = bundle.text_encoder.encode([""])
+        start = torch.zeros(SMALL["frames"], 4, 3, 2)
+        start[0] = bundle.vae.encode(frame.permute(0, 3, 1, 2) * 2 - 1)[0]
+        latents = sampling.sample(i2v.unet, start, positive, negative, num_frames=SMALL["frames"], steps=SMALL["steps"],
+                                  cfg=7.5, seed=4, fps=8.0, given_frames=1)
+        assert torch.equal(latents[0], start[0])
+        images = bundle.vae.decode(latents, num_frames=SMALL["frames"])
+    assert torch.allclose(frames, ((images + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1), atol=1e-6)
+    with pytest.raises(pipeline.RequestError, match="3 reference frames given for a 3-frame video"):
+        pipeline.text_to_video(i2v, "a red circle", first_frames=frame.expand(3, -1, -1, -1), **SMALL)
+    with pytest.raises(pipeline.RequestError, match=r"first_frames must be \[k, 24, 16, 3\]"):
+        pipeline.text_to_video(i2v, "a red circle", first_frames=torch.rand(1, 16, 16, 3), **SMALL)
+
+
 def test_callback_and_timings(bundle):
     calls, timings = [], {}
     pipeline.text_to_video(bundle, "a red circle", callback=lambda step, total, x0: calls.append((step, total, x0.shape)),
