@@ -50,13 +50,3 @@ $PY -m magicvideo.train --config configs/default.json --stage unet --run-dir "$R
 # 3. One file: EMA UNet + text encoder + the fine-tuned VAE, with this recipe in its metadata.
 $PY -m magicvideo.train --config configs/default.json --stage export --run-dir "$RUN" \
     --out weights/magicvideo_default.safetensors
-
-# 4. Image-first: 3600 more UNet steps of 8 clips in a fresh run folder, from the file above
-#    (its UNet, text encoder, VAE and UNet config come along). In 70% of the clips frame 0 is
-#    given clean at timestep 0 and not scored, so the UNet learns to continue a first frame
-#    (image-to-video) and still makes first frames from text in the rest; the file records
-#    image_first, and text-to-video samples the first frame alone, then the rest from it.
-#    Fresh AdamW, cosine lr from 2e-4 (200 warm-up steps) to 2e-5.
-$PY -m magicvideo.train --config configs/default.json --stage unet --run-dir "$RUN-i2v" --threads 2 \
-    --init weights/magicvideo_default.safetensors --set unet.steps=3600 --set unet.batch_size=8 \
-    --set unet.lr=2e-4 --set unet.first_frame_prob=0.7 --out weights/magicvideo_default.safetensors
