@@ -225,6 +225,8 @@ def train_vae(cfg: dict, args, run_dir: Path, device: torch.device, decoder_only
     out_path = run_dir / "vae.safetensors"
     state_path = run_dir / f"{name}_state.pt"
 
+    on_unet = int(tc.get("decoder_unet_max_t", 0)) if decoder_only else 0
+    denoiser = _decoder_denoiser(args, run_dir, device) if on_unet else None
     if decoder_only:
         vae = checkpoint.load_model(out_path).vae
         vae.encoder.requires_grad_(False)
@@ -245,15 +247,19 @@ def train_vae(cfg: dict, args, run_dir: Path, device: torch.device, decoder_only
         start = state["step"] + 1
         print(f"[train {name}] resumed at step {start}")
 
-    source = make_source({"data": {**cfg["data"], "frames": tc["frames"]}}, args, cfg["seed"] + start)
+    clip_frames = cfg["data"]["frames"] if on_unet else tc["frames"]  # the UNet denoises whole clips
+    source = make_source({"data": {**cfg["data"], "frames": clip_frames}}, args, cfg["seed"] + start)
     log = Logger(run_dir / f"{name}.log", steps, start)
     for step in range(start, steps):
-        videos, _ = source.batch(tc["batch_size"])
+        videos, captions = source.batch(tc["batch_size"])
         frames = videos.shape[1]
         x = videos.flatten(0, 1).to(device)  # [(b f), 3, H, W]
         with torch.set_grad_enabled(not decoder_only):
             mean, logvar = vae.encode_dist(x)
         z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
+        if denoiser is not None:  # decode what the UNet makes of these latents, not the latents
+            scale = vae.config.scaling_factor
+            z = denoiser(mean * scale, captions, frames, on_unet) / scale
         recon = vae.decode_raw(z, num_frames=frames)
         err = (recon - x).abs() + (recon - x).pow(2)
         rec = (err * foreground_weights(x, tc.get("foreground_weight", 0.0))).mean()
@@ -280,6 +286,40 @@ def train_vae(cfg: dict, args, run_dir: Path, device: torch.device, decoder_only
         print(f"[train vae] scaling_factor = {vae.config.scaling_factor:.4f}")
     checkpoint.save_model(out_path, vae=vae.cpu())
     return out_path
+
+
+def _decoder_denoiser(args, run_dir: Path, device):
+    """For ``vae.decoder_unet_max_t``: a function that noises scaled latents of each clip to a
+    random timestep in [0, max_t) (half the clips stay clean) and returns the run's frozen UNet's
+    one-step x0 prediction, so the decoder learns to turn the UNet's slightly wrong latents into
+    clean frames. The UNet and text encoder come from the run's model.safetensors, which an
+    ``--init`` MagicVideo file provides (its VAE too) in a fresh run folder."""
+    model_path, vae_path = run_dir / "model.safetensors", run_dir / "vae.safetensors"
+    init = magicvideo_init(args.init)
+    if init is not None and not model_path.exists():
+        checkpoint.save_model(model_path, unet=init.unet, vae=init.vae, text_encoder=init.text_encoder)
+    if init is not None and init.vae is not None and not vae_path.exists():
+        checkpoint.save_model(vae_path, vae=init.vae)
+    bundle = checkpoint.load_model(model_path) if model_path.exists() else None
+    if bundle is None or bundle.unet is None or bundle.text_encoder is None:
+        raise SystemExit(f"vae.decoder_unet_max_t needs a UNet with its text encoder: {model_path} or --init <MagicVideo file>")
+    unet = bundle.unet.to(device).eval().requires_grad_(False)
+    text = bundle.text_encoder.to(device).eval().requires_grad_(False)
+    alphas = training_schedule().to(device)
+
+    @torch.no_grad()
+    def denoise(z: torch.Tensor, captions: list[str], frames: int, max_t: int) -> torch.Tensor:
+        b = len(captions)
+        t = torch.randint(0, max_t, (b,), device=device) * (torch.rand(b, device=device) < 0.5)
+        t = t.repeat_interleave(frames)
+        noise = video_noise(z.shape, frames, unet.config.noise_sharing, device=device)
+        a, s = alphas[t].sqrt().view(-1, 1, 1, 1), (1 - alphas[t]).sqrt().view(-1, 1, 1, 1)
+        xt = a * z + s * noise
+        out = unet(xt, t, text.encode(captions)[0].to(device), num_frames=frames)
+        x0 = a * xt - s * out if unet.config.prediction_type == "v_prediction" else (xt - s * out) / a
+        return torch.where((t == 0).view(-1, 1, 1, 1), z, x0)
+
+    return denoise
 
 
 # ----------------------------------------------------------------------------- stage 2: keyframe UNet

@@ -1,5 +1,6 @@
 """The training entry point on tiny configs: both stages run, write loadable files, resume."""
 
+import argparse
 import json
 
 import pytest
@@ -151,3 +152,30 @@ def test_first_frame_prob_trains_image_to_video_and_the_file_says_so(config_file
     with pytest.raises(SystemExit, match="first_frame_prob must be between 0 and 1, got 2"):
         train.main(["--config", str(config_file), "--stage", "unet", "--run-dir", str(tmp_path / "r"), "--threads", "1",
                     "--set", "unet.first_frame_prob=2"])
+
+
+def test_decoder_on_unet_outputs(config_file, tmp_path):
+    """vae.decoder_unet_max_t: the decoder stage decodes the frozen UNet's one-step x0 predictions
+    of noised clips (half of them left clean), starting from a MagicVideo file in a fresh folder."""
+    first = tmp_path / "first.safetensors"
+    train.main(["--config", str(config_file), "--stage", "all", "--run-dir", str(tmp_path / "a"), "--threads", "1",
+                "--out", str(first)])
+    run = tmp_path / "dec"
+    run.mkdir()
+    args = argparse.Namespace(init=str(first))
+    denoise = train._decoder_denoiser(args, run, torch.device("cpu"))
+    torch.manual_seed(0)
+    z = torch.randn(8 * 4, 4, 4, 4)
+    out = denoise(z, ["a red circle moving to the left"] * 8, 4, 300).view(8, 4, 4, 4, 4)
+    kept = [torch.equal(out[i], z.view(8, 4, 4, 4, 4)[i]) for i in range(8)]
+    assert any(kept) and not all(kept)  # some clips clean, the others the UNet's x0
+
+    train.main(["--config", str(config_file), "--stage", "decoder", "--run-dir", str(run), "--threads", "1",
+                "--init", str(first), "--set", "vae.decoder_unet_max_t=300", "--set", "vae.decoder_steps=2"])
+    before, after = checkpoint.load_model(first).vae.state_dict(), checkpoint.load_model(run / "vae.safetensors").vae.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("encoder.", "quant_conv.")))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+
+    with pytest.raises(SystemExit, match="needs a UNet with its text encoder"):
+        train.main(["--config", str(config_file), "--stage", "decoder", "--run-dir", str(tmp_path / "empty"),
+                    "--threads", "1", "--set", "vae.decoder_unet_max_t=300", "--set", "vae.decoder_steps=2"])
