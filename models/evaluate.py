@@ -504,17 +504,15 @@ def model_generate_fn(
     if bundle.unet is None or bundle.vae is None or bundle.text_encoder is None:
         raise ValueError(f"{path}: the evaluator needs a file with a UNet, a VAE and a built-in text encoder")
 
+    if given_frames < 0:
+        raise ValueError(f"given_frames must be at least 0, got {given_frames}")
+    if from_truth is not None and not 0.0 <= from_truth <= 1.0:
+        raise ValueError(f"from_truth must be between 0 and 1, got {from_truth}")
     if given_frames and from_truth is not None:
         raise ValueError("from_truth and given_frames are two different diagnostics; ask for one")
-    if given_frames and prompts is None:
-        raise ValueError("given_frames needs the prompts being scored (their world clips give the first frames)")
-    if given_frames:
-        truth = ground_truth_fn(prompts, frames, size)
-    if from_truth is not None:
-        if not 0.0 <= from_truth <= 1.0:
-            raise ValueError(f"from_truth must be between 0 and 1, got {from_truth}")
+    if given_frames or from_truth is not None:
         if prompts is None:
-            raise ValueError("from_truth needs the prompts being scored (their world clips are the starting point)")
+            raise ValueError("from_truth and given_frames need the prompts being scored (their world clips)")
         truth = ground_truth_fn(prompts, frames, size)
 
     def generate(caption: str, seed: int) -> torch.Tensor:

@@ -108,6 +108,12 @@ def encode_prompt(text_encoder, text: str, *, ignore_unknown_words: bool = False
     return context
 
 
+@torch.no_grad()
+def _encode(vae, frames: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Frames ``[F, H, W, 3]`` in 0..1 -> scaled latents ``[F, c, h, w]`` (float32, CPU)."""
+    return vae.encode(frames.movedim(-1, 1) * 2 - 1, chunk_size=chunk_size).float().cpu()
+
+
 def conditioning_to_video(
     bundle,
     positive: torch.Tensor,
@@ -158,8 +164,7 @@ def conditioning_to_video(
                 f"init_video must be [{frames}, {height}, {width}, 3] (frames, height, width, RGB); "
                 f"got {tuple(init_video.shape)}"
             )
-        with torch.no_grad():
-            latents = vae.encode(init_video.movedim(-1, 1) * 2 - 1, chunk_size=chunk_size).float().cpu()
+        latents = _encode(vae, init_video, chunk_size)
     given = 0
     if first_frames is not None:
         if not getattr(unet.config, "image_first", False):
@@ -168,10 +173,8 @@ def conditioning_to_video(
             raise RequestError(
                 f"first_frames must be [k, {height}, {width}, 3] (frames, height, width, RGB); got {tuple(first_frames.shape)}"
             )
-        with torch.no_grad():
-            reference = vae.encode(first_frames.movedim(-1, 1) * 2 - 1, chunk_size=chunk_size).float().cpu()
         try:
-            latents, given = sampling.given_reference(latents, reference, num_frames=frames)
+            latents, given = sampling.given_reference(latents, _encode(vae, first_frames, chunk_size), num_frames=frames)
         except ValueError as e:
             raise RequestError(str(e)) from None
 

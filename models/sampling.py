@@ -211,6 +211,14 @@ def _same_length(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.
     return a.repeat(1, n // la, 1), b.repeat(1, n // lb, 1)
 
 
+def predict_x0(out: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """The clean latents a UNet output implies at ``x_t = sqrt(a) x0 + sqrt(1 - a) eps``
+    (``alpha_bar`` = a, broadcastable), for epsilon or v prediction."""
+    if prediction_type == "v_prediction":
+        return alpha_bar.sqrt() * x_t - (1 - alpha_bar).sqrt() * out
+    return (x_t - (1 - alpha_bar).sqrt() * out) / alpha_bar.sqrt()
+
+
 def _alphas_at(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """alpha_bar at a (possibly fractional) timestep, interpolating log-sigma as diffusers does."""
     log_sigma = (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).log()
@@ -380,11 +388,7 @@ def sample(
         else:
             out = unet(x_in.to(dtype), t_batch, context, num_frames=num_frames, fps=fps, cond=cond).float()
 
-        a = _alphas_at(alphas_cumprod, t.to(device))
-        if config.prediction_type == "v_prediction":
-            x0 = a.sqrt() * x_in - (1 - a).sqrt() * out
-        else:
-            x0 = (x_in - (1 - a).sqrt() * out) / a.sqrt()
+        x0 = predict_x0(out, x_in, _alphas_at(alphas_cumprod, t.to(device)), config.prediction_type)
 
         x = sched.step(out, t, x, **step_kwargs).prev_sample
         if given_frames:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint, world
-from .sampling import training_schedule, video_noise
+from .sampling import predict_x0, training_schedule, video_noise
 from .text import TextConfig, TextEncoder
 
 from .unet import UNetConfig, VideoUNet
@@ -294,13 +294,12 @@ def _decoder_denoiser(args, run_dir: Path, device):
     one-step x0 prediction, so the decoder learns to turn the UNet's slightly wrong latents into
     clean frames. The UNet and text encoder come from the run's model.safetensors, which an
     ``--init`` MagicVideo file provides (its VAE too) in a fresh run folder."""
-    model_path, vae_path = run_dir / "model.safetensors", run_dir / "vae.safetensors"
+    model_path = run_dir / "model.safetensors"
     init = magicvideo_init(args.init)
-    if init is not None and not model_path.exists():
+    _adopt_vae(init, run_dir)
+    if init is not None and not model_path.exists():  # the export stage pairs it with the new decoder
         checkpoint.save_model(model_path, unet=init.unet, vae=init.vae, text_encoder=init.text_encoder)
-    if init is not None and init.vae is not None and not vae_path.exists():
-        checkpoint.save_model(vae_path, vae=init.vae)
-    bundle = checkpoint.load_model(model_path) if model_path.exists() else None
+    bundle = init if init is not None else checkpoint.load_model(model_path) if model_path.exists() else None
     if bundle is None or bundle.unet is None or bundle.text_encoder is None:
         raise SystemExit(f"vae.decoder_unet_max_t needs a UNet with its text encoder: {model_path} or --init <MagicVideo file>")
     unet = bundle.unet.to(device).eval().requires_grad_(False)
@@ -313,10 +312,10 @@ def _decoder_denoiser(args, run_dir: Path, device):
         t = torch.randint(0, max_t, (b,), device=device) * (torch.rand(b, device=device) < 0.5)
         t = t.repeat_interleave(frames)
         noise = video_noise(z.shape, frames, unet.config.noise_sharing, device=device)
-        a, s = alphas[t].sqrt().view(-1, 1, 1, 1), (1 - alphas[t]).sqrt().view(-1, 1, 1, 1)
-        xt = a * z + s * noise
+        a = alphas[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * z + (1 - a).sqrt() * noise
         out = unet(xt, t, text.encode(captions)[0].to(device), num_frames=frames)
-        x0 = a * xt - s * out if unet.config.prediction_type == "v_prediction" else (xt - s * out) / a
+        x0 = predict_x0(out, xt, a, unet.config.prediction_type)
         return torch.where((t == 0).view(-1, 1, 1, 1), z, x0)
 
     return denoise
@@ -376,6 +375,13 @@ def magicvideo_init(path) -> checkpoint.MagicVideoBundle | None:
     return checkpoint.load_model(path)
 
 
+def _adopt_vae(init: checkpoint.MagicVideoBundle | None, run_dir: Path) -> None:
+    """A fresh run folder started from a MagicVideo file goes on with the file's own VAE."""
+    vae_path = run_dir / "vae.safetensors"
+    if init is not None and init.vae is not None and not vae_path.exists():
+        checkpoint.save_model(vae_path, vae=init.vae)
+
+
 def train_unet(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
     """Denoising on VAE latents, jointly training the built-in text encoder.
 
@@ -386,10 +392,8 @@ def train_unet(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
     tc = cfg["unet"]
     torch.manual_seed(cfg["seed"] + 1)
     init = magicvideo_init(args.init)
-    vae_path = run_dir / "vae.safetensors"
-    if init is not None and init.vae is not None and not vae_path.exists():
-        checkpoint.save_model(vae_path, vae=init.vae)  # go on with the file's own VAE
-    vae = checkpoint.load_model(vae_path).vae.to(device).eval().requires_grad_(False)
+    _adopt_vae(init, run_dir)
+    vae = checkpoint.load_model(run_dir / "vae.safetensors").vae.to(device).eval().requires_grad_(False)
     state_path = run_dir / "unet_state.pt"
 
     if init is not None:  # continue a MagicVideo model: its UNet (and its config) as they are

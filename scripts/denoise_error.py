@@ -14,7 +14,7 @@ import argparse
 import torch
 
 from magicvideo.models import checkpoint, world
-from magicvideo.models.sampling import training_schedule, video_noise
+from magicvideo.models.sampling import predict_x0, training_schedule, video_noise
 
 
 @torch.no_grad()
@@ -43,12 +43,12 @@ def main():
             torch.manual_seed(1)
             ts = torch.full((b * f,), t)
             noise = video_noise(x0.shape, f, unet.config.noise_sharing)
-            a, s = alphas[ts].sqrt().view(-1, 1, 1, 1), (1 - alphas[ts]).sqrt().view(-1, 1, 1, 1)
-            xt = a * x0 + s * noise
+            a = alphas[ts].view(-1, 1, 1, 1)
+            xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
             if given:
                 xt, ts = torch.where(first.view(-1, 1, 1, 1), x0, xt), ts.masked_fill(first, 0)
             out = unet(xt, ts, context, num_frames=f)
-            pred = a * xt - s * out if unet.config.prediction_type == "v_prediction" else (xt - s * out) / a
+            pred = predict_x0(out, xt, a, unet.config.prediction_type)
             row.append(f"{'given frame 0' if given else 'alone'} {((pred - x0) ** 2)[~first].mean().item():.4f}")
         print(f"  t={t:4d}: " + ", ".join(row))
 

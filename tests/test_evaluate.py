@@ -201,7 +201,7 @@ def test_from_truth_starts_from_the_prompts_own_clip(tiny_model):
     assert 0 < distance(0.5) < distance(1.0)
     with pytest.raises(ValueError, match="between 0 and 1"):
         ev.model_generate_fn(tiny_model, from_truth=1.5, prompts=prompts, **kw)
-    with pytest.raises(ValueError, match="needs the prompts"):
+    with pytest.raises(ValueError, match="need the prompts being scored"):
         ev.model_generate_fn(tiny_model, from_truth=0.5, **kw)
     with pytest.raises(SystemExit):
         ev.main(["--model", tiny_model, "--from-truth", "2"])
@@ -225,6 +225,8 @@ def test_given_frames_scores_image_to_video(tiny_model):
     assert torch.allclose(frames[0], expected[0].permute(1, 2, 0), atol=1e-5)  # frame 0 is the world's
     with pytest.raises(ValueError, match="two different diagnostics"):
         ev.model_generate_fn(path, given_frames=1, from_truth=0.5, prompts=prompts)
+    with pytest.raises(ValueError, match="given_frames must be at least 0, got -1"):  # not "all but the last"
+        ev.model_generate_fn(path, given_frames=-1, prompts=prompts)
 
 
 def test_window_drift():
