@@ -392,6 +392,8 @@ def train_unet(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
     tc = cfg["unet"]
     torch.manual_seed(cfg["seed"] + 1)
     init = magicvideo_init(args.init)
+    if tc.get("grow") and init is None:
+        raise SystemExit("unet.grow adds layers to an --init MagicVideo model; for a new model set them in unet.config")
     _adopt_vae(init, run_dir)
     vae = checkpoint.load_model(run_dir / "vae.safetensors").vae.to(device).eval().requires_grad_(False)
     state_path = run_dir / "unet_state.pt"
@@ -400,6 +402,8 @@ def train_unet(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
         if init.unet is None:
             raise SystemExit(f"--init {args.init}: expected a MagicVideo file with a UNet, found none")
         unet = init.unet
+        if tc.get("grow"):  # e.g. {"temporal_conv": true}: new identity layers on the trained model
+            unet = unet.grown(**tc["grow"])
     elif args.init:  # SD1.5's 2D weights; only MagicVideo's own fields come from our config
         image_fields = UNetConfig().image_fields
         video_fields = {k: v for k, v in tc["config"].items() if k not in image_fields}

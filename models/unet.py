@@ -11,6 +11,11 @@ the image model exactly:
   block, summed as the paper does (``z = z + S-Attn(z) + T-Attn(z)``): attention over the
   frame axis at each spatial position, frame p sees frames q <= p. Zero-initialised output
   projection. Keys contain ``temporal``.
+- Optional ``TemporalConv`` (``temporal_conv=True``) after every ResBlock: a residual
+  kernel-3 convolution over the frame axis at each spatial position (ModelScope T2V's
+  temporal conv, kept 1D), zero-initialised output. Attention at one spatial position
+  weighs frames by content; the conv gives every layer a fixed local window in time, the
+  prior that keeps an object in place from one frame to the next. Keys contain ``temporal``.
 - fps conditioning ``Linear(SiLU(Linear(sinusoid(fps))))`` added to the timestep embedding,
   last Linear zero-initialised. Keys contain ``fps_embed``.
 
@@ -63,6 +68,7 @@ class UNetConfig:
     max_frames: int = 16  # frames a FrameAdaptor has parameters for (MagicVideo's 16 keyframes)
     temporal_bidirectional: bool = False  # ablation: every frame sees every frame
     temporal_position: bool = True  # sinusoidal frame-index encoding on temporal queries/keys
+    temporal_conv: bool = False  # a residual kernel-3 conv over frames after every ResBlock
     fps_embed: bool = True
     default_fps: float = 8.0  # used when forward() gets fps=None
     cond_channels: int = 0  # e.g. 5 = reference latents (4) + mask (1)
@@ -192,6 +198,32 @@ class BlockInputs:
     num_frames: int
 
 
+class TemporalConv(nn.Module):
+    """``z + Conv1d_t(SiLU(GroupNorm(z)))`` over the frame axis at every spatial position.
+
+    Kernel 3 with zero padding, so frame p sees p-1, p, p+1; the conv's output is
+    zero-initialised, so a model that gains it (``VideoUNet.grown``) is unchanged at first.
+    """
+
+    def __init__(self, channels: int, norm_groups: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(norm_groups, channels)
+        self.conv = nn.Conv1d(channels, channels, 3, padding=1)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        self.norm.reset_parameters()
+        nn.init.zeros_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        h = F.silu(self.norm(x))
+        h = rearrange(h, "(b f) c h w -> (b h w) c f", f=num_frames)
+        h = rearrange(self.conv(h), "(b h w) c f -> (b f) c h w", h=height, w=width)
+        return x + h
+
+
 class ResBlock(nn.Module):
     """SD's residual block (LDM keys: in_layers, emb_layers, out_layers, skip_connection)."""
 
@@ -214,6 +246,7 @@ class ResBlock(nn.Module):
             self.skip_connection = None
         else:
             self.skip_connection = FramewiseConv2d(channels, out_channels, 1, max_frames=mf)
+        self.temporal_conv = TemporalConv(out_channels, g) if cfg.temporal_conv else None
 
     def forward(self, x: torch.Tensor, inputs: BlockInputs) -> torch.Tensor:
         f = inputs.num_frames
@@ -223,7 +256,8 @@ class ResBlock(nn.Module):
         norm, act, drop, conv = self.out_layers
         h = conv(drop(act(norm(h))), f)
         skip = x if self.skip_connection is None else self.skip_connection(x, f)
-        return skip + h
+        h = skip + h
+        return h if self.temporal_conv is None else self.temporal_conv(h, f)
 
 
 class Downsample(nn.Module):
@@ -472,7 +506,7 @@ class VideoUNet(nn.Module):
         it builds the model without initialising (on the meta device).
         """
         for m in self.modules():
-            if isinstance(m, (FrameAdaptor, DirectedTemporalAttention)):
+            if isinstance(m, (FrameAdaptor, DirectedTemporalAttention, TemporalConv)):
                 m.reset_parameters()
         if self.fps_embed is not None:
             self.fps_embed[0].reset_parameters()
@@ -480,6 +514,25 @@ class VideoUNet(nn.Module):
             nn.init.zeros_(self.fps_embed[2].bias)
         if self.cond_in is not None:
             nn.init.zeros_(self.cond_in.weight)
+
+    def grown(self, **changes) -> "VideoUNet":
+        """This model with MagicVideo layers added (e.g. ``temporal_conv=True``), same function.
+
+        Only changes that add identity-initialised motion layers are accepted: every weight
+        of this model is kept, the new ones start as identity, so training goes on from
+        exactly this model.
+        """
+        allowed = {"temporal_conv"}
+        bad = sorted(set(changes) - allowed)
+        if bad:
+            raise ValueError(f"grown() can add {sorted(allowed)}; cannot change {bad} of a trained model")
+        cfg = UNetConfig.from_dict({**self.config.to_dict(), **changes})
+        p = next(self.parameters())
+        model = VideoUNet(cfg).to(device=p.device, dtype=p.dtype)
+        missing, unexpected = model.load_state_dict(self.state_dict(), strict=False)
+        if unexpected or any(not is_motion_key(k) for k in missing):
+            raise ValueError(f"grown({changes}): cannot keep the weights (missing {missing}, unexpected {unexpected})")
+        return model
 
     def motion_parameters(self):
         return [p for n, p in self.named_parameters() if is_motion_key(n)]

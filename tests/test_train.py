@@ -136,6 +136,26 @@ def test_init_from_a_magicvideo_file_goes_on_from_its_weights(config_file, tmp_p
         assert all(torch.equal(sa[k], sb[k]) for k in sa), name
 
 
+def test_grow_adds_temporal_conv_to_an_init_model(config_file, tmp_path):
+    """unet.grow: a MagicVideo file gains identity-initialised temporal convs and trains on;
+    its other weights start as they were (learning rate 0 keeps them)."""
+    first = tmp_path / "first.safetensors"
+    train.main(["--config", str(config_file), "--stage", "all", "--run-dir", str(tmp_path / "a"), "--threads", "1",
+                "--out", str(first)])
+    grown = tmp_path / "grown.safetensors"
+    train.main(["--config", str(config_file), "--stage", "unet", "--run-dir", str(tmp_path / "b"), "--threads", "1",
+                "--init", str(first), "--set", 'unet.grow={"temporal_conv": true}', "--set", "unet.lr=0",
+                "--set", "unet.steps=2", "--out", str(grown)])
+    a, b = checkpoint.load_model(first).unet, checkpoint.load_model(grown).unet
+    assert b.config.temporal_conv and not a.config.temporal_conv
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert any("temporal_conv" in k for k in set(sb) - set(sa))
+    with pytest.raises(SystemExit, match="unet.grow adds layers to an --init MagicVideo model"):
+        train.main(["--config", str(config_file), "--stage", "unet", "--run-dir", str(tmp_path / "c"), "--threads", "1",
+                    "--set", 'unet.grow={"temporal_conv": true}'])
+
+
 def test_first_frame_prob_trains_image_to_video_and_the_file_says_so(config_file, tmp_path):
     """unet.first_frame_prob: frame 0 of that share of clips is given clean at timestep 0 and
     not scored; the exported UNet config has image_first, so sampling goes image, then video."""

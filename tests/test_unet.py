@@ -192,6 +192,37 @@ def test_bidirectional_option_breaks_causality():
         assert not torch.allclose(before[i], after[i]), f"frame {i} did not see the last frame"
 
 
+def test_temporal_conv_sees_only_neighbouring_frames_and_both_ways():
+    """With the temporal conv on and temporal attention off (zero), frame k reaches frames
+    within the conv layers' window on both sides, and never a frame of another video."""
+    unet = tiny(temporal_conv=True, max_frames=16)
+    randomize_(unet, 5, include=lambda n: "temporal_conv" in n)
+    frames = 16
+    x, t, ctx = inputs(frames=frames, videos=2)
+    with torch.no_grad():
+        before = unet(x, t, ctx, num_frames=frames)
+        after = unet(_change_frame(x, 0), t, ctx, num_frames=frames)
+        after_last = unet(_change_frame(x, frames - 1), t, ctx, num_frames=frames)
+    assert not torch.allclose(before[1], after[1])  # frame 0 reaches its next frame
+    assert not torch.allclose(before[frames - 2], after_last[frames - 2])  # and the last its previous one
+    # tiny() has 8 ResBlocks in a row (2 down, 2 middle, 4 up): frame 0 reaches frame 8 at most
+    assert torch.equal(before[frames - 1], after[frames - 1])
+    assert torch.equal(before[frames:], after[frames:])
+
+
+def test_grown_adds_temporal_conv_without_changing_the_model():
+    unet = randomize_motion_(tiny())
+    grown = unet.grown(temporal_conv=True).eval()
+    assert grown.config.temporal_conv and not unet.config.temporal_conv
+    new = set(grown.state_dict()) - set(unet.state_dict())
+    assert new and all("temporal_conv" in k and is_motion_key(k) for k in new)
+    x, t, ctx = inputs(frames=4)
+    with torch.no_grad():
+        torch.testing.assert_close(grown(x, t, ctx, num_frames=4), unet(x, t, ctx, num_frames=4), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"cannot change \['model_channels'\]"):
+        unet.grown(model_channels=64)
+
+
 # ----------------------------------------------------------------------------- frame adaptors
 
 
