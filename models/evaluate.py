@@ -18,6 +18,7 @@ where it must recover all attributes of at least 98% of prompts.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
 import sys
@@ -386,6 +387,20 @@ def summarise(scored: list[dict]) -> dict:
             "size_jitter": _mean(o["size_jitter"] for o in objs),
             "flicker": _mean(s["flicker"] for s in items),
         }
+    out["all"]["mistakes"] = mistakes([o for s in scored for o in s["objects"]])
+    return out
+
+
+def mistakes(objects: list[dict], top: int = 8) -> dict:
+    """The commonest wrong answers per attribute, as {"expected -> found": count}: what a
+    model gets wrong (e.g. trajectories so jittery they read as "bounce"). A missing object
+    is found as "none"."""
+    out = {}
+    for a in ("colour", "shape", "motion"):
+        pairs = collections.Counter(
+            f"{o['expected'][a]} -> {o['found'][a] if o['found'] else 'none'}" for o in objects if not o[f"{a}_ok"]
+        )
+        out[a] = dict(pairs.most_common(top))
     return out
 
 
@@ -433,6 +448,9 @@ def format_table(results: dict) -> str:
     line("size jitter", "size_jitter", pct=False)
     line("flicker", "flicker", pct=False)
     rows.append(f"{'prompts':14s}" + "".join(f"{s[c]['prompts']:10d}" for c in cols))
+    for a, pairs in s["all"].get("mistakes", {}).items():
+        if pairs:
+            rows.append(f"{a + ' mistakes':14s}  " + ", ".join(f"{k} ({n})" for k, n in list(pairs.items())[:4]))
     return "\n".join(rows)
 
 

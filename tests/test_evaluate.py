@@ -133,6 +133,8 @@ def test_evaluate_generator_results_and_table():
 
     bad = ev.evaluate_generator(broken, prompts)["summary"]["all"]
     assert bad["all"] == 0.0 and bad["presence"] == 0.0
+    assert results["summary"]["all"]["mistakes"] == {"colour": {}, "shape": {}, "motion": {}}
+    assert bad["mistakes"]["colour"] and all(k.endswith("-> none") for k in bad["mistakes"]["colour"])
 
 
 def test_cli_ground_truth_and_strip(tmp_path, capsys):
