@@ -505,6 +505,26 @@ def render(spec: ClipSpec, frames: int = REFERENCE_FRAMES, size: int = REFERENCE
     return render_batch([spec], frames, size)[0]
 
 
+# Training aid (``unet.text_aux_weight``): each object's attributes as class indices, in the
+# order the caption names the objects, so a probe can read them back from the text encoder.
+ATTRIBUTE_CLASSES = {"colour": COLOURS, "shape": SHAPES, "motion": MOTIONS, "speed": SPEEDS}
+MAX_OBJECTS = 2
+IGNORE_LABEL = -100  # torch's cross-entropy ignore_index: an absent object, a still object's speed
+
+
+def attribute_labels(spec: ClipSpec) -> list[int]:
+    """[MAX_OBJECTS * 4] ints: colour, shape, motion, speed index of object 1, then object 2."""
+    if len(spec.objects) > MAX_OBJECTS:
+        raise ValueError(f"a clip has {len(spec.objects)} objects; labels cover at most {MAX_OBJECTS}")
+    out = []
+    for i in range(MAX_OBJECTS):
+        obj = spec.objects[i] if i < len(spec.objects) else None
+        for name, classes in ATTRIBUTE_CLASSES.items():
+            value = getattr(obj, name) if obj is not None else None
+            out.append(classes.index(value) if value is not None else IGNORE_LABEL)
+    return out
+
+
 def batch(
     seed_or_rng: int | np.random.Generator,
     batch_size: int,

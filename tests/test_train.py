@@ -3,6 +3,7 @@
 import argparse
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -154,6 +155,60 @@ def test_grow_adds_temporal_conv_to_an_init_model(config_file, tmp_path):
     with pytest.raises(SystemExit, match="unet.grow adds layers to an --init MagicVideo model"):
         train.main(["--config", str(config_file), "--stage", "unet", "--run-dir", str(tmp_path / "c"), "--threads", "1",
                     "--set", 'unet.grow={"temporal_conv": true}'])
+
+
+def test_attribute_labels_follow_the_caption_order():
+    from magicvideo.models import world
+
+    spec = world.sample_spec(np.random.default_rng(5), "train")
+    while len(spec.objects) != 2:
+        spec = world.sample_spec(np.random.default_rng(len(spec.objects) + 11), "train")
+    labels = world.attribute_labels(spec)
+    assert len(labels) == 8
+    for i, obj in enumerate(spec.objects):
+        colour, shape, motion, speed = labels[4 * i: 4 * i + 4]
+        assert world.COLOURS[colour] == obj.colour and world.SHAPES[shape] == obj.shape
+        assert world.MOTIONS[motion] == obj.motion
+        assert speed == world.IGNORE_LABEL if obj.speed is None else world.SPEEDS[speed] == obj.speed
+    one = world.ClipSpec(objects=spec.objects[:1])
+    assert world.attribute_labels(one)[4:] == [world.IGNORE_LABEL] * 4
+
+
+def test_text_attribute_probe_reads_only_what_the_conditioning_holds():
+    """The probe's loss falls when the conditioning carries the labels and stays at chance
+    when it does not; absent labels are ignored (no NaN)."""
+    torch.manual_seed(0)
+    probe = train.TextAttributeProbe(16)
+    labels = torch.stack([torch.randint(0, n, (256,)) for n in probe.sizes], 1)
+    labels[:128, 4:] = -100  # one-object clips
+    informative = torch.zeros(256, 3, 16)
+    informative[:, 0, :8] = torch.nn.functional.one_hot(labels[:, 2], 13)[:, :8].float() * 3  # motion, partly
+    informative[:, 0, 8:] = torch.nn.functional.one_hot(labels[:, 0], 9)[:, :8].float() * 3  # colour, partly
+    opt = torch.optim.Adam(probe.parameters(), 1e-2)
+    for _ in range(150):
+        loss = probe.loss(informative, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        motion = probe.net(informative.mean(1)).split(probe.sizes, -1)[2].argmax(-1)
+        assert (motion == labels[:, 2]).float().mean() > 0.55  # 8 of 13 motions one-hot, 1/13 chance
+        assert torch.isfinite(probe.loss(informative, torch.full_like(labels, -100)))
+
+
+def test_text_aux_weight_trains_the_probe_on_world_clips_only(config_file, tmp_path):
+    run = tmp_path / "aux"
+    train.main(["--config", str(config_file), "--stage", "all", "--run-dir", str(run), "--threads", "1",
+                "--set", "unet.text_aux_weight=0.5"])
+    rows = [json.loads(line) for line in (run / "unet.log").read_text().splitlines()]
+    assert all(r["text_aux"] > 0 for r in rows)
+    assert "probe" in torch.load(run / "unet_state.pt", weights_only=True)
+    assert not any("probe" in k for k in checkpoint.load_model(run / "model.safetensors").unet.state_dict())
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    with pytest.raises(SystemExit, match="text_aux_weight needs the world's clips"):
+        train.main(["--config", str(config_file), "--stage", "unet", "--run-dir", str(run), "--threads", "1",
+                    "--data-dir", str(clips), "--set", "unet.text_aux_weight=0.5"])
 
 
 def test_first_frame_prob_trains_image_to_video_and_the_file_says_so(config_file, tmp_path):
