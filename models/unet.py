@@ -16,6 +16,12 @@ the image model exactly:
   temporal conv, kept 1D), zero-initialised output. Attention at one spatial position
   weighs frames by content; the conv gives every layer a fixed local window in time, the
   prior that keeps an object in place from one frame to the next. Keys contain ``temporal``.
+- Optional ``DirectedSpatioTemporalAttention`` (``spatiotemporal_resolutions``, at coarse
+  levels): attention over every position of every frame q <= p, with frame and 2D
+  position encodings. Temporal attention at one position can carry content forward in
+  time but not move it sideways; this branch lets frame p take frame q's content from
+  another place, which is what "moving left" asks for. Zero-initialised output, keys
+  ``spatiotemporal_attn`` (so ``temporal`` too).
 - fps conditioning ``Linear(SiLU(Linear(sinusoid(fps))))`` added to the timestep embedding,
   last Linear zero-initialised. Keys contain ``fps_embed``.
 
@@ -69,6 +75,7 @@ class UNetConfig:
     temporal_bidirectional: bool = False  # ablation: every frame sees every frame
     temporal_position: bool = True  # sinusoidal frame-index encoding on temporal queries/keys
     temporal_conv: bool = False  # a residual kernel-3 conv over frames after every ResBlock
+    spatiotemporal_resolutions: tuple[int, ...] = ()  # downsampling factors with spatio-temporal attention
     fps_embed: bool = True
     default_fps: float = 8.0  # used when forward() gets fps=None
     cond_channels: int = 0  # e.g. 5 = reference latents (4) + mask (1)
@@ -79,6 +86,10 @@ class UNetConfig:
     def __post_init__(self):
         self.channel_mult = tuple(int(m) for m in self.channel_mult)
         self.attention_resolutions = tuple(sorted({int(r) for r in self.attention_resolutions}, reverse=True))
+        self.spatiotemporal_resolutions = tuple(sorted({int(r) for r in self.spatiotemporal_resolutions}, reverse=True))
+        if set(self.spatiotemporal_resolutions) - set(self.attention_resolutions) - {2 ** (len(self.channel_mult) - 1)}:
+            raise ValueError(f"spatiotemporal_resolutions {list(self.spatiotemporal_resolutions)} must be levels with a "
+                             f"transformer: attention_resolutions {list(self.attention_resolutions)} or the middle block")
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
         if self.max_frames < 1:
@@ -96,6 +107,7 @@ class UNetConfig:
         d = asdict(self)
         d["channel_mult"] = list(self.channel_mult)
         d["attention_resolutions"] = list(self.attention_resolutions)
+        d["spatiotemporal_resolutions"] = list(self.spatiotemporal_resolutions)
         return d
 
     @classmethod
@@ -347,6 +359,34 @@ class DirectedTemporalAttention(nn.Module):
         return rearrange(out, "(b s) f c -> (b f) s c", s=x.shape[1])
 
 
+class DirectedSpatioTemporalAttention(DirectedTemporalAttention):
+    """Attention over all positions of frames q <= p (block-causal over frames).
+
+    Same parameters and zero-initialised output as ``DirectedTemporalAttention``; the query
+    and key inputs get the frame encoding plus a 2D position encoding (row sinusoid in half
+    the channels, column sinusoid in the other half), so a frame can look up where an object
+    was in earlier frames. Cost grows with (frames x height x width)^2: meant for coarse
+    levels (4x4, 2x2 latents of the default).
+    """
+
+    def forward(self, x: torch.Tensor, num_frames: int, size: tuple[int, int]) -> torch.Tensor:
+        height, width = size
+        f, c = num_frames, x.shape[-1]
+        n = rearrange(self.norm(x), "(b f) s c -> b (f s) c", f=f)
+        rows = torch.arange(height, device=x.device).repeat_interleave(width)
+        cols = torch.arange(width, device=x.device).repeat(height)
+        where = torch.cat([sinusoidal_embedding(rows, c // 2), sinusoidal_embedding(cols, c - c // 2)], dim=-1)
+        when = sinusoidal_embedding(torch.arange(f, device=x.device), c)
+        pos = (when[:, None, :] + where[None]).reshape(f * height * width, c)
+        qk_in = n + pos.to(n.dtype) if self.position else n
+        frame = torch.arange(f, device=x.device).repeat_interleave(height * width)
+        mask = None if self.bidirectional else frame[:, None] >= frame[None, :]
+        q, k, v = (rearrange(t, "n l (h d) -> n h l d", h=self.heads)
+                   for t in (self.to_q(qk_in), self.to_k(qk_in), self.to_v(n)))
+        out = rearrange(F.scaled_dot_product_attention(q, k, v, attn_mask=mask), "n h l d -> n l (h d)")
+        return rearrange(self.to_out(out), "b (f s) c -> (b f) s c", f=f)
+
+
 class GEGLU(nn.Module):
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
@@ -369,20 +409,26 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     """LDM's BasicTransformerBlock with a directed temporal branch beside self-attention."""
 
-    def __init__(self, dim: int, heads: int, cfg: UNetConfig):
+    def __init__(self, dim: int, heads: int, cfg: UNetConfig, spatiotemporal: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn1 = CrossAttention(dim, heads)
         self.temporal_attn = DirectedTemporalAttention(
             dim, heads, bidirectional=cfg.temporal_bidirectional, position=cfg.temporal_position
         )
+        self.spatiotemporal_attn = None
+        if spatiotemporal:
+            self.spatiotemporal_attn = DirectedSpatioTemporalAttention(
+                dim, heads, bidirectional=cfg.temporal_bidirectional, position=cfg.temporal_position
+            )
         self.norm2 = nn.LayerNorm(dim)
         self.attn2 = CrossAttention(dim, heads, context_dim=cfg.context_dim)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, num_frames: int) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x)) + self.temporal_attn(x, num_frames)  # z + S-Attn(z) + T-Attn(z)
+    def forward(self, x: torch.Tensor, context: torch.Tensor, num_frames: int, size: tuple[int, int]) -> torch.Tensor:
+        h = x + self.attn1(self.norm1(x)) + self.temporal_attn(x, num_frames)  # z + S-Attn(z) + T-Attn(z)
+        x = h if self.spatiotemporal_attn is None else h + self.spatiotemporal_attn(x, num_frames, size)
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -390,12 +436,12 @@ class TransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """LDM's SpatialTransformer (1x1 conv proj_in/proj_out, as SD1.x; both frame-adapted)."""
 
-    def __init__(self, channels: int, cfg: UNetConfig):
+    def __init__(self, channels: int, cfg: UNetConfig, spatiotemporal: bool = False):
         super().__init__()
         self.norm = nn.GroupNorm(cfg.norm_groups, channels, eps=1e-6)
         self.proj_in = FramewiseConv2d(channels, channels, 1, max_frames=cfg.max_frames)
         self.transformer_blocks = nn.ModuleList(
-            TransformerBlock(channels, cfg.num_heads, cfg) for _ in range(cfg.transformer_depth)
+            TransformerBlock(channels, cfg.num_heads, cfg, spatiotemporal) for _ in range(cfg.transformer_depth)
         )
         self.proj_out = FramewiseConv2d(channels, channels, 1, max_frames=cfg.max_frames)
 
@@ -405,7 +451,7 @@ class SpatialTransformer(nn.Module):
         height, width = h.shape[-2:]
         h = rearrange(h, "n c h w -> n (h w) c")
         for block in self.transformer_blocks:
-            h = block(h, inputs.context, f)
+            h = block(h, inputs.context, f, (height, width))
         h = rearrange(h, "n (h w) c -> n c h w", h=height, w=width)
         return self.proj_out(h, f) + x
 
@@ -450,7 +496,7 @@ class VideoUNet(nn.Module):
                 layers = [res(ch, mc * mult)]
                 ch = mc * mult
                 if ds in cfg.attention_resolutions:
-                    layers.append(SpatialTransformer(ch, cfg))
+                    layers.append(SpatialTransformer(ch, cfg, ds in cfg.spatiotemporal_resolutions))
                 self.input_blocks.append(UNetBlock(layers))
                 skip_channels.append(ch)
             if level != len(cfg.channel_mult) - 1:
@@ -458,7 +504,8 @@ class VideoUNet(nn.Module):
                 skip_channels.append(ch)
                 ds *= 2
 
-        self.middle_block = UNetBlock([res(ch, ch), SpatialTransformer(ch, cfg), res(ch, ch)])
+        self.middle_block = UNetBlock([res(ch, ch), SpatialTransformer(ch, cfg, ds in cfg.spatiotemporal_resolutions),
+                                       res(ch, ch)])
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
@@ -466,7 +513,7 @@ class VideoUNet(nn.Module):
                 layers = [res(ch + skip_channels.pop(), mc * mult)]
                 ch = mc * mult
                 if ds in cfg.attention_resolutions:
-                    layers.append(SpatialTransformer(ch, cfg))
+                    layers.append(SpatialTransformer(ch, cfg, ds in cfg.spatiotemporal_resolutions))
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch, cfg))
                     ds //= 2
@@ -522,7 +569,7 @@ class VideoUNet(nn.Module):
         of this model is kept, the new ones start as identity, so training goes on from
         exactly this model.
         """
-        allowed = {"temporal_conv"}
+        allowed = {"temporal_conv", "spatiotemporal_resolutions"}
         bad = sorted(set(changes) - allowed)
         if bad:
             raise ValueError(f"grown() can add {sorted(allowed)}; cannot change {bad} of a trained model")

@@ -223,6 +223,37 @@ def test_grown_adds_temporal_conv_without_changing_the_model():
         unet.grown(model_channels=64)
 
 
+def test_spatiotemporal_attention_is_block_causal_and_reaches_later_frames():
+    """Only the spatio-temporal branch on (temporal attention stays zero): frame 0 reaches
+    every later frame through it, and no frame sees a later one."""
+    unet = tiny(spatiotemporal_resolutions=(2,))
+    assert unet.input_blocks[3][1].transformer_blocks[0].spatiotemporal_attn is not None
+    assert unet.input_blocks[1][1].transformer_blocks[0].spatiotemporal_attn is None  # level 1: not asked for
+    randomize_(unet, 9, include=lambda n: "spatiotemporal_attn" in n)
+    frames = 4
+    x, t, ctx = inputs(frames=frames, videos=2)
+    with torch.no_grad():
+        before = unet(x, t, ctx, num_frames=frames)
+        first = unet(_change_frame(x, 0), t, ctx, num_frames=frames)
+        third = unet(_change_frame(x, 2), t, ctx, num_frames=frames)
+    for i in range(1, frames):
+        assert not torch.allclose(before[i], first[i]), f"frame {i} did not see frame 0"
+    assert torch.equal(before[:2], third[:2]) and not torch.allclose(before[3], third[3])
+    assert torch.equal(before[frames:], first[frames:])  # the other video
+
+
+def test_grown_adds_spatiotemporal_attention_without_changing_the_model():
+    unet = randomize_motion_(tiny())
+    grown = unet.grown(spatiotemporal_resolutions=[2, 1]).eval()
+    assert grown.config.spatiotemporal_resolutions == (2, 1)
+    assert UNetConfig.from_dict(json.loads(json.dumps(grown.config.to_dict()))) == grown.config
+    x, t, ctx = inputs(frames=4)
+    with torch.no_grad():
+        torch.testing.assert_close(grown(x, t, ctx, num_frames=4), unet(x, t, ctx, num_frames=4), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="spatiotemporal_resolutions \\[8\\] must be levels with a transformer"):
+        UNetConfig(**TINY, spatiotemporal_resolutions=(8,))
+
+
 # ----------------------------------------------------------------------------- frame adaptors
 
 
