@@ -249,7 +249,9 @@ def trajectory(obj: ObjectSpec, frames: int) -> tuple[np.ndarray, np.ndarray, np
     return x, y, r, a
 
 
-def _place(rng: np.random.Generator, colour: str, shape: str, motion: str) -> ObjectSpec:
+def place_object(rng: np.random.Generator, colour: str, shape: str, motion: str) -> ObjectSpec:
+    """One object of the given colour, shape and motion at a random speed, size and start
+    position that keep its whole path inside the frame."""
     speed = None if motion == "still" else SPEEDS[rng.integers(len(SPEEDS))]
     r = float(rng.uniform(*_radius_range(motion)))
     r_max = r * SCALE_FACTOR[speed] if motion == "grow" else r
@@ -297,13 +299,13 @@ def sample_spec(
     (both objects of a two-object clip); "all" uses everything."""
     triples = _triples(split)
     first = triples[rng.integers(len(triples))]
-    objects = [_place(rng, *first)]
+    objects = [place_object(rng, *first)]
     if rng.random() < two_object_prob:
         others = [t for t in triples if t[0] != first[0]]  # distinct colours tell them apart
         for attempt in range(60):
             if attempt % 10 == 0:
                 second = others[rng.integers(len(others))]
-            cand = _place(rng, *second)
+            cand = place_object(rng, *second)
             if _apart(objects[0], cand):
                 objects.append(cand)
                 break

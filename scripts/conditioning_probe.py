@@ -6,9 +6,12 @@
    on the model's frozen text encoder and reports, on 2,000 fresh world captions, how often
    it reads each object's colour, shape, motion and speed back from the conditioning.
    Chance is 1/9 colour, 1/3 shape, 1/13 motion, 1/2 speed.
-2. UNet: one prompt, the same seeds, four direction words; prints the motion the evaluator
-   finds and the object's net displacement (dx, dy as fractions of the side; y points
-   down). A model that ignores the direction word draws the same path for all four.
+2. UNet, one step: a world clip of a red circle moving left, VAE-encoded and noised to
+   t; how much the UNet's x0 prediction changes (mean square) when the caption's direction
+   word changes (left -> right) against when its colour word does (red -> blue).
+3. UNet, sampling: one prompt, the same seeds, four direction words; prints the motion the
+   evaluator finds and the object's net displacement (dx, dy as fractions of the side; y
+   points down). A model that ignores the direction word draws the same path for all four.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 
 from magicvideo.models import checkpoint, world
 from magicvideo.models import evaluate as ev
+from magicvideo.models.sampling import predict_x0, training_schedule, video_noise
 from magicvideo.models.train import TextAttributeProbe
 
 DIRECTIONS = ("left", "right", "up", "down")
@@ -57,6 +61,35 @@ def text_probe(path: str, steps: int = 1500, seed: int = 0) -> dict[str, float]:
     return out
 
 
+def word_sensitivity(path: str, timesteps=(300, 600, 900), clips: int = 6, seed: int = 0) -> dict[int, tuple[float, float]]:
+    """t -> (x0 change for left -> right, x0 change for red -> blue), mean square."""
+    torch.manual_seed(seed)
+    bundle = checkpoint.load_model(path)
+    unet, text, vae = bundle.unet.eval(), bundle.text_encoder.eval(), bundle.vae.eval()
+    alphas = training_schedule()
+    rng = np.random.default_rng(seed)
+    with torch.no_grad():
+        context, _ = text.encode(["a red circle moving left quickly", "a red circle moving right quickly",
+                                  "a blue circle moving left quickly"])
+        latents = []
+        for _ in range(clips):
+            spec = world.ClipSpec(objects=(world.place_object(rng, "red", "circle", "left"),))
+            pixels = world.render(spec).permute(0, 3, 1, 2).float() * 2 - 1
+            latents.append(vae.encode(pixels, chunk_size=None))
+        out = {}
+        for t in timesteps:
+            direction, colour = [], []
+            for z in latents:
+                a = alphas[t]
+                zt = a.sqrt() * z + (1 - a).sqrt() * video_noise(z.shape, len(z), unet.config.noise_sharing)
+                x0 = [predict_x0(unet(zt, torch.full((len(z),), t), context[i:i + 1], len(z)), zt, a,
+                                 unet.config.prediction_type) for i in range(3)]
+                direction.append((x0[0] - x0[1]).pow(2).mean().item())
+                colour.append((x0[0] - x0[2]).pow(2).mean().item())
+            out[t] = (float(np.mean(direction)), float(np.mean(colour)))
+    return out
+
+
 def direction_paths(path: str, seeds=(1, 2, 3)) -> list[str]:
     generate = ev.model_generate_fn(path)
     rows = []
@@ -89,6 +122,9 @@ def main(argv=None) -> int:
         for name, acc in text_probe(args.model).items():
             print(f"  {name:18s} {100 * acc:5.1f}%")
     if not args.skip_unet:
+        print("x0 change (mean square) when the caption's direction word / colour word changes:")
+        for t, (d, c) in word_sensitivity(args.model).items():
+            print(f"  t={t:4d}  left->right {d:.5f}  red->blue {c:.5f}  ratio 1:{c / max(d, 1e-12):.0f}")
         print("same seed, four direction words (evaluator's motion, net dx, dy):")
         for row in direction_paths(args.model):
             print("  " + row)
