@@ -192,17 +192,20 @@ def test_bidirectional_option_breaks_causality():
         assert not torch.allclose(before[i], after[i]), f"frame {i} did not see the last frame"
 
 
+def _with_frame_changed(unet: VideoUNet, frames: int, *changed: int):
+    """Outputs for two videos as they are, then with frame k of video 0 changed, per k."""
+    x, t, ctx = inputs(frames=frames, videos=2)
+    with torch.no_grad():
+        return [unet(x, t, ctx, num_frames=frames)] + [unet(_change_frame(x, k), t, ctx, num_frames=frames) for k in changed]
+
+
 def test_temporal_conv_sees_only_neighbouring_frames_and_both_ways():
     """With the temporal conv on and temporal attention off (zero), frame k reaches frames
     within the conv layers' window on both sides, and never a frame of another video."""
     unet = tiny(temporal_conv=True, max_frames=16)
     randomize_(unet, 5, include=lambda n: "temporal_conv" in n)
     frames = 16
-    x, t, ctx = inputs(frames=frames, videos=2)
-    with torch.no_grad():
-        before = unet(x, t, ctx, num_frames=frames)
-        after = unet(_change_frame(x, 0), t, ctx, num_frames=frames)
-        after_last = unet(_change_frame(x, frames - 1), t, ctx, num_frames=frames)
+    before, after, after_last = _with_frame_changed(unet, frames, 0, frames - 1)
     assert not torch.allclose(before[1], after[1])  # frame 0 reaches its next frame
     assert not torch.allclose(before[frames - 2], after_last[frames - 2])  # and the last its previous one
     # tiny() has 8 ResBlocks in a row (2 down, 2 middle, 4 up): frame 0 reaches frame 8 at most
@@ -210,12 +213,14 @@ def test_temporal_conv_sees_only_neighbouring_frames_and_both_ways():
     assert torch.equal(before[frames:], after[frames:])
 
 
-def test_grown_adds_temporal_conv_without_changing_the_model():
+@pytest.mark.parametrize("change, key", [({"temporal_conv": True}, "temporal_conv"),
+                                         ({"spatiotemporal_resolutions": [2, 1]}, "spatiotemporal_attn")])
+def test_grown_adds_layers_without_changing_the_model(change, key):
     unet = randomize_motion_(tiny())
-    grown = unet.grown(temporal_conv=True).eval()
-    assert grown.config.temporal_conv and not unet.config.temporal_conv
+    grown = unet.grown(**change).eval()
+    assert UNetConfig.from_dict(json.loads(json.dumps(grown.config.to_dict()))) == grown.config != unet.config
     new = set(grown.state_dict()) - set(unet.state_dict())
-    assert new and all("temporal_conv" in k and is_motion_key(k) for k in new)
+    assert new and all(key in k and is_motion_key(k) for k in new)
     x, t, ctx = inputs(frames=4)
     with torch.no_grad():
         torch.testing.assert_close(grown(x, t, ctx, num_frames=4), unet(x, t, ctx, num_frames=4), rtol=0, atol=0)
@@ -231,25 +236,14 @@ def test_spatiotemporal_attention_is_block_causal_and_reaches_later_frames():
     assert unet.input_blocks[1][1].transformer_blocks[0].spatiotemporal_attn is None  # level 1: not asked for
     randomize_(unet, 9, include=lambda n: "spatiotemporal_attn" in n)
     frames = 4
-    x, t, ctx = inputs(frames=frames, videos=2)
-    with torch.no_grad():
-        before = unet(x, t, ctx, num_frames=frames)
-        first = unet(_change_frame(x, 0), t, ctx, num_frames=frames)
-        third = unet(_change_frame(x, 2), t, ctx, num_frames=frames)
+    before, first, third = _with_frame_changed(unet, frames, 0, 2)
     for i in range(1, frames):
         assert not torch.allclose(before[i], first[i]), f"frame {i} did not see frame 0"
     assert torch.equal(before[:2], third[:2]) and not torch.allclose(before[3], third[3])
     assert torch.equal(before[frames:], first[frames:])  # the other video
 
 
-def test_grown_adds_spatiotemporal_attention_without_changing_the_model():
-    unet = randomize_motion_(tiny())
-    grown = unet.grown(spatiotemporal_resolutions=[2, 1]).eval()
-    assert grown.config.spatiotemporal_resolutions == (2, 1)
-    assert UNetConfig.from_dict(json.loads(json.dumps(grown.config.to_dict()))) == grown.config
-    x, t, ctx = inputs(frames=4)
-    with torch.no_grad():
-        torch.testing.assert_close(grown(x, t, ctx, num_frames=4), unet(x, t, ctx, num_frames=4), rtol=0, atol=0)
+def test_spatiotemporal_levels_must_have_a_transformer():
     with pytest.raises(ValueError, match="spatiotemporal_resolutions \\[8\\] must be levels with a transformer"):
         UNetConfig(**TINY, spatiotemporal_resolutions=(8,))
 
