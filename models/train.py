@@ -346,9 +346,13 @@ class TextAttributeProbe(torch.nn.Module):
         self.net = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.GELU(),
                                        torch.nn.Linear(width, sum(self.sizes)))
 
+    def logits(self, context: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """context [B, seq, width] -> one [B, classes] per label (object 1's four, then object 2's)."""
+        return self.net(context.mean(1)).split(self.sizes, dim=-1)
+
     def loss(self, context: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """context [B, seq, width], labels [B, len(sizes)] (IGNORE_LABEL where none)."""
-        logits = self.net(context.mean(1)).split(self.sizes, dim=-1)
+        logits = self.logits(context)
         losses = [F.cross_entropy(lg, labels[:, i], ignore_index=world.IGNORE_LABEL)
                   for i, lg in enumerate(logits) if (labels[:, i] != world.IGNORE_LABEL).any()]
         return torch.stack(losses).mean() if losses else context.sum() * 0

@@ -293,10 +293,12 @@ class Upsample(nn.Module):
         return self.conv(x, inputs.num_frames)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, causal: bool = False) -> torch.Tensor:
-    """[n, lq, (h d)] x [n, lk, (h d)] -> [n, lq, (h d)] with torch's fused SDPA kernels."""
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, causal: bool = False,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
+    """[n, lq, (h d)] x [n, lk, (h d)] -> [n, lq, (h d)] with torch's fused SDPA kernels;
+    ``mask`` [lq, lk], True where a query may attend."""
     q, k, v = (rearrange(t, "n l (h d) -> n h l d", h=heads) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
     return rearrange(out, "n h l d -> n l (h d)")
 
 
@@ -381,9 +383,7 @@ class DirectedSpatioTemporalAttention(DirectedTemporalAttention):
         qk_in = n + pos.to(n.dtype) if self.position else n
         frame = torch.arange(f, device=x.device).repeat_interleave(height * width)
         mask = None if self.bidirectional else frame[:, None] >= frame[None, :]
-        q, k, v = (rearrange(t, "n l (h d) -> n h l d", h=self.heads)
-                   for t in (self.to_q(qk_in), self.to_k(qk_in), self.to_v(n)))
-        out = rearrange(F.scaled_dot_product_attention(q, k, v, attn_mask=mask), "n h l d -> n l (h d)")
+        out = attention(self.to_q(qk_in), self.to_k(qk_in), self.to_v(n), self.heads, mask=mask)
         return rearrange(self.to_out(out), "b (f s) c -> (b f) s c", f=f)
 
 

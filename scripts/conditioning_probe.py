@@ -52,7 +52,7 @@ def text_probe(path: str, steps: int = 1500, seed: int = 0) -> dict[str, float]:
         opt.step()
     context, labels = data(2000)
     with torch.no_grad():
-        logits = probe.net(context.mean(1)).split(probe.sizes, dim=-1)
+        logits = probe.logits(context)
     names = [f"object {i + 1} {a}" for i in range(world.MAX_OBJECTS) for a in world.ATTRIBUTE_CLASSES]
     out = {}
     for i, (name, lg) in enumerate(zip(names, logits)):
