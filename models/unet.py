@@ -76,6 +76,7 @@ class UNetConfig:
     temporal_position: bool = True  # sinusoidal frame-index encoding on temporal queries/keys
     temporal_conv: bool = False  # a residual kernel-3 conv over frames after every ResBlock
     spatiotemporal_resolutions: tuple[int, ...] = ()  # downsampling factors with spatio-temporal attention
+    motion_steering: bool = False  # the caption tilts where each spatio-temporal head looks back
     fps_embed: bool = True
     default_fps: float = 8.0  # used when forward() gets fps=None
     cond_channels: int = 0  # e.g. 5 = reference latents (4) + mask (1)
@@ -90,6 +91,8 @@ class UNetConfig:
         if set(self.spatiotemporal_resolutions) - set(self.attention_resolutions) - {2 ** (len(self.channel_mult) - 1)}:
             raise ValueError(f"spatiotemporal_resolutions {list(self.spatiotemporal_resolutions)} must be levels with a "
                              f"transformer: attention_resolutions {list(self.attention_resolutions)} or the middle block")
+        if self.motion_steering and not self.spatiotemporal_resolutions:
+            raise ValueError("motion_steering steers the spatio-temporal attention: set spatiotemporal_resolutions too")
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
         if self.max_frames < 1:
@@ -296,7 +299,8 @@ class Upsample(nn.Module):
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, causal: bool = False,
               mask: torch.Tensor | None = None) -> torch.Tensor:
     """[n, lq, (h d)] x [n, lk, (h d)] -> [n, lq, (h d)] with torch's fused SDPA kernels;
-    ``mask`` [lq, lk], True where a query may attend."""
+    ``mask`` [lq, lk] bool, True where a query may attend, or an additive float bias
+    broadcastable to [n, h, lq, lk] (-inf where it may not)."""
     q, k, v = (rearrange(t, "n l (h d) -> n h l d", h=heads) for t in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
     return rearrange(out, "n h l d -> n l (h d)")
@@ -369,9 +373,37 @@ class DirectedSpatioTemporalAttention(DirectedTemporalAttention):
     the channels, column sinusoid in the other half), so a frame can look up where an object
     was in earlier frames. Cost grows with (frames x height x width)^2: meant for coarse
     levels (4x4, 2x2 latents of the default).
+
+    With ``steering`` (``UNetConfig.motion_steering``) the caption says where to look. A
+    zero-initialised Linear reads a 2D vector ``u`` per head from the mean of the text
+    conditioning, and the logit of a query at frame p, position x for a key at frame q,
+    position y gets ``(p - q) * ((x - y) . u)`` (positions in latent cells of this level).
+    Multiplying a local attention pattern by that exponential tilt shifts its peak along
+    ``u`` in proportion to how far back the key frame is, which is what following an object
+    moving with velocity ``u`` needs; content-only attention would have to learn the shift
+    from sinusoids it cannot rotate. At ``u = 0`` the bias is exactly zero, so steering can
+    be grown onto a trained branch without changing it.
     """
 
-    def forward(self, x: torch.Tensor, num_frames: int, size: tuple[int, int]) -> torch.Tensor:
+    def __init__(self, dim: int, heads: int, *, bidirectional: bool = False, position: bool = True,
+                 steering_dim: int | None = None):
+        super().__init__(dim, heads, bidirectional=bidirectional, position=position)
+        self.steer = nn.Linear(steering_dim, heads * 2) if steering_dim else None
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        super().reset_parameters()
+        if getattr(self, "steer", None) is not None:
+            nn.init.zeros_(self.steer.weight)
+            nn.init.zeros_(self.steer.bias)
+
+    def velocity(self, context: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """[(b f), seq, dim] text conditioning -> [b, heads, 2] (rows, cols per frame)."""
+        pooled = rearrange(context, "(b f) s c -> b (f s) c", f=num_frames).mean(dim=1)
+        return rearrange(self.steer(pooled), "b (h two) -> b h two", two=2)
+
+    def forward(self, x: torch.Tensor, num_frames: int, size: tuple[int, int],
+                context: torch.Tensor | None = None) -> torch.Tensor:
         height, width = size
         f, c = num_frames, x.shape[-1]
         n = rearrange(self.norm(x), "(b f) s c -> b (f s) c", f=f)
@@ -383,6 +415,17 @@ class DirectedSpatioTemporalAttention(DirectedTemporalAttention):
         qk_in = n + pos.to(n.dtype) if self.position else n
         frame = torch.arange(f, device=x.device).repeat_interleave(height * width)
         mask = None if self.bidirectional else frame[:, None] >= frame[None, :]
+        if self.steer is not None:
+            if context is None:
+                raise ValueError("motion steering needs the text conditioning (context)")
+            u = self.velocity(context.to(n.dtype), f)  # [b, h, 2]
+            cell = torch.stack([rows, cols], dim=-1).repeat(f, 1).to(n.dtype)  # [(f s), 2]
+            offset = cell[:, None, :] - cell[None, :, :]  # x - y, [lq, lk, 2]
+            lag = (frame[:, None] - frame[None, :]).to(n.dtype)  # p - q
+            bias = lag[None, None] * torch.einsum("qkt,bht->bhqk", offset, u)
+            if mask is not None:
+                bias = bias.masked_fill(~mask, float("-inf"))
+            mask = bias
         out = attention(self.to_q(qk_in), self.to_k(qk_in), self.to_v(n), self.heads, mask=mask)
         return rearrange(self.to_out(out), "b (f s) c -> (b f) s c", f=f)
 
@@ -419,7 +462,8 @@ class TransformerBlock(nn.Module):
         self.spatiotemporal_attn = None
         if spatiotemporal:
             self.spatiotemporal_attn = DirectedSpatioTemporalAttention(
-                dim, heads, bidirectional=cfg.temporal_bidirectional, position=cfg.temporal_position
+                dim, heads, bidirectional=cfg.temporal_bidirectional, position=cfg.temporal_position,
+                steering_dim=cfg.context_dim if cfg.motion_steering else None,
             )
         self.norm2 = nn.LayerNorm(dim)
         self.attn2 = CrossAttention(dim, heads, context_dim=cfg.context_dim)
@@ -428,7 +472,7 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, num_frames: int, size: tuple[int, int]) -> torch.Tensor:
         h = x + self.attn1(self.norm1(x)) + self.temporal_attn(x, num_frames)  # z + S-Attn(z) + T-Attn(z)
-        x = h if self.spatiotemporal_attn is None else h + self.spatiotemporal_attn(x, num_frames, size)
+        x = h if self.spatiotemporal_attn is None else h + self.spatiotemporal_attn(x, num_frames, size, context)
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -569,7 +613,7 @@ class VideoUNet(nn.Module):
         of this model is kept, the new ones start as identity, so training goes on from
         exactly this model.
         """
-        allowed = {"temporal_conv", "spatiotemporal_resolutions"}
+        allowed = {"temporal_conv", "spatiotemporal_resolutions", "motion_steering"}
         bad = sorted(set(changes) - allowed)
         if bad:
             raise ValueError(f"grown() can add {sorted(allowed)}; cannot change {bad} of a trained model")

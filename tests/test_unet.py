@@ -243,6 +243,49 @@ def test_spatiotemporal_attention_is_block_causal_and_reaches_later_frames():
     assert torch.equal(before[frames:], first[frames:])  # the other video
 
 
+def test_motion_steering_grows_onto_a_trained_branch_without_changing_it():
+    unet = randomize_motion_(tiny(spatiotemporal_resolutions=(2,)))
+    grown = unet.grown(motion_steering=True).eval()
+    new = set(grown.state_dict()) - set(unet.state_dict())
+    assert new and all(".steer." in k and is_motion_key(k) for k in new)
+    x, t, ctx = inputs(frames=4)
+    with torch.no_grad():
+        torch.testing.assert_close(grown(x, t, ctx, num_frames=4), unet(x, t, ctx, num_frames=4), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="set spatiotemporal_resolutions too"):
+        tiny().grown(motion_steering=True)
+
+
+def test_motion_steering_makes_the_caption_say_which_way_a_frame_looks_back():
+    """Queries and keys that see nothing (zero projections) leave only the steering bias:
+    frame 1 then reads frame 0's cells on the side the caption's velocity points away from,
+    and a caption with the opposite velocity makes it read the other side."""
+    from models.unet import DirectedSpatioTemporalAttention
+
+    dim, heads, size, frames = 8, 2, (3, 3), 2
+    attn = DirectedSpatioTemporalAttention(dim, heads, steering_dim=4).eval()
+    with torch.no_grad():
+        attn.to_q.weight.zero_()
+        attn.to_k.weight.zero_()
+        attn.to_v.weight.copy_(torch.eye(dim))
+        attn.to_out.weight.copy_(torch.eye(dim))
+        attn.steer.weight.zero_()
+        attn.steer.weight[1::2, 0] = 10.0  # every head: column velocity = 10 x the caption's feature 0
+    # value = the key's column (after the LayerNorm: +-, so use its sign), frame 1 all zero
+    cols = torch.arange(3.0).repeat(3) - 1.0  # -1, 0, 1 per row
+    x = torch.zeros(frames, 9, dim)
+    x[0, :, 0], x[0, :, 1] = cols, -cols
+    right, left = torch.zeros(1, 1, 4), torch.zeros(1, 1, 4)
+    right[..., 0], left[..., 0] = 1.0, -1.0
+    with torch.no_grad():
+        towards_right = attn(x, frames, size, right.expand(frames, 1, 4))
+        towards_left = attn(x, frames, size, left.expand(frames, 1, 4))
+        unsteered = attn(x, frames, size, torch.zeros(frames, 1, 4))
+    centre = 4  # frame 1, middle cell: it reads frame 0's left column when things move right
+    assert towards_right[1, centre, 0] < -0.5 < 0.5 < towards_left[1, centre, 0]
+    assert abs(unsteered[1, centre, 0]) < 1e-5  # no velocity: every earlier cell alike
+    torch.testing.assert_close(towards_right[0], unsteered[0])  # frame 0 has no earlier frame to steer to
+
+
 def test_spatiotemporal_levels_must_have_a_transformer():
     with pytest.raises(ValueError, match="spatiotemporal_resolutions \\[8\\] must be levels with a transformer"):
         UNetConfig(**TINY, spatiotemporal_resolutions=(8,))
