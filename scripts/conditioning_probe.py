@@ -12,6 +12,9 @@
 3. UNet, sampling: one prompt, the same seeds, four direction words; prints the motion the
    evaluator finds and the object's net displacement (dx, dy as fractions of the side; y
    points down). A model that ignores the direction word draws the same path for all four.
+4. Steering (models with ``motion_steering``): the velocity each spatio-temporal head reads
+   from "a red circle moving <direction> quickly", in latent cells per frame (rows, cols),
+   per level. Heads that follow the caption turn their velocity with the direction word.
 """
 
 from __future__ import annotations
@@ -109,14 +112,34 @@ def direction_paths(path: str, seeds=(1, 2, 3)) -> list[str]:
     return rows
 
 
+def steering_velocities(path: str) -> list[str]:
+    """One line per steered transformer block: its heads' (rows, cols) velocity per direction."""
+    bundle = checkpoint.load_model(path)
+    unet, text = bundle.unet.eval(), bundle.text_encoder.eval()
+    with torch.no_grad():
+        context, _ = text.encode([f"a red circle moving {d} quickly" for d in DIRECTIONS])
+        rows = []
+        for name, module in unet.named_modules():
+            if getattr(module, "steer", None) is None:
+                continue
+            u = module.velocity(context, 1)  # [directions, heads, 2]
+            cells = "  ".join(f"{d}: " + " ".join(f"({r:+.2f},{c:+.2f})" for r, c in u[i].tolist())
+                              for i, d in enumerate(DIRECTIONS))
+            rows.append(f"{name.removesuffix('.spatiotemporal_attn')}  {cells}")
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="a MagicVideo file with a built-in text encoder")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-unet", action="store_true", help="only the text probe")
-    p.add_argument("--skip-text", action="store_true", help="only the direction paths")
+    p.add_argument("--skip-text", action="store_true", help="only the UNet parts (2-4)")
+    p.add_argument("--steering", action="store_true", help="only the steering velocities (4; seconds)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.steering:
+        args.skip_text = args.skip_unet = True
     if not args.skip_text:
         print("text probe (fraction read back from the conditioning):")
         for name, acc in text_probe(args.model).items():
@@ -128,6 +151,14 @@ def main(argv=None) -> int:
         print("same seed, four direction words (evaluator's motion, net dx, dy):")
         for row in direction_paths(args.model):
             print("  " + row)
+    if not args.skip_unet or args.steering:
+        steered = steering_velocities(args.model)
+        if steered:
+            print("steering velocity per head, latent cells per frame (rows, cols; rows point down):")
+            for row in steered:
+                print("  " + row)
+        elif args.steering:
+            raise SystemExit(f"{args.model}: no motion steering in this UNet")
     return 0
 
 

@@ -276,3 +276,19 @@ def test_conditioning_probe_script_reads_a_text_encoder(config_file, tmp_path):
     checkpoint.save_model(vae_only, vae=checkpoint.load_model(model).vae)
     with pytest.raises(SystemExit, match="no built-in text encoder"):
         probe.text_probe(str(vae_only), steps=1)
+
+    # part 4: one line per steered block; a velocity that turns with the direction word
+    with pytest.raises(SystemExit, match="no motion steering"):
+        probe.main([str(model), "--steering", "--threads", "1"])
+    bundle = checkpoint.load_model(model)
+    unet = bundle.unet.grown(spatiotemporal_resolutions=[2]).grown(motion_steering=True)
+    steered = [m for m in unet.modules() if getattr(m, "steer", None) is not None]
+    torch.manual_seed(0)
+    for m in steered:
+        torch.nn.init.normal_(m.steer.weight)
+    checkpoint.save_model(model, unet=unet, vae=bundle.vae, text_encoder=bundle.text_encoder)
+    rows = probe.steering_velocities(str(model))
+    assert len(rows) == len(steered) > 0
+    assert all(row.count("left: (") == 1 and row.count(")  right: (") == 1 for row in rows)
+    left, right = (rows[0].split(f"{a}: ")[1].split("  ")[0] for a in ("left", "right"))
+    assert left != right
