@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 
 import numpy as np
 import torch
@@ -105,8 +106,10 @@ def direction_paths(path: str, seeds=(1, 2, 3)) -> list[str]:
                 cells.append(f"{d}: none")
                 continue
             tr = found["_tracks"][0]
-            dx = np.nanmean(tr.x[-4:]) - np.nanmean(tr.x[:4])
-            dy = np.nanmean(tr.y[-4:]) - np.nanmean(tr.y[:4])
+            with np.errstate(all="ignore"), warnings.catch_warnings():  # nan when unseen at an end
+                warnings.simplefilter("ignore", RuntimeWarning)
+                dx = np.nanmean(tr.x[-4:]) - np.nanmean(tr.x[:4])
+                dy = np.nanmean(tr.y[-4:]) - np.nanmean(tr.y[:4])
             cells.append(f"{d}: {found['objects'][0]['motion']} ({dx:+.2f}, {dy:+.2f})")
         rows.append(f"seed {seed}  " + "  ".join(cells))
     return rows

@@ -47,6 +47,24 @@ $PY -m magicvideo.train --config configs/default.json --stage unet --run-dir "$R
 $PY -m magicvideo.train --config configs/default.json --stage unet --run-dir "$RUN" --threads 2 --resume \
     --set unet.steps=17000
 
-# 3. One file: EMA UNet + text encoder + the fine-tuned VAE, with this recipe in its metadata.
-$PY -m magicvideo.train --config configs/default.json --stage export --run-dir "$RUN" \
-    --out weights/magicvideo_default.safetensors
+# 3. One file: EMA UNet + text encoder + the fine-tuned VAE (the default until session 5).
+$PY -m magicvideo.train --config configs/default.json --stage export --run-dir "$RUN"
+
+# 4. Motion (docs/TRAINING.md, "Motion steering"): three fine-tunes on that file, each adding
+#    layers that start as identity, batch 8, lr 2e-4, the text probe loss on (weight 0.1).
+#    a. temporal convs; a 5000-step schedule stopped at 2250
+$PY -m magicvideo.train --config configs/default.json --stage unet --run-dir "$RUN-aux" --threads 2 \
+    --init "$RUN/model.safetensors" --set 'unet.grow={"temporal_conv": true}' --set unet.text_aux_weight=0.1 \
+    --set unet.batch_size=8 --set unet.lr=2e-4 --set unet.steps=5000 --stop-at 2250
+#    b. spatio-temporal attention at the 4x4 and 2x2 levels, 3500 steps
+$PY -m magicvideo.train --config configs/default.json --stage unet --run-dir "$RUN-st" --threads 2 \
+    --init "$RUN-aux/model.safetensors" --set 'unet.grow={"spatiotemporal_resolutions": [2, 4]}' \
+    --set unet.text_aux_weight=0.1 --set unet.batch_size=8 --set unet.lr=2e-4 --set unet.steps=3500
+#    c. motion steering: a 5000-step schedule stopped at 3750, then resumed on a 6500-step one
+#       (the learning rate steps up from 4.8e-5 to 9.2e-5 there)
+STEER=(--config configs/default.json --stage unet --run-dir "$RUN-steer" --threads 2
+       --init "$RUN-st/model.safetensors" --set 'unet.grow={"motion_steering": true}'
+       --set unet.text_aux_weight=0.1 --set unet.batch_size=8 --set unet.lr=2e-4)
+$PY -m magicvideo.train "${STEER[@]}" --set unet.steps=5000 --stop-at 3750
+$PY -m magicvideo.train "${STEER[@]}" --set unet.steps=6500 --resume
+cp "$RUN-steer/model.safetensors" weights/magicvideo_default.safetensors
