@@ -353,7 +353,8 @@ def main(argv=None) -> int:
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"\nwrote {out.relative_to(REPO) if out.resolve().is_relative_to(REPO) else out}", file=sys.stderr)
+        shown = out.resolve().relative_to(REPO) if out.resolve().is_relative_to(REPO) else out
+        print(f"\nwrote {shown}", file=sys.stderr)
     return 0
 
 
