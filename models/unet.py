@@ -387,13 +387,16 @@ class DirectedSpatioTemporalAttention(DirectedTemporalAttention):
 
     def __init__(self, dim: int, heads: int, *, bidirectional: bool = False, position: bool = True,
                  steering_dim: int | None = None):
-        super().__init__(dim, heads, bidirectional=bidirectional, position=position)
+        super().__init__(dim, heads, bidirectional=bidirectional, position=position)  # initialises the rest
         self.steer = nn.Linear(steering_dim, heads * 2) if steering_dim else None
-        self.reset_parameters()
+        self._reset_steer()
 
     def reset_parameters(self):
         super().reset_parameters()
-        if getattr(self, "steer", None) is not None:
+        self._reset_steer()
+
+    def _reset_steer(self):
+        if getattr(self, "steer", None) is not None:  # absent while super().__init__ runs
             nn.init.zeros_(self.steer.weight)
             nn.init.zeros_(self.steer.bias)
 

@@ -132,6 +132,16 @@ def steering_velocities(path: str) -> list[str]:
     return rows
 
 
+def print_steering(path: str, required: bool) -> None:
+    rows = steering_velocities(path)
+    if not rows and required:
+        raise SystemExit(f"{path}: no motion steering in this UNet")
+    if rows:
+        print("steering velocity per head, latent cells per frame (rows, cols; rows point down):")
+        for row in rows:
+            print("  " + row)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="a MagicVideo file with a built-in text encoder")
@@ -142,7 +152,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.steering:
-        args.skip_text = args.skip_unet = True
+        print_steering(args.model, required=True)
+        return 0
     if not args.skip_text:
         print("text probe (fraction read back from the conditioning):")
         for name, acc in text_probe(args.model).items():
@@ -154,14 +165,7 @@ def main(argv=None) -> int:
         print("same seed, four direction words (evaluator's motion, net dx, dy):")
         for row in direction_paths(args.model):
             print("  " + row)
-    if not args.skip_unet or args.steering:
-        steered = steering_velocities(args.model)
-        if steered:
-            print("steering velocity per head, latent cells per frame (rows, cols; rows point down):")
-            for row in steered:
-                print("  " + row)
-        elif args.steering:
-            raise SystemExit(f"{args.model}: no motion steering in this UNet")
+        print_steering(args.model, required=False)
     return 0
 
 
