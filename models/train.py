@@ -204,6 +204,19 @@ def given_first_frames(videos: int, frames: int, prob: float, device=None) -> to
     return mask.flatten()
 
 
+def sample_timesteps(n: int, num_timesteps: int, low_fraction: float = 0.0, low_max: int = 300,
+                     device=None) -> torch.Tensor:
+    """One training timestep per clip: uniform over the schedule, except that a share
+    ``low_fraction`` of the clips draws from [0, low_max) only. The low-noise end is where
+    a layout already chosen gets its fine detail (which of two latent cells a circle's rim
+    falls in), and uniform sampling spends only low_max/num_timesteps of the steps there."""
+    t = torch.randint(0, num_timesteps, (n,), device=device)
+    if low_fraction:
+        low = torch.rand(n, device=device) < low_fraction
+        t = torch.where(low, torch.randint(0, low_max, (n,), device=device), t)
+    return t
+
+
 def cosine_lr(step: int, total: int, base: float, warmup: int = 200) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
@@ -451,6 +464,10 @@ def train_unet(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
         unet = checkpoint.load_sd15(args.init, unet_overrides=video_fields).unet
     else:
         unet = VideoUNet(UNetConfig.from_dict(tc["config"]))
+    low_t_fraction, low_t_max = float(tc.get("low_t_fraction", 0.0)), int(tc.get("low_t_max", 300))
+    if not 0.0 <= low_t_fraction <= 1.0 or not 0 < low_t_max <= len(training_schedule()):
+        raise SystemExit(f"unet.low_t_fraction must be in [0, 1] and unet.low_t_max in [1, "
+                         f"{len(training_schedule())}], got {low_t_fraction} and {low_t_max}")
     first_frame_prob = float(tc.get("first_frame_prob", 0.0))
     if not 0.0 <= first_frame_prob <= 1.0:
         raise SystemExit(f"unet.first_frame_prob must be between 0 and 1, got {first_frame_prob}")
@@ -507,7 +524,7 @@ def train_unet(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
             raise ValueError(f"training captions use words outside the text encoder's vocabulary: {sorted(set(unknown))}")
         context = context.to(device)
 
-        t = torch.randint(0, len(alphas_cumprod), (b,), device=device).repeat_interleave(frames)
+        t = sample_timesteps(b, len(alphas_cumprod), low_t_fraction, low_t_max, device).repeat_interleave(frames)
         noise = video_noise(x0.shape, frames, unet.config.noise_sharing, device=device)
         a = alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
         s = (1 - alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)

@@ -229,6 +229,25 @@ def test_first_frame_prob_trains_image_to_video_and_the_file_says_so(config_file
                     "--set", "unet.first_frame_prob=2"])
 
 
+def test_low_t_fraction_draws_that_share_of_timesteps_from_the_low_noise_end(config_file, tmp_path):
+    """unet.low_t_fraction / low_t_max: that share of clips trains on timesteps below low_t_max,
+    the rest stay uniform over the schedule; out-of-range values are refused before training."""
+    torch.manual_seed(0)
+    uniform = train.sample_timesteps(20000, 1000)
+    assert uniform.min() >= 0 and uniform.max() == 999 and 0.27 < (uniform < 300).float().mean() < 0.33
+    tilted = train.sample_timesteps(20000, 1000, 0.5, 300)
+    # half below 300 for sure, plus 30% of the uniform half: 0.65
+    assert tilted.max() > 900 and 0.62 < (tilted < 300).float().mean() < 0.68
+    assert train.sample_timesteps(500, 1000, 1.0, 50).max() < 50
+    train.main(["--config", str(config_file), "--stage", "all", "--run-dir", str(tmp_path / "r"), "--threads", "1",
+                "--set", "unet.low_t_fraction=0.5", "--set", "unet.low_t_max=100"])
+    assert (tmp_path / "r" / "model.safetensors").exists()
+    for bad, found in (("unet.low_t_fraction=1.5", "1.5 and 300"), ("unet.low_t_max=0", "0.0 and 0")):
+        with pytest.raises(SystemExit, match=f"low_t_fraction must be in \\[0, 1\\].*got {found}"):
+            train.main(["--config", str(config_file), "--stage", "unet", "--run-dir", str(tmp_path / "r"),
+                        "--threads", "1", "--set", bad])
+
+
 def test_decoder_on_unet_outputs(config_file, tmp_path):
     """vae.decoder_unet_max_t: the decoder stage decodes the frozen UNet's one-step x0 predictions
     of noised clips (half of them left clean), starting from a MagicVideo file in a fresh folder."""
