@@ -275,16 +275,42 @@ def test_decoder_on_unet_outputs(config_file, tmp_path):
                     "--threads", "1", "--set", "vae.decoder_unet_max_t=300", "--set", "vae.decoder_steps=2"])
 
 
-def test_conditioning_probe_script_reads_a_text_encoder(config_file, tmp_path):
-    """scripts/conditioning_probe.py's text probe runs on any MagicVideo file with a text
-    encoder and reports a rate per object attribute (its UNet parts need a 16-frame model)."""
+def _script(name):
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "conditioning_probe.py"
-    spec = importlib.util.spec_from_file_location("conditioning_probe", path)
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_latent_separation_script_measures_shape_pairs_in_latent_stds(config_file, tmp_path):
+    """scripts/latent_separation.py: per shape pair (and a colour pair for scale) the latent
+    difference of the same placement in units of the latent std, and the last timestep at
+    which that difference stands above the noise; a file without a VAE is refused."""
+    sep = _script("latent_separation")
+    alphas = train.training_schedule()
+    assert sep.last_visible_timestep(100.0, alphas) == 999  # always above the noise
+    assert sep.last_visible_timestep(1e-4, alphas) == -1  # never, not even at t = 0
+    assert sep.last_visible_timestep(0.2, alphas) < sep.last_visible_timestep(0.7, alphas)
+    train.main(["--config", str(config_file), "--stage", "vae", "--run-dir", str(tmp_path / "r"), "--threads", "1"])
+    res = sep.separation(str(tmp_path / "r" / "vae.safetensors"), placements=2, size=32)
+    assert set(res) == {"latent_std", "circle vs square", "circle vs triangle", "square vs triangle",
+                        "colour neighbours (circle)"}
+    for name, r in res.items():
+        if name != "latent_std":
+            assert 0 < r["rms"] <= r["max"] and -1 <= r["last_visible_t"] <= 999
+    text_only = checkpoint.save_model(tmp_path / "text.safetensors", text_encoder=train.TextEncoder(train.TextConfig()))
+    with pytest.raises(SystemExit, match="expected a MagicVideo file with a VAE, found none"):
+        sep.separation(str(text_only), placements=1, size=32)
+
+
+def test_conditioning_probe_script_reads_a_text_encoder(config_file, tmp_path):
+    """scripts/conditioning_probe.py's text probe runs on any MagicVideo file with a text
+    encoder and reports a rate per object attribute (its UNet parts need a 16-frame model)."""
+    probe = _script("conditioning_probe")
     model = tmp_path / "m.safetensors"
     train.main(["--config", str(config_file), "--stage", "all", "--run-dir", str(tmp_path / "r"), "--threads", "1",
                 "--out", str(model)])
