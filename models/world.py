@@ -507,6 +507,15 @@ def render(spec: ClipSpec, frames: int = REFERENCE_FRAMES, size: int = REFERENCE
     return render_batch([spec], frames, size)[0]
 
 
+def shape_twin(spec: ClipSpec, rng: np.random.Generator) -> ClipSpec:
+    """The same clip with every object's shape swapped for another of the world's shapes
+    (same colour, path, size, angle). Training aid for ``vae.separation_weight``: the VAE
+    learns to keep such twins apart in latent space."""
+    objects = tuple(dataclasses.replace(o, shape=str(rng.choice([s for s in SHAPES if s != o.shape])))
+                    for o in spec.objects)
+    return dataclasses.replace(spec, objects=objects)
+
+
 # Training aid (``unet.text_aux_weight``): each object's attributes as class indices, in the
 # order the caption names the objects, so a probe can read them back from the text encoder.
 ATTRIBUTE_CLASSES = {"colour": COLOURS, "shape": SHAPES, "motion": MOTIONS, "speed": SPEEDS}

@@ -248,6 +248,35 @@ def test_low_t_fraction_draws_that_share_of_timesteps_from_the_low_noise_end(con
                         "--threads", "1", "--set", bad])
 
 
+def test_separation_loss_pushes_shape_twins_apart_in_latent_stds(config_file, tmp_path):
+    """vae.separation_weight: pairs of frames that differ (an object and its shape twin) cost
+    relu(1 - d^2 / margin^2), d in units of the latent std; identical pairs cost nothing,
+    scaling every latent does not change it; the stage trains with it and logs it."""
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 8, 8)
+    x[3] = x[1]  # the second pair: pixels alike, so no pair
+    z = torch.randn(4, 4, 2, 2)
+    loss = train.separation_loss(z, x, margin=100.0)
+    d2 = (z[0] - z[2]).pow(2).sum() / z.var()
+    assert torch.isclose(loss, 1 - d2 / 100.0**2)
+    assert torch.isclose(train.separation_loss(z * 7, x, 100.0), loss)
+    assert train.separation_loss(z, x, margin=1e-3) == 0  # far enough apart already
+    far = z.clone()
+    far[2] = z[0] + 0.01  # twins almost alike: the whole unit cost
+    assert train.separation_loss(far, x, 3.0) > 0.99
+
+    run = tmp_path / "r"
+    train.main(["--config", str(config_file), "--stage", "vae", "--run-dir", str(run), "--threads", "1",
+                "--set", "vae.separation_weight=0.5"])
+    logged = [json.loads(line) for line in (run / "vae.log").read_text().splitlines()]
+    assert all(0 <= entry["sep"] <= 1 for entry in logged)
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    with pytest.raises(SystemExit, match="separation_weight trains the encoder on the world's shape twins"):
+        train.main(["--config", str(config_file), "--stage", "vae", "--run-dir", str(tmp_path / "f"), "--threads", "1",
+                    "--data-dir", str(clips), "--set", "vae.separation_weight=0.5"])
+
+
 def test_decoder_on_unet_outputs(config_file, tmp_path):
     """vae.decoder_unet_max_t: the decoder stage decodes the frozen UNet's one-step x0 predictions
     of noised clips (half of them left clean), starting from a MagicVideo file in a fresh folder."""

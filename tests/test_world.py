@@ -139,3 +139,17 @@ def test_captions_name_the_attributes_and_use_only_the_vocabulary():
 def test_spec_json_round_trip():
     for s in specs(20, seed=9, split="all"):
         assert world.ClipSpec.from_dict(json.loads(json.dumps(s.to_dict()))) == s
+
+
+def test_shape_twin_changes_only_each_objects_shape():
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        spec = world.sample_spec(rng)
+        twin = world.shape_twin(spec, rng)
+        assert len(twin.objects) == len(spec.objects) and twin.background == spec.background
+        for a, b in zip(spec.objects, twin.objects):
+            assert a.shape != b.shape and b.shape in world.SHAPES
+            assert (a.colour, a.motion, a.x, a.y, a.radius, a.angle) == (b.colour, b.motion, b.x, b.y, b.radius, b.angle)
+        # same place and colour: the frames differ only where the outlines differ
+        diff = (world.render(spec, frames=2) - world.render(twin, frames=2)).abs().amax(-1)
+        assert 0 < (diff > 0.1).float().mean() < 0.1
