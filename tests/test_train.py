@@ -277,6 +277,24 @@ def test_separation_loss_pushes_shape_twins_apart_in_latent_stds(config_file, tm
                     "--data-dir", str(clips), "--set", "vae.separation_weight=0.5"])
 
 
+def test_a_retrained_vae_under_a_trained_unet(config_file, tmp_path):
+    """The recipe's last step: the vae stage fine-tunes a MagicVideo file's VAE in a run folder,
+    then the unet stage from the same file in the same folder keeps that new VAE (not the
+    file's) and exports the UNet trained on its latents with it."""
+    first = tmp_path / "first.safetensors"
+    train.main(["--config", str(config_file), "--stage", "all", "--run-dir", str(tmp_path / "a"), "--threads", "1",
+                "--out", str(first)])
+    run = tmp_path / "sep"
+    common = ["--config", str(config_file), "--run-dir", str(run), "--threads", "1", "--init", str(first)]
+    train.main(common + ["--stage", "vae", "--set", "vae.separation_weight=0.5"])
+    train.main(common + ["--stage", "unet"])
+    old, new = checkpoint.load_model(first), checkpoint.load_model(run / "model.safetensors")
+    retrained = checkpoint.load_model(run / "vae.safetensors").vae.state_dict()
+    assert all(torch.equal(v, retrained[k]) for k, v in new.vae.state_dict().items())
+    assert any(not torch.equal(v, retrained[k]) for k, v in old.vae.state_dict().items())
+    assert new.vae.config.scaling_factor != old.vae.config.scaling_factor
+
+
 def test_decoder_on_unet_outputs(config_file, tmp_path):
     """vae.decoder_unet_max_t: the decoder stage decodes the frozen UNet's one-step x0 predictions
     of noised clips (half of them left clean), starting from a MagicVideo file in a fresh folder."""
