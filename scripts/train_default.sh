@@ -67,4 +67,14 @@ STEER=(--config configs/default.json --stage unet --run-dir "$RUN-steer" --threa
        --set unet.text_aux_weight=0.1 --set unet.batch_size=8 --set unet.lr=2e-4)
 $PY -m magicvideo.train "${STEER[@]}" --set unet.steps=5000 --stop-at 3750
 $PY -m magicvideo.train "${STEER[@]}" --set unet.steps=6500 --resume
-cp "$RUN-steer/model.safetensors" weights/magicvideo_default.safetensors
+
+# 5. Shapes (docs/TRAINING.md, "The shape-separating VAE"): the VAE fine-tuned so that each
+#    clip's latent stays away from its shape twin's (2000 steps, 1 thread) ...
+SEP=(--config configs/default.json --run-dir "$RUN-sep" --init "$RUN-steer/model.safetensors")
+$PY -m magicvideo.train "${SEP[@]}" --stage vae --threads 1 \
+    --set vae.steps=2000 --set vae.lr=2e-4 --set vae.separation_weight=0.2
+#    ... then the steered UNet trained on that VAE's latents in the same folder (which keeps the
+#    new VAE); a 4800-step schedule stopped at 4000
+$PY -m magicvideo.train "${SEP[@]}" --stage unet --threads 2 --set seed=1236 --set unet.text_aux_weight=0.1 \
+    --set unet.batch_size=8 --set unet.lr=2e-4 --set unet.steps=4800 --stop-at 4000
+cp "$RUN-sep/model.safetensors" weights/magicvideo_default.safetensors
