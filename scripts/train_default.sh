@@ -77,4 +77,10 @@ $PY -m magicvideo.train "${SEP[@]}" --stage vae --threads 1 \
 #    new VAE); a 4800-step schedule stopped at 4000
 $PY -m magicvideo.train "${SEP[@]}" --stage unet --threads 2 --set seed=1236 --set unet.text_aux_weight=0.1 \
     --set unet.batch_size=8 --set unet.lr=2e-4 --set unet.steps=4800 --stop-at 4000
-cp "$RUN-sep/model.safetensors" weights/magicvideo_default.safetensors
+
+# 6. That UNet trained on, a full 4800-step schedule in a fresh folder from its EMA weights
+#    (same VAE; docs/TRAINING.md, step 7 of the recipe)
+$PY -m magicvideo.train --config configs/default.json --stage unet --run-dir "$RUN-more" \
+    --init "$RUN-sep/model.safetensors" --threads 2 --set seed=1237 --set unet.text_aux_weight=0.1 \
+    --set unet.batch_size=8 --set unet.lr=2e-4 --set unet.steps=4800
+cp "$RUN-more/model.safetensors" weights/magicvideo_default.safetensors
