@@ -68,7 +68,7 @@ STEER=(--config configs/default.json --stage unet --run-dir "$RUN-steer" --threa
 $PY -m magicvideo.train "${STEER[@]}" --set unet.steps=5000 --stop-at 3750
 $PY -m magicvideo.train "${STEER[@]}" --set unet.steps=6500 --resume
 
-# 5. Shapes (docs/TRAINING.md, "The shape-separating VAE"): the VAE fine-tuned so that each
+# 5. Shapes (docs/TRAINING.md, "The shape-separating VAE", step 6 of the recipe): the VAE fine-tuned so that each
 #    clip's latent stays away from its shape twin's (2000 steps, 1 thread) ...
 SEP=(--config configs/default.json --run-dir "$RUN-sep" --init "$RUN-steer/model.safetensors")
 $PY -m magicvideo.train "${SEP[@]}" --stage vae --threads 1 \
