@@ -388,6 +388,14 @@ def summarise(scored: list[dict]) -> dict:
             "flicker": _mean(s["flicker"] for s in items),
         }
     out["all"]["mistakes"] = mistakes([o for s in scored for o in s["objects"]])
+    out["all"]["by_motion"] = {  # motion right, per asked motion: what the averages hide
+        m: _mean(o["motion_ok"] for s in scored for o in s["objects"] if o["expected"]["motion"] == m)
+        for m in sorted({o["expected"]["motion"] for s in scored for o in s["objects"]})
+    }
+    out["all"]["by_objects"] = {  # all attributes right, per number of objects in the prompt
+        str(k): _mean(s["all_ok"] for s in scored if len(s["objects"]) == k)
+        for k in sorted({len(s["objects"]) for s in scored})
+    }
     return out
 
 
@@ -448,6 +456,9 @@ def format_table(results: dict) -> str:
     line("size jitter", "size_jitter", pct=False)
     line("flicker", "flicker", pct=False)
     rows.append(f"{'prompts':14s}" + "".join(f"{s[c]['prompts']:10d}" for c in cols))
+    for key, label in (("by_motion", "motion by kind"), ("by_objects", "all by objects")):
+        if s["all"].get(key):
+            rows.append(f"{label:14s}  " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in s["all"][key].items()))
     for a, pairs in s["all"].get("mistakes", {}).items():
         if pairs:
             rows.append(f"{a + ' mistakes':14s}  " + ", ".join(f"{k} ({n})" for k, n in list(pairs.items())[:4]))

@@ -24,6 +24,13 @@ the image model exactly:
   ``spatiotemporal_attn`` (so ``temporal`` too).
 - fps conditioning ``Linear(SiLU(Linear(sinusoid(fps))))`` added to the timestep embedding,
   last Linear zero-initialised. Keys contain ``fps_embed``.
+- Optional caption-timed frame embedding (``caption_time_embed=True``): an MLP of the mean
+  text conditioning and the frame's clip time (0 at the first frame, 1 at the last) added
+  to each frame's timestep embedding, last Linear zero-initialised. Every ResBlock then gets
+  a per-frame scale and shift that depends on what the caption asks and how far into the
+  clip the frame is: what growing, shrinking or turning needs (the object's size or angle
+  at frame p), which cross-attention (the same for every frame) and the steering (a
+  translation) cannot give. Keys ``temporal_caption_embed``.
 
 Optional conditioning channels (Magic 1-For-1's image prior: reference latents + mask) go
 through ``cond_in``, a zero-initialised conv summed with ``input_blocks.0.0``: a conv over
@@ -77,6 +84,7 @@ class UNetConfig:
     temporal_conv: bool = False  # a residual kernel-3 conv over frames after every ResBlock
     spatiotemporal_resolutions: tuple[int, ...] = ()  # downsampling factors with spatio-temporal attention
     motion_steering: bool = False  # the caption tilts where each spatio-temporal head looks back
+    caption_time_embed: bool = False  # per-frame embedding from (mean caption, clip time) added to the timestep's
     fps_embed: bool = True
     default_fps: float = 8.0  # used when forward() gets fps=None
     cond_channels: int = 0  # e.g. 5 = reference latents (4) + mask (1)
@@ -527,6 +535,11 @@ class VideoUNet(nn.Module):
         self.fps_embed = None
         if cfg.fps_embed:
             self.fps_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.temporal_caption_embed = None
+        if cfg.caption_time_embed:
+            self.temporal_caption_embed = nn.Sequential(
+                nn.Linear(cfg.context_dim + mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+            )
         self.cond_in = None
         if cfg.cond_channels:
             # no bias: input_blocks.0.0 already has one; together they are one conv over concat(x, cond)
@@ -606,6 +619,10 @@ class VideoUNet(nn.Module):
             self.fps_embed[0].reset_parameters()
             nn.init.zeros_(self.fps_embed[2].weight)
             nn.init.zeros_(self.fps_embed[2].bias)
+        if self.temporal_caption_embed is not None:
+            self.temporal_caption_embed[0].reset_parameters()
+            nn.init.zeros_(self.temporal_caption_embed[2].weight)
+            nn.init.zeros_(self.temporal_caption_embed[2].bias)
         if self.cond_in is not None:
             nn.init.zeros_(self.cond_in.weight)
 
@@ -616,7 +633,7 @@ class VideoUNet(nn.Module):
         of this model is kept, the new ones start as identity, so training goes on from
         exactly this model.
         """
-        allowed = {"temporal_conv", "spatiotemporal_resolutions", "motion_steering"}
+        allowed = {"temporal_conv", "spatiotemporal_resolutions", "motion_steering", "caption_time_embed"}
         bad = sorted(set(changes) - allowed)
         if bad:
             raise ValueError(f"grown() can add {sorted(allowed)}; cannot change {bad} of a trained model")
@@ -658,7 +675,10 @@ class VideoUNet(nn.Module):
             fps = torch.as_tensor(cfg.default_fps if fps is None else fps, device=x.device, dtype=torch.float32)
             fps = self._per_frame(fps.reshape(-1).expand(b) if fps.numel() == 1 else fps, b, f, "fps")
             emb = emb + self.fps_embed(sinusoidal_embedding(fps, cfg.model_channels).to(x.dtype))
-        inputs = BlockInputs(emb=emb, context=self._per_frame(context, b, f, "context").to(x.dtype), num_frames=f)
+        context = self._per_frame(context, b, f, "context").to(x.dtype)
+        if self.temporal_caption_embed is not None:
+            emb = emb + self.caption_time(context, f)
+        inputs = BlockInputs(emb=emb, context=context, num_frames=f)
 
         # input_blocks.0.0, with the conditioning channels as the rest of one wider conv
         conv_in = self.input_blocks[0][0]
@@ -683,6 +703,17 @@ class VideoUNet(nn.Module):
             h = self._run(block, torch.cat([h, skip], dim=1), inputs, skips[-1].shape[-2:] if skips else None)
         norm, act, conv = self.out
         return conv(act(norm(h)), f)
+
+    def caption_time(self, context: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """[(b f), seq, dim] conditioning -> [(b f), emb] from the video's mean caption and
+        each frame's clip time (frame / (frames - 1), so amounts per clip hold at any count)."""
+        f = num_frames
+        pooled = rearrange(context, "(b f) s c -> b (f s) c", f=f).mean(dim=1)
+        clip_time = torch.arange(f, device=context.device, dtype=torch.float32) / max(f - 1, 1)
+        when = sinusoidal_embedding(100.0 * clip_time, self.config.model_channels).to(context.dtype)
+        b = pooled.shape[0]
+        both = torch.cat([repeat(pooled, "b c -> (b f) c", f=f), repeat(when, "f c -> (b f) c", b=b)], dim=-1)
+        return self.temporal_caption_embed(both)
 
     def _run(self, block: UNetBlock, h, inputs: BlockInputs, skip_size=None):
         if self.gradient_checkpointing and torch.is_grad_enabled():

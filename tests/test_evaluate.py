@@ -134,6 +134,12 @@ def test_evaluate_generator_results_and_table():
     bad = ev.evaluate_generator(broken, prompts)["summary"]["all"]
     assert bad["all"] == 0.0 and bad["presence"] == 0.0
     assert results["summary"]["all"]["mistakes"] == {"colour": {}, "shape": {}, "motion": {}}
+    asked = {o.motion for p in prompts for o in p.spec.objects}
+    assert set(results["summary"]["all"]["by_motion"]) == asked and set(bad["by_motion"]) == asked
+    assert all(v == 1.0 for v in results["summary"]["all"]["by_motion"].values())
+    assert all(v == 0.0 for v in bad["by_motion"].values()) and all(v == 0.0 for v in bad["by_objects"].values())
+    assert set(results["summary"]["all"]["by_objects"]) == {str(len(p.spec.objects)) for p in prompts}
+    assert "motion by kind" in table and "all by objects" in table
     assert bad["mistakes"]["colour"] and all(k.endswith("-> none") for k in bad["mistakes"]["colour"])
 
 

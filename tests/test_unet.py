@@ -388,3 +388,29 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         unet(x, t, ctx, num_frames=2).square().mean().backward()
         grads.append(unet.input_blocks[1][1].transformer_blocks[0].temporal_attn.to_q.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_caption_time_embed_grows_without_changing_the_model_and_then_times_the_caption():
+    """Grown at zero it changes nothing; once trained, each frame's output depends on the
+    caption and on where the frame is in the clip (what growing or turning needs)."""
+    unet = randomize_motion_(tiny())
+    grown = unet.grown(caption_time_embed=True).eval()
+    new = set(grown.state_dict()) - set(unet.state_dict())
+    assert new and all(k.startswith("temporal_caption_embed.") and is_motion_key(k) for k in new)
+    frames = 4
+    x, t, ctx = inputs(frames=frames)
+    with torch.no_grad():
+        torch.testing.assert_close(grown(x, t, ctx, num_frames=frames), unet(x, t, ctx, num_frames=frames), rtol=0, atol=0)
+
+    # fresh motion layers (every frame alike) and the same latent in every frame
+    plain = tiny()
+    timed = plain.grown(caption_time_embed=True).eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(timed.temporal_caption_embed[2].weight, std=0.5)
+        same = x[:1].repeat(frames, 1, 1, 1)
+        base = plain(same, t, ctx, num_frames=frames)
+        out = timed(same, t, ctx, num_frames=frames)
+        other = timed(same, t, ctx + 1.0, num_frames=frames)
+    torch.testing.assert_close(base[0], base[-1])  # without it nothing tells the frames apart
+    assert not torch.allclose(out[0], out[-1], atol=1e-3)  # with it, clip time does
+    assert not torch.allclose(out, other, atol=1e-3)  # and the caption
