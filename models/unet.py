@@ -84,6 +84,7 @@ class UNetConfig:
     temporal_conv: bool = False  # a residual kernel-3 conv over frames after every ResBlock
     spatiotemporal_resolutions: tuple[int, ...] = ()  # downsampling factors with spatio-temporal attention
     motion_steering: bool = False  # the caption tilts where each spatio-temporal head looks back
+    motion_field: bool = False  # each steered query adds a velocity read from its own features
     caption_time_embed: bool = False  # per-frame embedding from (mean caption, clip time) added to the timestep's
     fps_embed: bool = True
     default_fps: float = 8.0  # used when forward() gets fps=None
@@ -101,6 +102,8 @@ class UNetConfig:
                              f"transformer: attention_resolutions {list(self.attention_resolutions)} or the middle block")
         if self.motion_steering and not self.spatiotemporal_resolutions:
             raise ValueError("motion_steering steers the spatio-temporal attention: set spatiotemporal_resolutions too")
+        if self.motion_field and not self.motion_steering:
+            raise ValueError("motion_field adds to the motion steering: set motion_steering too")
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
         if self.max_frames < 1:
@@ -391,12 +394,20 @@ class DirectedSpatioTemporalAttention(DirectedTemporalAttention):
     moving with velocity ``u`` needs; content-only attention would have to learn the shift
     from sinusoids it cannot rotate. At ``u = 0`` the bias is exactly zero, so steering can
     be grown onto a trained branch without changing it.
+
+    With ``field`` (``UNetConfig.motion_field``) each query adds a velocity of its own, a
+    zero-initialised Linear of its (normed) features: one velocity per video cannot serve
+    two objects that move apart, nor the outward flow of a growing object or the turn of a
+    spinning one, while a query's features know which object it is on and where on it.
     """
 
     def __init__(self, dim: int, heads: int, *, bidirectional: bool = False, position: bool = True,
-                 steering_dim: int | None = None):
+                 steering_dim: int | None = None, field: bool = False):
         super().__init__(dim, heads, bidirectional=bidirectional, position=position)  # initialises the rest
         self.steer = nn.Linear(steering_dim, heads * 2) if steering_dim else None
+        if field and self.steer is None:
+            raise ValueError("a motion field adds to the steering: give steering_dim too")
+        self.field = nn.Linear(dim, heads * 2) if field else None
         self._reset_steer()
 
     def reset_parameters(self):
@@ -404,9 +415,10 @@ class DirectedSpatioTemporalAttention(DirectedTemporalAttention):
         self._reset_steer()
 
     def _reset_steer(self):
-        if getattr(self, "steer", None) is not None:  # absent while super().__init__ runs
-            nn.init.zeros_(self.steer.weight)
-            nn.init.zeros_(self.steer.bias)
+        for lin in (getattr(self, "steer", None), getattr(self, "field", None)):  # absent in super().__init__
+            if lin is not None:
+                nn.init.zeros_(lin.weight)
+                nn.init.zeros_(lin.bias)
 
     def velocity(self, context: torch.Tensor, num_frames: int) -> torch.Tensor:
         """[(b f), seq, dim] text conditioning -> [b, heads, 2] (rows, cols per frame)."""
@@ -433,7 +445,11 @@ class DirectedSpatioTemporalAttention(DirectedTemporalAttention):
             cell = torch.stack([rows, cols], dim=-1).repeat(f, 1).to(n.dtype)  # [(f s), 2]
             offset = cell[:, None, :] - cell[None, :, :]  # x - y, [lq, lk, 2]
             lag = (frame[:, None] - frame[None, :]).to(n.dtype)  # p - q
-            bias = lag[None, None] * torch.einsum("qkt,bht->bhqk", offset, u)
+            if self.field is None:
+                bias = lag[None, None] * torch.einsum("qkt,bht->bhqk", offset, u)
+            else:  # the video's velocity plus each query's own: [b, h, lq, 2]
+                u = u[:, :, None, :] + rearrange(self.field(n), "b q (h two) -> b h q two", two=2)
+                bias = lag[None, None] * torch.einsum("qkt,bhqt->bhqk", offset, u)
             if mask is not None:
                 bias = bias.masked_fill(~mask, float("-inf"))
             mask = bias
@@ -474,7 +490,7 @@ class TransformerBlock(nn.Module):
         if spatiotemporal:
             self.spatiotemporal_attn = DirectedSpatioTemporalAttention(
                 dim, heads, bidirectional=cfg.temporal_bidirectional, position=cfg.temporal_position,
-                steering_dim=cfg.context_dim if cfg.motion_steering else None,
+                steering_dim=cfg.context_dim if cfg.motion_steering else None, field=cfg.motion_field,
             )
         self.norm2 = nn.LayerNorm(dim)
         self.attn2 = CrossAttention(dim, heads, context_dim=cfg.context_dim)
@@ -633,7 +649,8 @@ class VideoUNet(nn.Module):
         of this model is kept, the new ones start as identity, so training goes on from
         exactly this model.
         """
-        allowed = {"temporal_conv", "spatiotemporal_resolutions", "motion_steering", "caption_time_embed"}
+        allowed = {"temporal_conv", "spatiotemporal_resolutions", "motion_steering", "motion_field",
+                   "caption_time_embed"}
         bad = sorted(set(changes) - allowed)
         if bad:
             raise ValueError(f"grown() can add {sorted(allowed)}; cannot change {bad} of a trained model")

@@ -286,6 +286,40 @@ def test_motion_steering_makes_the_caption_say_which_way_a_frame_looks_back():
     torch.testing.assert_close(towards_right[0], unsteered[0])  # frame 0 has no earlier frame to steer to
 
 
+def test_motion_field_grows_at_zero_and_lets_two_places_look_back_different_ways():
+    """Grown onto a steered model it changes nothing. Then, with no caption velocity, a
+    query's own features set its direction: two cells with opposite features read frame 0
+    from opposite sides (one video-wide velocity could only move them alike)."""
+    from models.unet import DirectedSpatioTemporalAttention
+
+    steered = randomize_motion_(tiny(spatiotemporal_resolutions=(2,), motion_steering=True))
+    grown = steered.grown(motion_field=True).eval()
+    new = set(grown.state_dict()) - set(steered.state_dict())
+    assert new and all(".field." in k and is_motion_key(k) for k in new)
+    x, t, ctx = inputs(frames=4)
+    with torch.no_grad():
+        torch.testing.assert_close(grown(x, t, ctx, num_frames=4), steered(x, t, ctx, num_frames=4), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="set motion_steering too"):
+        tiny(spatiotemporal_resolutions=(2,)).grown(motion_field=True)
+
+    dim, heads, size, frames = 8, 2, (1, 5), 2
+    attn = DirectedSpatioTemporalAttention(dim, heads, steering_dim=4, field=True).eval()
+    with torch.no_grad():
+        attn.to_q.weight.zero_()
+        attn.to_k.weight.zero_()
+        attn.to_v.weight.copy_(torch.eye(dim))
+        attn.to_out.weight.copy_(torch.eye(dim))
+        attn.field.weight[1::2, 2] = 10.0  # column velocity = 10 x the query's (normed) feature 2
+    cols = torch.arange(5.0) - 2.0
+    x = torch.zeros(frames, 5, dim)
+    x[0, :, 0], x[0, :, 1] = cols, -cols  # frame 0: value = the sign of the key's column
+    x[1, 1, 2], x[1, 1, 3] = 1.0, -1.0  # frame 1, column 1: "moving right"
+    x[1, 3, 2], x[1, 3, 3] = -1.0, 1.0  # frame 1, column 3: "moving left"
+    with torch.no_grad():
+        out = attn(x, frames, size, torch.zeros(frames, 1, 4))
+    assert out[1, 1, 0] < -1.0 and out[1, 3, 0] > 1.0  # each reads the side its own velocity points from
+
+
 def test_spatiotemporal_levels_must_have_a_transformer():
     with pytest.raises(ValueError, match="spatiotemporal_resolutions \\[8\\] must be levels with a transformer"):
         UNetConfig(**TINY, spatiotemporal_resolutions=(8,))
