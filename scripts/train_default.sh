@@ -83,4 +83,12 @@ $PY -m magicvideo.train "${SEP[@]}" --stage unet --threads 2 --set seed=1236 --s
 $PY -m magicvideo.train --config configs/default.json --stage unet --run-dir "$RUN-more" \
     --init "$RUN-sep/model.safetensors" --threads 2 --set seed=1237 --set unet.text_aux_weight=0.1 \
     --set unet.batch_size=8 --set unet.lr=2e-4 --set unet.steps=4800
-cp "$RUN-more/model.safetensors" weights/magicvideo_default.safetensors
+
+# 7. Per-object motion (docs/TRAINING.md, step 8 of the recipe): that UNet grown with the motion field
+#    (each steered query reads its own velocity) and the caption-timed frame embedding, both starting
+#    at zero, and trained a full 4800-step schedule in a fresh folder (same VAE)
+$PY -m magicvideo.train --config configs/default.json --stage unet --run-dir "$RUN-field" \
+    --init "$RUN-more/model.safetensors" --threads 2 \
+    --set 'unet.grow={"caption_time_embed": true, "motion_field": true}' --set seed=1238 \
+    --set unet.text_aux_weight=0.1 --set unet.batch_size=8 --set unet.lr=2e-4 --set unet.steps=4800
+cp "$RUN-field/model.safetensors" weights/magicvideo_default.safetensors

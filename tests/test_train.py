@@ -384,3 +384,24 @@ def test_conditioning_probe_script_reads_a_text_encoder(config_file, tmp_path):
     assert all(row.count("left: (") == 1 and row.count(")  right: (") == 1 for row in rows)
     left, right = (rows[0].split(f"{a}: ")[1].split("  ")[0] for a in ("left", "right"))
     assert left != right
+
+
+def test_zero_layers_script_switches_off_exactly_the_named_layers(tmp_path):
+    """scripts/zero_layers.py on the bundled default: the motion field and the caption-time
+    output layer become zero, every other weight is kept; a name that matches nothing is an
+    error rather than a silent no-op."""
+    zl = _script("zero_layers")
+    src = "weights/magicvideo_default.safetensors"
+    out = tmp_path / "ablated.safetensors"
+    assert zl.main([src, str(out), "temporal_caption_embed.2.", ".field."]) == 0
+    before, after = checkpoint.load_model(src).unet, checkpoint.load_model(str(out)).unet
+    zeroed = 0
+    for (name, a), b in zip(before.named_parameters(), after.parameters()):
+        if "temporal_caption_embed.2." in name or ".field." in name:
+            assert a.abs().sum() > 0 and b.abs().sum() == 0, name  # trained, now off
+            zeroed += 1
+        else:
+            assert torch.equal(a, b), name
+    assert zeroed > 2
+    with pytest.raises(SystemExit, match=r"matches \['no_such_layer'\]"):
+        zl.main([src, str(tmp_path / "x.safetensors"), "no_such_layer"])
