@@ -127,8 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=int, default=64)
     g.add_argument("--height", type=int, default=64)
     g.add_argument("--steps", type=int, default=20)
-    g.add_argument("--cfg", type=float, default=4.0,
-                   help="classifier-free guidance (default 4, best for the bundled default in our sweep)")
+    g.add_argument("--cfg", type=float, default=6.0,
+                   help="classifier-free guidance (default 6, best for the bundled default in our sweep)")
     g.add_argument("--sampler", choices=sampling.SAMPLERS, default="euler")
     g.add_argument("--scheduler", choices=sampling.SCHEDULERS, default="normal")
     g.add_argument("--seed", type=int, default=0)

@@ -503,7 +503,7 @@ def model_generate_fn(
     frames: int = world.REFERENCE_FRAMES,
     size: int = world.REFERENCE_SIZE,
     steps: int = 20,
-    cfg: float = 4.0,
+    cfg: float = 6.0,
     sampler: str = "euler",
     scheduler: str = "normal",
     fps: float | None = 8.0,
@@ -582,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frames", type=int, default=world.REFERENCE_FRAMES)
     ap.add_argument("--size", type=int, default=world.REFERENCE_SIZE)
     ap.add_argument("--steps", type=int, default=20, help="sampling steps (default 20, as the nodes)")
-    ap.add_argument("--cfg", type=float, default=4.0, help="guidance scale (default 4, as the main workflow)")
+    ap.add_argument("--cfg", type=float, default=6.0, help="guidance scale (default 6, as the main workflow)")
     ap.add_argument("--sampler", default="euler")
     ap.add_argument("--scheduler", default="normal")
     ap.add_argument("--fps", type=float, default=8.0, help="fps condition (the bundled default trains at 8)")

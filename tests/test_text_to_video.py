@@ -47,7 +47,7 @@ def test_the_workflow_holds_the_documented_settings(comfy):
     assert (latent["width"], latent["height"], latent["frames"], latent["batch"]) == (64, 64, 16, 1)
     [sampler] = _nodes(prompt, "MagicVideoKeyframeSampler")
     assert {k: sampler[k] for k in ("steps", "cfg", "sampler", "scheduler", "fps", "denoise", "noise_sharing")} == \
-        {"steps": 20, "cfg": 4.0, "sampler": "euler", "scheduler": "normal", "fps": 8, "denoise": 1,
+        {"steps": 20, "cfg": 6.0, "sampler": "euler", "scheduler": "normal", "fps": 8, "denoise": 1,
          "noise_sharing": -1}  # -1: the prior the model trained with (0.5 for the bundled default)
     ui_sampler = next(n for n in workflow["nodes"] if n["type"] == "MagicVideoKeyframeSampler")
     assert ui_sampler["widgets_values"][1] == "fixed", "the seed must stay fixed so the example reproduces"
@@ -74,7 +74,7 @@ def test_runs_in_the_host_and_writes_the_mp4(comfy, tmp_path):
     # the graph and the library's one generation path (CLI, evaluator) make the same video
     [sampler] = _nodes(prompt, "MagicVideoKeyframeSampler")
     frames = pipeline.text_to_video(checkpoint.load_model(WEIGHTS), PROMPT, frames=16, width=64, height=64,
-                                    steps=20, cfg=4.0, sampler="euler", scheduler="normal", seed=sampler["seed"],
+                                    steps=20, cfg=6.0, sampler="euler", scheduler="normal", seed=sampler["seed"],
                                     fps=8.0, dtype=torch.float32)
     raw = video_io.frames_to_uint8(frames).astype(np.int16)
     ours = video_io.read_video(video_io.write_video(tmp_path / "cli.mp4", frames, 8.0, "mp4").path).frames
