@@ -160,6 +160,19 @@ def check_num_frames(num_frames: int, max_frames: int) -> None:
         raise ValueError(f"num_frames must be at least 1, got {num_frames}")
 
 
+def mean_caption(context: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """[(b f), seq, dim] per-frame text conditioning -> [b, dim], its mean over frames and
+    tokens: the one vector per video that the steering and the caption-time embedding read."""
+    return rearrange(context, "(b f) s c -> b (f s) c", f=num_frames).mean(dim=1)
+
+
+def zero_last_layer_(mlp: nn.Sequential) -> None:
+    """Re-initialise a Linear-SiLU-Linear embedding with its output Linear at zero (adds nothing)."""
+    mlp[0].reset_parameters()
+    nn.init.zeros_(mlp[2].weight)
+    nn.init.zeros_(mlp[2].bias)
+
+
 def sinusoidal_embedding(values: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """[n] -> [n, dim] float32: cos then sin features, as LDM's timestep embedding."""
     half = dim // 2
@@ -422,8 +435,7 @@ class DirectedSpatioTemporalAttention(DirectedTemporalAttention):
 
     def velocity(self, context: torch.Tensor, num_frames: int) -> torch.Tensor:
         """[(b f), seq, dim] text conditioning -> [b, heads, 2] (rows, cols per frame)."""
-        pooled = rearrange(context, "(b f) s c -> b (f s) c", f=num_frames).mean(dim=1)
-        return rearrange(self.steer(pooled), "b (h two) -> b h two", two=2)
+        return rearrange(self.steer(mean_caption(context, num_frames)), "b (h two) -> b h two", two=2)
 
     def forward(self, x: torch.Tensor, num_frames: int, size: tuple[int, int],
                 context: torch.Tensor | None = None) -> torch.Tensor:
@@ -441,15 +453,14 @@ class DirectedSpatioTemporalAttention(DirectedTemporalAttention):
         if self.steer is not None:
             if context is None:
                 raise ValueError("motion steering needs the text conditioning (context)")
-            u = self.velocity(context.to(n.dtype), f)  # [b, h, 2]
+            u = self.velocity(context.to(n.dtype), f)[:, :, None, :]  # [b, h, 1, 2]: the same for every query
             cell = torch.stack([rows, cols], dim=-1).repeat(f, 1).to(n.dtype)  # [(f s), 2]
             offset = cell[:, None, :] - cell[None, :, :]  # x - y, [lq, lk, 2]
             lag = (frame[:, None] - frame[None, :]).to(n.dtype)  # p - q
-            if self.field is None:
-                bias = lag[None, None] * torch.einsum("qkt,bht->bhqk", offset, u)
-            else:  # the video's velocity plus each query's own: [b, h, lq, 2]
-                u = u[:, :, None, :] + rearrange(self.field(n), "b q (h two) -> b h q two", two=2)
-                bias = lag[None, None] * torch.einsum("qkt,bhqt->bhqk", offset, u)
+            if self.field is not None:  # the video's velocity plus each query's own: [b, h, lq, 2]
+                u = u + rearrange(self.field(n), "b q (h two) -> b h q two", two=2)
+            u = u.expand(-1, -1, offset.shape[0], -1)
+            bias = lag[None, None] * torch.einsum("qkt,bhqt->bhqk", offset, u)
             if mask is not None:
                 bias = bias.masked_fill(~mask, float("-inf"))
             mask = bias
@@ -631,14 +642,9 @@ class VideoUNet(nn.Module):
         for m in self.modules():
             if isinstance(m, (FrameAdaptor, DirectedTemporalAttention, TemporalConv)):
                 m.reset_parameters()
-        if self.fps_embed is not None:
-            self.fps_embed[0].reset_parameters()
-            nn.init.zeros_(self.fps_embed[2].weight)
-            nn.init.zeros_(self.fps_embed[2].bias)
-        if self.temporal_caption_embed is not None:
-            self.temporal_caption_embed[0].reset_parameters()
-            nn.init.zeros_(self.temporal_caption_embed[2].weight)
-            nn.init.zeros_(self.temporal_caption_embed[2].bias)
+        for mlp in (self.fps_embed, self.temporal_caption_embed):
+            if mlp is not None:
+                zero_last_layer_(mlp)
         if self.cond_in is not None:
             nn.init.zeros_(self.cond_in.weight)
 
@@ -725,7 +731,7 @@ class VideoUNet(nn.Module):
         """[(b f), seq, dim] conditioning -> [(b f), emb] from the video's mean caption and
         each frame's clip time (frame / (frames - 1), so amounts per clip hold at any count)."""
         f = num_frames
-        pooled = rearrange(context, "(b f) s c -> b (f s) c", f=f).mean(dim=1)
+        pooled = mean_caption(context, f)
         clip_time = torch.arange(f, device=context.device, dtype=torch.float32) / max(f - 1, 1)
         when = sinusoidal_embedding(100.0 * clip_time, self.config.model_channels).to(context.dtype)
         b = pooled.shape[0]

@@ -15,6 +15,8 @@
 4. Steering (models with ``motion_steering``): the velocity each spatio-temporal head reads
    from "a red circle moving <direction> quickly", in latent cells per frame (rows, cols),
    per level. Heads that follow the caption turn their velocity with the direction word.
+   On models with ``motion_field`` this is only the video-wide part: each query adds its own,
+   which depends on the clip's features and is not printed.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -391,7 +392,7 @@ def test_zero_layers_script_switches_off_exactly_the_named_layers(tmp_path):
     output layer become zero, every other weight is kept; a name that matches nothing is an
     error rather than a silent no-op."""
     zl = _script("zero_layers")
-    src = "weights/magicvideo_default.safetensors"
+    src = str(Path(__file__).resolve().parents[1] / "weights" / "magicvideo_default.safetensors")
     out = tmp_path / "ablated.safetensors"
     assert zl.main([src, str(out), "temporal_caption_embed.2.", ".field."]) == 0
     before, after = checkpoint.load_model(src).unet, checkpoint.load_model(str(out)).unet

@@ -255,20 +255,27 @@ def test_motion_steering_grows_onto_a_trained_branch_without_changing_it():
         tiny().grown(motion_steering=True)
 
 
-def test_motion_steering_makes_the_caption_say_which_way_a_frame_looks_back():
-    """Queries and keys that see nothing (zero projections) leave only the steering bias:
-    frame 1 then reads frame 0's cells on the side the caption's velocity points away from,
-    and a caption with the opposite velocity makes it read the other side."""
+def _position_only_attention(dim: int, heads: int, **kwargs):
+    """A spatio-temporal branch whose queries and keys see nothing (zero projections) and
+    whose values pass straight through: only the steering bias decides where a frame looks."""
     from models.unet import DirectedSpatioTemporalAttention
 
-    dim, heads, size, frames = 8, 2, (3, 3), 2
-    attn = DirectedSpatioTemporalAttention(dim, heads, steering_dim=4).eval()
+    attn = DirectedSpatioTemporalAttention(dim, heads, **kwargs).eval()
     with torch.no_grad():
         attn.to_q.weight.zero_()
         attn.to_k.weight.zero_()
         attn.to_v.weight.copy_(torch.eye(dim))
         attn.to_out.weight.copy_(torch.eye(dim))
-        attn.steer.weight.zero_()
+    return attn
+
+
+def test_motion_steering_makes_the_caption_say_which_way_a_frame_looks_back():
+    """Queries and keys that see nothing (zero projections) leave only the steering bias:
+    frame 1 then reads frame 0's cells on the side the caption's velocity points away from,
+    and a caption with the opposite velocity makes it read the other side."""
+    dim, heads, size, frames = 8, 2, (3, 3), 2
+    attn = _position_only_attention(dim, heads, steering_dim=4)
+    with torch.no_grad():
         attn.steer.weight[1::2, 0] = 10.0  # every head: column velocity = 10 x the caption's feature 0
     # value = the key's column (after the LayerNorm: +-, so use its sign), frame 1 all zero
     cols = torch.arange(3.0).repeat(3) - 1.0  # -1, 0, 1 per row
@@ -290,8 +297,6 @@ def test_motion_field_grows_at_zero_and_lets_two_places_look_back_different_ways
     """Grown onto a steered model it changes nothing. Then, with no caption velocity, a
     query's own features set its direction: two cells with opposite features read frame 0
     from opposite sides (one video-wide velocity could only move them alike)."""
-    from models.unet import DirectedSpatioTemporalAttention
-
     steered = randomize_motion_(tiny(spatiotemporal_resolutions=(2,), motion_steering=True))
     grown = steered.grown(motion_field=True).eval()
     new = set(grown.state_dict()) - set(steered.state_dict())
@@ -303,12 +308,8 @@ def test_motion_field_grows_at_zero_and_lets_two_places_look_back_different_ways
         tiny(spatiotemporal_resolutions=(2,)).grown(motion_field=True)
 
     dim, heads, size, frames = 8, 2, (1, 5), 2
-    attn = DirectedSpatioTemporalAttention(dim, heads, steering_dim=4, field=True).eval()
+    attn = _position_only_attention(dim, heads, steering_dim=4, field=True)
     with torch.no_grad():
-        attn.to_q.weight.zero_()
-        attn.to_k.weight.zero_()
-        attn.to_v.weight.copy_(torch.eye(dim))
-        attn.to_out.weight.copy_(torch.eye(dim))
         attn.field.weight[1::2, 2] = 10.0  # column velocity = 10 x the query's (normed) feature 2
     cols = torch.arange(5.0) - 2.0
     x = torch.zeros(frames, 5, dim)
@@ -447,4 +448,5 @@ def test_caption_time_embed_grows_without_changing_the_model_and_then_times_the_
         other = timed(same, t, ctx + 1.0, num_frames=frames)
     torch.testing.assert_close(base[0], base[-1])  # without it nothing tells the frames apart
     assert not torch.allclose(out[0], out[-1], atol=1e-3)  # with it, clip time does
-    assert not torch.allclose(out, other, atol=1e-3)  # and the caption
+    # and the caption: cross-attention changes every frame alike, so compare how frames differ
+    assert not torch.allclose(out[0] - out[-1], other[0] - other[-1], atol=1e-3)
