@@ -85,6 +85,7 @@ class UNetConfig:
     spatiotemporal_resolutions: tuple[int, ...] = ()  # downsampling factors with spatio-temporal attention
     motion_steering: bool = False  # the caption tilts where each spatio-temporal head looks back
     motion_field: bool = False  # each steered query adds a velocity read from its own features
+    motion_tokens: bool = False  # each steered query adds a velocity read from the caption words it attends to
     caption_time_embed: bool = False  # per-frame embedding from (mean caption, clip time) added to the timestep's
     fps_embed: bool = True
     default_fps: float = 8.0  # used when forward() gets fps=None
@@ -104,6 +105,8 @@ class UNetConfig:
             raise ValueError("motion_steering steers the spatio-temporal attention: set spatiotemporal_resolutions too")
         if self.motion_field and not self.motion_steering:
             raise ValueError("motion_field adds to the motion steering: set motion_steering too")
+        if self.motion_tokens and not self.motion_steering:
+            raise ValueError("motion_tokens adds to the motion steering: set motion_steering too")
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
         if self.max_frames < 1:
@@ -412,15 +415,30 @@ class DirectedSpatioTemporalAttention(DirectedTemporalAttention):
     zero-initialised Linear of its (normed) features: one velocity per video cannot serve
     two objects that move apart, nor the outward flow of a growing object or the turn of a
     spinning one, while a query's features know which object it is on and where on it.
+
+    With ``tokens`` (``UNetConfig.motion_tokens``) each query also attends over the caption's
+    tokens (its own small query and key projections, ``TOKEN_KEY_DIM`` per head) and adds
+    the attention-weighted sum of a velocity read from each token (a zero-initialised
+    Linear). The field has to route "which object am I on" through features that the
+    cross-attention wrote; here the query picks the words of its own object ("red ball",
+    whose contextual embeddings carry "moving left") and reads its velocity from them
+    directly, which is what two objects that move apart need.
     """
 
+    TOKEN_KEY_DIM = 16
+
     def __init__(self, dim: int, heads: int, *, bidirectional: bool = False, position: bool = True,
-                 steering_dim: int | None = None, field: bool = False):
+                 steering_dim: int | None = None, field: bool = False, tokens: bool = False):
         super().__init__(dim, heads, bidirectional=bidirectional, position=position)  # initialises the rest
         self.steer = nn.Linear(steering_dim, heads * 2) if steering_dim else None
-        if field and self.steer is None:
-            raise ValueError("a motion field adds to the steering: give steering_dim too")
+        if (field or tokens) and self.steer is None:
+            raise ValueError("a motion field or token velocity adds to the steering: give steering_dim too")
         self.field = nn.Linear(dim, heads * 2) if field else None
+        self.token_q = self.token_k = self.token_v = None
+        if tokens:
+            self.token_q = nn.Linear(dim, heads * self.TOKEN_KEY_DIM, bias=False)
+            self.token_k = nn.Linear(steering_dim, heads * self.TOKEN_KEY_DIM, bias=False)
+            self.token_v = nn.Linear(steering_dim, heads * 2)
         self._reset_steer()
 
     def reset_parameters(self):
@@ -428,14 +446,31 @@ class DirectedSpatioTemporalAttention(DirectedTemporalAttention):
         self._reset_steer()
 
     def _reset_steer(self):
-        for lin in (getattr(self, "steer", None), getattr(self, "field", None)):  # absent in super().__init__
+        """Velocities start at zero; the token attention's query and key start random, so the
+        zero velocity Linear gets a gradient from the first step."""
+        for name in ("steer", "field", "token_v"):
+            lin = getattr(self, name, None)  # absent in super().__init__
             if lin is not None:
                 nn.init.zeros_(lin.weight)
                 nn.init.zeros_(lin.bias)
+        for name in ("token_q", "token_k"):
+            lin = getattr(self, name, None)
+            if lin is not None:
+                lin.reset_parameters()
 
     def velocity(self, context: torch.Tensor, num_frames: int) -> torch.Tensor:
         """[(b f), seq, dim] text conditioning -> [b, heads, 2] (rows, cols per frame)."""
         return rearrange(self.steer(mean_caption(context, num_frames)), "b (h two) -> b h two", two=2)
+
+    def token_velocity(self, n: torch.Tensor, context: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """[b, lq, dim] normed queries, [(b f), seq, dim] text conditioning -> [b, heads, lq, 2]:
+        per query, the velocity of the caption tokens it attends to."""
+        words = rearrange(context, "(b f) s c -> b f s c", f=num_frames).mean(dim=1)  # the video's caption
+        d = self.TOKEN_KEY_DIM
+        q = rearrange(self.token_q(n), "b q (h d) -> b h q d", d=d)
+        k = rearrange(self.token_k(words), "b s (h d) -> b h s d", d=d)
+        v = rearrange(self.token_v(words), "b s (h two) -> b h s two", two=2)
+        return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), dim=-1) @ v
 
     def forward(self, x: torch.Tensor, num_frames: int, size: tuple[int, int],
                 context: torch.Tensor | None = None) -> torch.Tensor:
@@ -459,6 +494,8 @@ class DirectedSpatioTemporalAttention(DirectedTemporalAttention):
             lag = (frame[:, None] - frame[None, :]).to(n.dtype)  # p - q
             if self.field is not None:  # the video's velocity plus each query's own: [b, h, lq, 2]
                 u = u + rearrange(self.field(n), "b q (h two) -> b h q two", two=2)
+            if self.token_v is not None:  # plus the velocity of the words each query attends to
+                u = u + self.token_velocity(n, context.to(n.dtype), f)
             u = u.expand(-1, -1, offset.shape[0], -1)
             bias = lag[None, None] * torch.einsum("qkt,bhqt->bhqk", offset, u)
             if mask is not None:
@@ -502,6 +539,7 @@ class TransformerBlock(nn.Module):
             self.spatiotemporal_attn = DirectedSpatioTemporalAttention(
                 dim, heads, bidirectional=cfg.temporal_bidirectional, position=cfg.temporal_position,
                 steering_dim=cfg.context_dim if cfg.motion_steering else None, field=cfg.motion_field,
+                tokens=cfg.motion_tokens,
             )
         self.norm2 = nn.LayerNorm(dim)
         self.attn2 = CrossAttention(dim, heads, context_dim=cfg.context_dim)
@@ -656,7 +694,7 @@ class VideoUNet(nn.Module):
         exactly this model.
         """
         allowed = {"temporal_conv", "spatiotemporal_resolutions", "motion_steering", "motion_field",
-                   "caption_time_embed"}
+                   "motion_tokens", "caption_time_embed"}
         bad = sorted(set(changes) - allowed)
         if bad:
             raise ValueError(f"grown() can add {sorted(allowed)}; cannot change {bad} of a trained model")

@@ -321,6 +321,45 @@ def test_motion_field_grows_at_zero_and_lets_two_places_look_back_different_ways
     assert out[1, 1, 0] < -1.0 and out[1, 3, 0] > 1.0  # each reads the side its own velocity points from
 
 
+def test_motion_tokens_grow_at_zero_and_let_each_place_read_the_velocity_of_its_own_words():
+    """Grown onto a steered model they change nothing. Then, with no caption velocity, two
+    cells whose features pick different caption words read frame 0 from opposite sides,
+    each from the velocity of the word it attends to; with that velocity at zero they read
+    nothing in particular."""
+    steered = randomize_motion_(tiny(spatiotemporal_resolutions=(2,), motion_steering=True))
+    grown = steered.grown(motion_tokens=True).eval()
+    new = set(grown.state_dict()) - set(steered.state_dict())
+    assert new and all(".token_" in k and is_motion_key(k) for k in new)
+    x, t, ctx = inputs(frames=4)
+    with torch.no_grad():
+        torch.testing.assert_close(grown(x, t, ctx, num_frames=4), steered(x, t, ctx, num_frames=4), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="set motion_steering too"):
+        tiny(spatiotemporal_resolutions=(2,)).grown(motion_tokens=True)
+
+    dim, heads, size, frames = 8, 2, (1, 5), 2
+    attn = _position_only_attention(dim, heads, steering_dim=4, tokens=True)
+    d = attn.TOKEN_KEY_DIM
+    with torch.no_grad():
+        attn.token_q.weight.zero_()
+        attn.token_k.weight.zero_()
+        attn.token_q.weight[0::d, 2] = 10.0  # every head: query = the cell's (normed) feature 2 ...
+        attn.token_k.weight[0::d, 0] = 10.0  # ... key = word feature 0 minus word feature 1
+        attn.token_k.weight[0::d, 1] = -10.0
+    words = torch.eye(4)[:2].expand(frames, 2, 4)  # word 0 ("moving right"), word 1 ("moving left")
+    cols = torch.arange(5.0) - 2.0
+    x = torch.zeros(frames, 5, dim)
+    x[0, :, 0], x[0, :, 1] = cols, -cols  # frame 0: value = the sign of the key's column
+    x[1, 1, 2], x[1, 1, 3] = 1.0, -1.0  # frame 1, column 1: attends to word 0
+    x[1, 3, 2], x[1, 3, 3] = -1.0, 1.0  # frame 1, column 3: attends to word 1
+    with torch.no_grad():
+        silent = attn(x, frames, size, words)
+        attn.token_v.weight[1::2, 0] = 10.0  # column velocity +10 for word 0 ...
+        attn.token_v.weight[1::2, 1] = -10.0  # ... and -10 for word 1
+        out = attn(x, frames, size, words)
+    assert out[1, 1, 0] < -1.0 and out[1, 3, 0] > 1.0  # each reads the side its own word's velocity points from
+    assert silent[1, 1:4:2, 0].abs().max() < 1e-5
+
+
 def test_spatiotemporal_levels_must_have_a_transformer():
     with pytest.raises(ValueError, match="spatiotemporal_resolutions \\[8\\] must be levels with a transformer"):
         UNetConfig(**TINY, spatiotemporal_resolutions=(8,))
