@@ -16,7 +16,14 @@
    from "a red circle moving <direction> quickly", in latent cells per frame (rows, cols),
    per level. Heads that follow the caption turn their velocity with the direction word.
    On models with ``motion_field`` this is only the video-wide part: each query adds its own,
-   which depends on the clip's features and is not printed.
+   which depends on the clip's features and is not printed here (see 5).
+5. Per-object velocity (models with ``motion_field`` or ``motion_tokens``): two-object world
+   clips (a red circle moving left, a blue square moving right, random places and caption
+   templates), VAE-encoded and noised to t=600; per steered block, how much more to the
+   right the per-query parts (field, tokens) steer the square's centre cell than the
+   circle's (frames 1.., clips; each head signed by its own left->right caption turn, then
+   averaged), beside the size of that caption turn. A model that steers two objects apart
+   by their own words gives a positive number of about that size; 0 = both alike.
 """
 
 from __future__ import annotations
@@ -134,12 +141,87 @@ def steering_velocities(path: str) -> list[str]:
     return rows
 
 
+def object_velocities(path: str, t: int = 600, clips: int = 4, seed: int = 0) -> list[str]:
+    """One line per steered block: how far apart the per-query velocity parts (field,
+    tokens) push a left-moving circle and a right-moving square in one clip.
+
+    Heads do not agree on which way "right" points, so each head's column difference
+    (square minus circle) is signed by that head's own caption velocity change from "a red
+    circle moving left quickly" to "... right quickly", and averaged over heads; that
+    change itself (unsigned, mean over heads) is printed beside it as the scale to compare with.
+    """
+    from einops import rearrange
+
+    bundle = checkpoint.load_model(path)
+    unet, text, vae = bundle.unet.eval(), bundle.text_encoder.eval(), bundle.vae.eval()
+    blocks = {n.removesuffix(".spatiotemporal_attn"): m for n, m in unet.named_modules()
+              if getattr(m, "steer", None) is not None}
+    if not any(m.field is not None or m.token_v is not None for m in blocks.values()):
+        return []
+    rng = np.random.default_rng(seed)
+    heads = {n: m.heads for n, m in blocks.items()}
+    sums = {n: np.zeros((2, 2, heads[n])) for n in blocks}  # [object, part (field, tokens), head]
+    counts = {n: 0 for n in blocks}
+    alpha = training_schedule()[t]
+    for _ in range(clips):
+        while True:
+            objects = (world.place_object(rng, "red", "circle", "left"), world.place_object(rng, "blue", "square", "right"))
+            if world._apart(*objects):
+                break
+        spec = world.ClipSpec(objects=objects)
+        pixels = world.render(spec).permute(0, 3, 1, 2).float() * 2 - 1
+        centres = [world.trajectory(o, len(pixels))[:2] for o in objects]  # (x, y) per frame, fractions
+
+        def hook(name):
+            def read(module, args):
+                x, f, (h, w), context = args
+                n = rearrange(module.norm(x), "(b f) s c -> b (f s) c", f=f)
+                zero = torch.zeros(1, module.heads, n.shape[1], 2)
+                field = rearrange(module.field(n), "b q (h two) -> b h q two", two=2) if module.field is not None else zero
+                tokens = module.token_velocity(n, context, f) if module.token_v is not None else zero
+                cols = rearrange(torch.stack([field[0, ..., 1], tokens[0, ..., 1]]), "k h (f s) -> k h f s", f=f)
+                for i, (cx, cy) in enumerate(centres):
+                    for frame in range(1, f):
+                        cell = min(int(cy[frame] * h), h - 1) * w + min(int(cx[frame] * w), w - 1)
+                        sums[name][i] += cols[:, :, frame, cell].numpy() / (f - 1)
+                counts[name] += 1
+            return read
+
+        handles = [m.register_forward_pre_hook(hook(n)) for n, m in blocks.items()]
+        try:
+            with torch.no_grad():
+                context, _ = text.encode([world.caption(spec, rng)])
+                z = vae.encode(pixels, chunk_size=None)
+                zt = alpha.sqrt() * z + (1 - alpha).sqrt() * video_noise(z.shape, len(z), unet.config.noise_sharing)
+                unet(zt, torch.full((len(z),), t), context, len(z))
+        finally:
+            for handle in handles:
+                handle.remove()
+    with torch.no_grad():
+        single, _ = text.encode(["a red circle moving left quickly", "a red circle moving right quickly"])
+    rows = []
+    for name, module in blocks.items():
+        with torch.no_grad():
+            u = module.velocity(single, 1)[:, :, 1].numpy()  # [left/right, head] column velocity
+        turn = u[1] - u[0]
+        mean = sums[name] / max(counts[name], 1)
+        apart = ((mean[1] - mean[0]) * np.sign(turn)).mean(-1)  # [part]
+        rows.append(f"{name}  field {apart[0]:+.3f}  tokens {apart[1]:+.3f}  "
+                    f"(caption left->right: {np.abs(turn).mean():.3f})")
+    return rows
+
+
 def print_steering(path: str, required: bool) -> None:
     rows = steering_velocities(path)
     if not rows and required:
         raise SystemExit(f"{path}: no motion steering in this UNet")
     if rows:
         print("steering velocity per head, latent cells per frame (rows, cols; rows point down):")
+        for row in rows:
+            print("  " + row)
+    rows = object_velocities(path) if rows else []
+    if rows:
+        print("square (right) minus circle (left) in one clip, per-query steering parts at t=600 (latent cells per frame):")
         for row in rows:
             print("  " + row)
 
@@ -150,7 +232,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-unet", action="store_true", help="only the text probe")
     p.add_argument("--skip-text", action="store_true", help="only the UNet parts (2-4)")
-    p.add_argument("--steering", action="store_true", help="only the steering velocities (4; seconds)")
+    p.add_argument("--steering", action="store_true", help="only the steering velocities (4 and 5; seconds)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.steering:

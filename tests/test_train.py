@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from magicvideo.models import checkpoint, train
+from magicvideo.models.unet import UNetConfig, VideoUNet
 
 TINY = {
     "seed": 3,
@@ -385,6 +386,34 @@ def test_conditioning_probe_script_reads_a_text_encoder(config_file, tmp_path):
     assert all(row.count("left: (") == 1 and row.count(")  right: (") == 1 for row in rows)
     left, right = (rows[0].split(f"{a}: ")[1].split("  ")[0] for a in ("left", "right"))
     assert left != right
+
+
+def test_conditioning_probe_object_velocities_split_field_and_token_parts(tmp_path):
+    """Part 5 on the bundled default (steering with a motion field, no token velocity): one
+    line per steered block; the token part is exactly zero, the field part is not zero
+    everywhere, and with the field zeroed it is zero too. A model whose steering has no
+    per-query part prints nothing."""
+    probe = _script("conditioning_probe")
+    src = str(Path(__file__).resolve().parents[1] / "weights" / "magicvideo_default.safetensors")
+    bundle = checkpoint.load_model(src)
+
+    def parts(unet):
+        path = tmp_path / "m.safetensors"
+        checkpoint.save_model(path, unet=unet, vae=bundle.vae, text_encoder=bundle.text_encoder)
+        rows = probe.object_velocities(str(path), clips=1)
+        return [(float(r.split("field ")[1].split()[0]), float(r.split("tokens ")[1].split()[0])) for r in rows]
+
+    steered = [m for m in bundle.unet.modules() if getattr(m, "steer", None) is not None]
+    with_field = parts(bundle.unet)
+    assert len(with_field) == len(steered) > 0
+    assert all(tokens == 0.0 for _, tokens in with_field) and any(abs(field) >= 0.001 for field, _ in with_field)
+    with torch.no_grad():
+        for m in steered:
+            m.field.weight.zero_()
+            m.field.bias.zero_()
+    assert all(field == 0.0 for field, _ in parts(bundle.unet))
+    plain = VideoUNet(UNetConfig.from_dict({**bundle.unet.config.to_dict(), "motion_field": False}))
+    assert parts(plain) == []
 
 
 def test_zero_layers_script_switches_off_exactly_the_named_layers(tmp_path):
