@@ -386,6 +386,7 @@ def summarise(scored: list[dict]) -> dict:
             "presence": _mean(o["presence"] for o in objs),
             "size_jitter": _mean(o["size_jitter"] for o in objs),
             "flicker": _mean(s["flicker"] for s in items),
+            "extra_objects": _mean(s["extra_objects"] for s in items),  # per clip: blobs no prompt object claimed
         }
     out["all"]["mistakes"] = mistakes([o for s in scored for o in s["objects"]])
     out["all"]["by_motion"] = {  # motion right, per asked motion: what the averages hide
@@ -455,6 +456,7 @@ def format_table(results: dict) -> str:
     line("presence", "presence")
     line("size jitter", "size_jitter", pct=False)
     line("flicker", "flicker", pct=False)
+    line("extra objects", "extra_objects", pct=False)
     rows.append(f"{'prompts':14s}" + "".join(f"{s[c]['prompts']:10d}" for c in cols))
     for key, label in (("by_motion", "motion by kind"), ("by_objects", "all by objects")):
         if s["all"].get(key):

@@ -142,6 +142,15 @@ def test_evaluate_generator_results_and_table():
     assert "motion by kind" in table and "all by objects" in table
     assert bad["mistakes"]["colour"] and all(k.endswith("-> none") for k in bad["mistakes"]["colour"])
 
+    def spotted(caption, seed):  # the right clip plus a still white spot in a corner
+        frames = ev.ground_truth_fn(prompts)(caption, seed).clone()
+        frames[:, 1:7, 1:7] = 1.0
+        return frames
+
+    spots = ev.evaluate_generator(spotted, prompts)["summary"]["all"]
+    assert results["summary"]["all"]["extra_objects"] == 0.0 and spots["extra_objects"] >= 0.75
+    assert "extra objects" in table
+
 
 def test_cli_ground_truth_and_strip(tmp_path, capsys):
     out, strip = tmp_path / "gt.json", tmp_path / "strip.png"
