@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -414,6 +415,23 @@ def caption(spec: ClipSpec, rng: np.random.Generator) -> str:
         prep = _pick(rng, ("on", "against", "over"))
         text += f", {prep} " + _with_article(f"{tex + ' ' if tex else ''}{bg} background", False)
     return text
+
+
+def object_word_positions(caption_text: str, spec: ClipSpec) -> list[tuple[int, int]]:
+    """Word indices (in ``text.normalise`` order) of each object's colour word and shape word,
+    in the order of ``spec.objects``: the words that object's pixels should attend to.
+    Objects are named in order as "<colour> <shape>", which nothing else in a caption is."""
+    words = re.sub(r"[^a-z0-9]+", " ", caption_text.lower()).split()  # as text.normalise (which imports us)
+    out, start = [], 0
+    for obj in spec.objects:
+        for i in range(start, len(words) - 1):
+            if words[i] in COLOUR_WORDS[obj.colour] and words[i + 1] in SHAPE_WORDS[obj.shape]:
+                out.append((i, i + 1))
+                start = i + 2
+                break
+        else:
+            raise ValueError(f"no '{obj.colour} {obj.shape}' in caption {caption_text!r}")
+    return out
 
 
 def vocabulary() -> list[str]:

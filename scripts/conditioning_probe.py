@@ -24,6 +24,12 @@
    circle's (frames 1.., clips; each head signed by its own left->right caption turn, then
    averaged), beside the size of that caption turn. A model that steers two objects apart
    by their own words gives a positive number of about that size; 0 = both alike.
+6. Binding (``--binding``): two-object world clips (random colours, shapes and motions,
+   random caption templates) noised to t=400; per cross-attention block, how much of each
+   object's attention (its centre cell, frames and heads averaged) goes to its own colour and
+   shape words, and how much to the other object's. A model that binds words to places gives
+   "own" well above "other"; own = other means both objects read the same words, and then
+   nothing in the cross-attention can give them different colours, shapes or motions.
 """
 
 from __future__ import annotations
@@ -211,6 +217,61 @@ def object_velocities(path: str, t: int = 600, clips: int = 4, seed: int = 0) ->
     return rows
 
 
+def binding(path: str, t: int = 400, clips: int = 8, seed: int = 0) -> list[str]:
+    """One line per cross-attention block: attention mass on the object's own words vs the other's."""
+    from einops import rearrange
+
+    bundle = checkpoint.load_model(path)
+    unet, text, vae = bundle.unet.eval(), bundle.text_encoder.eval(), bundle.vae.eval()
+    if text is None or vae is None:
+        raise SystemExit(f"{path}: the binding probe needs a file with a VAE and a built-in text encoder")
+    blocks = {n: m.attn2 for n, m in unet.named_modules() if hasattr(m, "attn2")}
+    sums = {n: np.zeros(2) for n in blocks}  # own, other
+    counts = dict.fromkeys(blocks, 0)
+    rng = np.random.default_rng(seed)
+    alpha = training_schedule()[t]
+    for _ in range(clips):
+        spec = world.sample_spec(rng, "train", two_object_prob=1.0)
+        while len(spec.objects) != 2:  # a second object that found no room is left out
+            spec = world.sample_spec(rng, "train", two_object_prob=1.0)
+        words = world.caption(spec, rng)
+        tokens = [[1 + w for w in pair] for pair in world.object_word_positions(words, spec)]  # <bos> first
+        pixels = world.render(spec).permute(0, 3, 1, 2).float() * 2 - 1
+        centres = [world.trajectory(o, len(pixels))[:2] for o in spec.objects]
+
+        def hook(name):
+            def read(module, args):
+                x, context = args
+                q = rearrange(module.to_q(x), "n l (h d) -> n h l d", h=module.heads)
+                k = rearrange(module.to_k(context), "n l (h d) -> n h l d", h=module.heads)
+                probs = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1).mean(1)  # [frames, l, s]
+                side = int(round(probs.shape[1] ** 0.5))
+                for i, (cx, cy) in enumerate(centres):
+                    cells = [min(int(cy[f] * side), side - 1) * side + min(int(cx[f] * side), side - 1)
+                             for f in range(len(probs))]
+                    p = probs[torch.arange(len(probs)), cells]  # [frames, s]
+                    own, other = tokens[i], tokens[1 - i]
+                    sums[name] += [p[:, own].sum(-1).mean().item(), p[:, other].sum(-1).mean().item()]
+                counts[name] += 2
+            return read
+
+        handles = [m.register_forward_pre_hook(hook(n)) for n, m in blocks.items()]
+        try:
+            with torch.no_grad():
+                context, _ = text.encode([words])
+                z = vae.encode(pixels, chunk_size=None)
+                zt = alpha.sqrt() * z + (1 - alpha).sqrt() * video_noise(z.shape, len(z), unet.config.noise_sharing)
+                unet(zt, torch.full((len(z),), t), context, len(z))
+        finally:
+            for handle in handles:
+                handle.remove()
+    rows = []
+    for name in blocks:
+        own, other = sums[name] / max(counts[name], 1)
+        rows.append(f"{name.removesuffix('.transformer_blocks.0')}  own words {100 * own:5.1f}%  other object's {100 * other:5.1f}%")
+    return rows
+
+
 def print_steering(path: str, required: bool) -> None:
     rows = steering_velocities(path)
     if not rows and required:
@@ -226,6 +287,12 @@ def print_steering(path: str, required: bool) -> None:
             print("  " + row)
 
 
+def print_binding(path: str) -> None:
+    print("cross-attention of each object's centre cell, two-object clips at t=400 (colour + shape words):")
+    for row in binding(path):
+        print("  " + row)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="a MagicVideo file with a built-in text encoder")
@@ -233,10 +300,14 @@ def main(argv=None) -> int:
     p.add_argument("--skip-unet", action="store_true", help="only the text probe")
     p.add_argument("--skip-text", action="store_true", help="only the UNet parts (2-4)")
     p.add_argument("--steering", action="store_true", help="only the steering velocities (4 and 5; seconds)")
+    p.add_argument("--binding", action="store_true", help="only the cross-attention binding (6; seconds)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.steering:
         print_steering(args.model, required=True)
+        return 0
+    if args.binding:
+        print_binding(args.model)
         return 0
     if not args.skip_text:
         print("text probe (fraction read back from the conditioning):")
@@ -250,6 +321,7 @@ def main(argv=None) -> int:
         for row in direction_paths(args.model):
             print("  " + row)
         print_steering(args.model, required=False)
+        print_binding(args.model)
     return 0
 
 

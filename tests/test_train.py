@@ -416,6 +416,20 @@ def test_conditioning_probe_object_velocities_split_field_and_token_parts(tmp_pa
     assert parts(plain) == []
 
 
+def test_conditioning_probe_binding_reads_each_objects_attention_on_its_own_words():
+    """Part 6 on the bundled default: one line per cross-attention block, each with the share
+    of attention on the object's own words and on the other's, two shares of one softmax."""
+    probe = _script("conditioning_probe")
+    src = str(Path(__file__).resolve().parents[1] / "weights" / "magicvideo_default.safetensors")
+    rows = probe.binding(src, clips=1)
+    unet = checkpoint.load_model(src).unet
+    assert len(rows) == sum(1 for m in unet.modules() if hasattr(m, "attn2")) > 0
+    for row in rows:
+        own = float(row.split("own words")[1].split("%")[0])
+        other = float(row.split("other object's")[1].split("%")[0])
+        assert 0.0 < own < 100.0 and 0.0 < other < 100.0 and own + other <= 100.0
+
+
 def test_zero_layers_script_switches_off_exactly_the_named_layers(tmp_path):
     """scripts/zero_layers.py on the bundled default: the motion field and the caption-time
     output layer become zero, every other weight is kept; a name that matches nothing is an

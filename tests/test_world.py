@@ -136,6 +136,33 @@ def test_captions_name_the_attributes_and_use_only_the_vocabulary():
     assert "a red ball" in {world.caption(world.ClipSpec((world.ObjectSpec("red", "circle", "left", "slow", .5, .5, .15),)), np.random.default_rng(i))[:10] for i in range(40)}
 
 
+def test_object_word_positions_point_at_each_objects_own_colour_and_shape_words():
+    """Over 500 captions, also two objects of one colour or one shape and a background of an
+    object's colour: each object's pair is its own colour word then its own shape word, in
+    the order of the spec; a caption that does not name an object is an error."""
+    from magicvideo.models.text import normalise
+
+    rng = np.random.default_rng(3)
+    two = 0
+    for s in specs(500, seed=3, split="all"):
+        text = world.caption(s, rng)
+        words = normalise(text)
+        pairs = world.object_word_positions(text, s)
+        assert len(pairs) == len(s.objects)
+        for (c, sh), o in zip(pairs, s.objects):
+            assert words[c] in world.COLOUR_WORDS[o.colour] and words[sh] in world.SHAPE_WORDS[o.shape] and sh == c + 1
+        assert [c for c, _ in pairs] == sorted(c for c, _ in pairs)
+        two += len(pairs) == 2
+    assert two > 100
+    red_ball = world.ObjectSpec("red", "circle", "left", "slow", .3, .5, .1)
+    blue_ball = world.ObjectSpec("blue", "circle", "right", "fast", .7, .5, .1)
+    spec = world.ClipSpec((red_ball, blue_ball), background="red")
+    assert world.object_word_positions("a red ball moving left and a blue ball moving right, on a red background",
+                                       spec) == [(1, 2), (7, 8)]
+    with pytest.raises(ValueError, match="no 'blue circle' in caption"):
+        world.object_word_positions("a red ball moving left", spec)
+
+
 def test_spec_json_round_trip():
     for s in specs(20, seed=9, split="all"):
         assert world.ClipSpec.from_dict(json.loads(json.dumps(s.to_dict()))) == s
