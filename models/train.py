@@ -49,13 +49,12 @@ class WorldSource:
 
     def batch(self, batch_size: int):
         """-> videos [B, F, 3, H, W] in -1..1, captions list[str]"""
-        videos, captions, _ = self.batch_with_labels(batch_size)
+        videos, captions, _ = self.batch_with_specs(batch_size)
         return videos, captions
 
-    def batch_with_labels(self, batch_size: int):
-        """-> videos, captions, labels [B, MAX_OBJECTS * 4] (world.attribute_labels)"""
-        videos, captions, specs = world.batch(self.rng, batch_size, self.frames, self.size, self.split)
-        return videos, captions, torch.tensor([world.attribute_labels(s) for s in specs])
+    def batch_with_specs(self, batch_size: int):
+        """-> videos, captions, the clips' specs (for the training aids that need them)"""
+        return world.batch(self.rng, batch_size, self.frames, self.size, self.split)
 
     def batch_with_twins(self, batch_size: int):
         """-> videos [2B, F, 3, H, W]: B clips, then each clip's shape twin (world.shape_twin)."""
@@ -397,6 +396,49 @@ class TextAttributeProbe(torch.nn.Module):
         return torch.stack(losses).mean() if losses else context.sum() * 0
 
 
+def binding_targets(spec: world.ClipSpec, caption: str) -> list[list[int]]:
+    """[MAX_OBJECTS, 2] token indices of each object's colour and shape word in the built-in
+    text encoder's ids (<bos> first, so word i is token i + 1); -1 for an absent object."""
+    pairs = [[c + 1, s + 1] for c, s in world.object_word_positions(caption, spec)]
+    return pairs + [[-1, -1]] * (world.MAX_OBJECTS - len(pairs))
+
+
+def binding_loss(probs: list[torch.Tensor], coverage: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+    """For ``unet.binding_weight``: each object's words should look at that object.
+
+    The shipped default's cross-attention gave each object's cells as much attention on the
+    other object's colour and shape words as on their own (``scripts/conditioning_probe.py
+    --binding``), so nothing could give two objects different attributes. For every
+    cross-attention block, every object and each of its two words, this takes the word's
+    attention over the block's cells (mean over heads) and scores the share of it that falls
+    on the object (``world.object_coverage`` pooled to the block's grid): loss = 1 - share,
+    averaged. A word that looks only at its object scores 0; one that looks everywhere
+    scores 1 - (the object's share of the frame).
+
+    probs: per block [(b f), heads, cells, tokens] (``CrossAttention.record_probs``);
+    coverage [b, f, MAX_OBJECTS, h, w] on the latent grid; words [b, MAX_OBJECTS, 2] token
+    indices, -1 where none (an absent object, a dropped caption).
+    """
+    b, f, k = coverage.shape[:3]
+    idx = words.reshape(b, k * 2)
+    valid = (idx >= 0).repeat_interleave(f, dim=0)  # [(b f), k*2]
+    idx = idx.clamp(min=0).repeat_interleave(f, dim=0)
+    if not valid.any():
+        return sum(p.sum() for p in probs) * 0
+    losses = []
+    for p in probs:
+        cells = p.shape[2]
+        side = math.isqrt(cells)
+        if side * side != cells:
+            raise ValueError(f"cross-attention over {cells} cells is not a square grid")
+        cov = F.adaptive_avg_pool2d(coverage.flatten(0, 2), side).view(b * f, k, cells)  # [(b f), k, cells]
+        cov = cov.repeat_interleave(2, dim=1)  # one row per word
+        look = p.mean(1).gather(-1, idx[:, None, :].expand(-1, cells, -1)).transpose(1, 2)  # [(b f), k*2, cells]
+        share = (look * cov).sum(-1) / look.sum(-1).clamp_min(1e-8)
+        losses.append(((1 - share) * valid).sum() / valid.sum())
+    return torch.stack(losses).mean()
+
+
 class LatentPool:
     """Clips encoded once by the frozen VAE, refreshed a few clips per step.
 
@@ -407,12 +449,13 @@ class LatentPool:
     """
 
     def __init__(self, source, vae: VideoVAE, size: int, refresh: int, device, seed: int,
-                 foreground_weight: float = 0.0, labels: bool = False):
+                 foreground_weight: float = 0.0, labels: bool = False, binding: bool = False):
         self.source, self.vae, self.refresh, self.device = source, vae, refresh, device
         self.foreground_weight = foreground_weight
         self.rng = np.random.default_rng(seed)
-        self.with_labels = labels
+        self.with_labels, self.with_binding = labels, binding
         self.latents, self.captions, self.weights, self.labels = [], [], [], []
+        self.coverage, self.words = [], []  # binding targets: where each object is, its words
         while len(self.latents) < size:
             print(f"\r[train unet] encoding the latent pool: {len(self.latents)}/{size}", end="", file=sys.stderr)
             self._add(min(16, size - len(self.latents)))
@@ -420,11 +463,10 @@ class LatentPool:
 
     @torch.no_grad()
     def _add(self, n: int):
-        if self.with_labels:
-            videos, captions, labels = self.source.batch_with_labels(n)
-            self.labels.extend(labels)
+        if self.with_labels or self.with_binding:
+            videos, captions, specs = self.source.batch_with_specs(n)
         else:
-            videos, captions = self.source.batch(n)
+            (videos, captions), specs = self.source.batch(n), None
         b, f = videos.shape[:2]
         pixels = videos.flatten(0, 1).to(self.device)
         latents = self.vae.encode(pixels, chunk_size=None)
@@ -432,19 +474,29 @@ class LatentPool:
         self.latents.extend(latents.view(b, f, *latents.shape[1:]).cpu())
         self.weights.extend(weights.view(b, f, *weights.shape[1:]).cpu())
         self.captions.extend(captions)
+        if self.with_labels:
+            self.labels.extend(torch.tensor([world.attribute_labels(s) for s in specs]))
+        if self.with_binding:
+            self.coverage.extend(world.object_coverage(specs, f, videos.shape[-1], latents.shape[-1]))
+            self.words.extend(torch.tensor([binding_targets(s, c) for s, c in zip(specs, captions)]))
 
     def batch(self, batch_size: int):
-        """-> latents [(b f), 4, h, w] (scaled), captions, loss weights [(b f), 1, h, w], and
-        attribute labels [b, n] (None unless the pool keeps them); replaces the oldest clips."""
+        """-> latents [(b f), 4, h, w] (scaled), captions, loss weights [(b f), 1, h, w],
+        attribute labels [b, n] and binding targets (coverage [b, f, MAX_OBJECTS, h, w], words
+        [b, MAX_OBJECTS, 2]); each None unless the pool keeps it. Replaces the oldest clips."""
         if self.refresh:
             self._add(self.refresh)
-            del self.latents[: self.refresh], self.captions[: self.refresh], self.weights[: self.refresh]
-            del self.labels[: self.refresh]
+            for kept in (self.latents, self.captions, self.weights, self.labels, self.coverage, self.words):
+                del kept[: self.refresh]
         idx = self.rng.choice(len(self.latents), batch_size, replace=False)
-        latents = torch.stack([self.latents[i] for i in idx]).flatten(0, 1)
-        weights = torch.stack([self.weights[i] for i in idx]).flatten(0, 1)
-        labels = torch.stack([self.labels[i] for i in idx]).to(self.device) if self.with_labels else None
-        return latents.to(self.device), [self.captions[i] for i in idx], weights.to(self.device), labels
+
+        def stack(items):
+            return torch.stack([items[i] for i in idx]).to(self.device)
+
+        labels = stack(self.labels) if self.with_labels else None
+        binding = (stack(self.coverage), stack(self.words)) if self.with_binding else None
+        return (stack(self.latents).flatten(0, 1), [self.captions[i] for i in idx],
+                stack(self.weights).flatten(0, 1), labels, binding)
 
 
 def magicvideo_init(path) -> checkpoint.MagicVideoBundle | None:
@@ -511,6 +563,13 @@ def train_unet(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
             raise SystemExit("unet.text_aux_weight needs the world's clips (their specs label the captions); "
                              "it cannot be used with --data-dir")
         modules["probe"] = TextAttributeProbe(unet.config.context_dim)
+    binding_weight = float(tc.get("binding_weight", 0.0))
+    if binding_weight and args.data_dir:
+        raise SystemExit("unet.binding_weight needs the world's clips (their specs say where each object is); "
+                         "it cannot be used with --data-dir")
+    cross_attention = [m.attn2 for m in unet.modules() if hasattr(m, "attn2")]
+    for m in cross_attention:
+        m.record_probs = bool(binding_weight)
     for m in modules.values():
         m.to(device).train().requires_grad_(True)
     params = [p for m in modules.values() for p in m.parameters()]
@@ -534,17 +593,17 @@ def train_unet(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
     frames, fps = cfg["data"]["frames"], cfg["data"].get("fps", 8)
     source = make_source(cfg, args, cfg["seed"] + 1 + start)
     pool = LatentPool(source, vae, tc["pool_size"], tc["pool_refresh"], device, cfg["seed"] + 3 + start,
-                      tc.get("foreground_weight", 0.0), labels=bool(aux_weight))
+                      tc.get("foreground_weight", 0.0), labels=bool(aux_weight), binding=bool(binding_weight))
     drop_rng = random.Random(cfg["seed"] + 2 + start)
     log = Logger(run_dir / "unet.log", tc["steps"], start)
     end = min(tc["steps"], args.stop_at) if getattr(args, "stop_at", None) else tc["steps"]
     for step in range(start, end):
-        x0, captions, weights, labels = pool.batch(tc["batch_size"])  # [(b f), 4, h, w], scaled
+        x0, captions, weights, labels, binding = pool.batch(tc["batch_size"])  # [(b f), 4, h, w], scaled
         b = len(captions)
         captions = ["" if drop_rng.random() < tc["cond_drop"] else c for c in captions]
+        dropped = torch.tensor([not c for c in captions], device=device)
         if labels is not None:  # the empty prompt names nothing
-            labels = labels.masked_fill(torch.tensor([not c for c in captions], device=device)[:, None],
-                                        world.IGNORE_LABEL)
+            labels = labels.masked_fill(dropped[:, None], world.IGNORE_LABEL)
         context, unknown = text.encode(captions)
         if unknown:
             raise ValueError(f"training captions use words outside the text encoder's vocabulary: {sorted(set(unknown))}")
@@ -568,6 +627,11 @@ def train_unet(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
         if aux_weight:
             extra["text_aux"] = modules["probe"].loss(context, labels)
             loss = loss + aux_weight * extra["text_aux"]
+        if binding_weight:
+            coverage, words = binding
+            words = words.masked_fill(dropped[:, None, None], -1)
+            extra["binding"] = binding_loss([m.probs for m in cross_attention], coverage, words)
+            loss = loss + binding_weight * extra["binding"]
 
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, tc["steps"], tc["lr"])

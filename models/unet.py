@@ -334,7 +334,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, cau
 
 
 class CrossAttention(nn.Module):
-    """LDM attention (keys to_q, to_k, to_v, to_out.0); self-attention when context is None."""
+    """LDM attention (keys to_q, to_k, to_v, to_out.0); self-attention when context is None.
+
+    With ``record_probs`` set, the attention is computed explicitly (not by the fused
+    kernel) and its probabilities [n, heads, lq, lk] are kept in ``probs``, with their
+    gradient: the training aid ``unet.binding_weight`` scores where each word looks."""
 
     def __init__(self, dim: int, heads: int, context_dim: int | None = None):
         super().__init__()
@@ -344,9 +348,16 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(context_dim, dim, bias=False)
         self.to_v = nn.Linear(context_dim, dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(0.0))
+        self.record_probs = False
+        self.probs: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
+        if self.record_probs:
+            q, k, v = (rearrange(t, "n l (h d) -> n h l d", h=self.heads)
+                       for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
+            self.probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
+            return self.to_out(rearrange(self.probs @ v, "n h l d -> n l (h d)"))
         out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads)
         return self.to_out(out)
 

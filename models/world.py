@@ -504,20 +504,42 @@ def render_batch(specs: list[ClipSpec], frames: int = REFERENCE_FRAMES, size: in
     """Render clips: float [B, F, H, W, 3] in 0..1."""
     b = len(specs)
     video = _background(specs, size)[:, None].expand(b, frames, size, size, 3).clone()
+    for _, idx, objs, alpha in _object_alphas(specs, frames, size):
+        colour = torch.tensor([PALETTE[o.colour] for o in objs], dtype=torch.float32)[:, None, None, None] / 255
+        under = video[idx]
+        video[idx] = torch.lerp(under, colour.expand_as(under), alpha[..., None])
+    return video
+
+
+def _object_alphas(specs: list[ClipSpec], frames: int, size: int):
+    """Per object slot and shape, in drawing order: (slot, clip indices, objects, coverage
+    [N, F, H, W] in 0..1 with a 1 px anti-aliased edge). One shape at a time, so each clip
+    pays for its own shape only."""
     for slot in range(max(len(s.objects) for s in specs)):
-        for shape in SHAPES:  # one shape at a time: each clip pays for its own shape only
+        for shape in SHAPES:
             idx = [i for i, s in enumerate(specs) if slot < len(s.objects) and s.objects[slot].shape == shape]
             if not idx:
                 continue
             objs = [specs[i].objects[slot] for i in idx]
             tracks = torch.from_numpy(np.stack([np.stack(trajectory(o, frames)) for o in objs])).float()  # [N, 4, F]
             sdf = _sdf(shape, tracks[:, 0] * size, tracks[:, 1] * size, tracks[:, 2] * size, tracks[:, 3], size)
-            alpha = (0.5 - sdf).clamp_(0, 1)[..., None]  # 1 px anti-aliased edge
-            colour = torch.tensor([PALETTE[o.colour] for o in objs], dtype=torch.float32)[:, None, None, None] / 255
-            idx_t = torch.tensor(idx)
-            under = video[idx_t]
-            video[idx_t] = torch.lerp(under, colour.expand_as(under), alpha)
-    return video
+            yield slot, torch.tensor(idx), objs, (0.5 - sdf).clamp_(0, 1)
+
+
+def object_coverage(specs: list[ClipSpec], frames: int, size: int, cells: int) -> torch.Tensor:
+    """Where each object is: [B, F, MAX_OBJECTS, cells, cells], the fraction of each cell of a
+    ``cells`` x ``cells`` grid (e.g. the latent grid) that the object covers (as rendered at
+    ``size``, anti-aliased edge included); zero for an absent second object. Training aid for
+    ``unet.binding_weight``."""
+    if size % cells:
+        raise ValueError(f"a {size}-pixel clip does not split into {cells} x {cells} cells")
+    if any(len(s.objects) > MAX_OBJECTS for s in specs):
+        raise ValueError(f"object coverage holds at most {MAX_OBJECTS} objects per clip")
+    out = torch.zeros(len(specs), frames, MAX_OBJECTS, size, size)
+    for slot, idx, _, alpha in _object_alphas(specs, frames, size):
+        out[idx, :, slot] = alpha
+    k = size // cells
+    return out.view(len(specs), frames, MAX_OBJECTS, cells, k, cells, k).mean(dim=(4, 6))
 
 
 def render(spec: ClipSpec, frames: int = REFERENCE_FRAMES, size: int = REFERENCE_SIZE) -> torch.Tensor:

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from magicvideo.models import checkpoint, train
-from magicvideo.models.unet import UNetConfig, VideoUNet
+from magicvideo.models import checkpoint, train, world
+from magicvideo.models.unet import CrossAttention, UNetConfig, VideoUNet
 
 TINY = {
     "seed": 3,
@@ -160,8 +160,6 @@ def test_grow_adds_temporal_conv_to_an_init_model(config_file, tmp_path):
 
 
 def test_attribute_labels_follow_the_caption_order():
-    from magicvideo.models import world
-
     spec = world.sample_spec(np.random.default_rng(5), "train")
     while len(spec.objects) != 2:
         spec = world.sample_spec(np.random.default_rng(len(spec.objects) + 11), "train")
@@ -211,6 +209,77 @@ def test_text_aux_weight_trains_the_probe_on_world_clips_only(config_file, tmp_p
     with pytest.raises(SystemExit, match="text_aux_weight needs the world's clips"):
         train.main(["--config", str(config_file), "--stage", "unet", "--run-dir", str(run), "--threads", "1",
                     "--data-dir", str(clips), "--set", "unet.text_aux_weight=0.5"])
+
+
+def test_binding_loss_scores_where_each_objects_words_look_and_can_be_learned():
+    """1 - (share of a word's attention on its object): 0 when each word looks only at its own
+    object, 1 - coverage share when it looks everywhere, and words at -1 do not count. A
+    cross-attention trained on it alone learns to bind: two objects, each cell's features say
+    which one it is on, and each object's words come to look at that object."""
+    b, f, cells, tokens = 1, 2, 4, 6
+    coverage = torch.zeros(b, f, 2, 2, 2)
+    coverage[:, :, 0, 0, 0] = 1.0  # object 0 fills cell 0, object 1 fills cell 3
+    coverage[:, :, 1, 1, 1] = 1.0
+    words = torch.tensor([[[1, 2], [3, 4]]])
+    bound = torch.zeros(b * f, 1, cells, tokens)
+    bound[:, :, 0, [1, 2]] = 1.0  # words 1, 2 only from cell 0; 3, 4 only from cell 3
+    bound[:, :, 3, [3, 4]] = 1.0
+    bound[:, :, 1:3, 0] = 1.0
+    assert train.binding_loss([bound], coverage, words).item() == 0.0
+    uniform = torch.full((b * f, 1, cells, tokens), 1.0 / tokens)
+    assert abs(train.binding_loss([uniform], coverage, words).item() - 0.75) < 1e-6
+    swapped = bound[:, :, [3, 1, 2, 0]]  # each object's words look at the other object
+    assert train.binding_loss([swapped], coverage, words).item() == 1.0
+    one = torch.tensor([[[1, 2], [-1, -1]]])  # a second object absent: only object 0 counts
+    assert train.binding_loss([swapped], coverage, one).item() == 1.0
+    assert train.binding_loss([bound, swapped], coverage, words).item() == 0.5
+
+    torch.manual_seed(0)
+    attn = CrossAttention(8, 2, context_dim=8)
+    attn.record_probs = True
+    x = torch.randn(b * f, cells, 8) * 0.1
+    x[:, 0, 0] += 2.0  # "I am on object 0"
+    x[:, 3, 1] += 2.0  # "I am on object 1"
+    context = torch.randn(b * f, tokens, 8)
+    opt = torch.optim.Adam(attn.parameters(), 1e-2)
+    losses = []
+    for _ in range(150):
+        attn(x, context)
+        loss = train.binding_loss([attn.probs], coverage, words)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] > 0.5 and losses[-1] < 0.3
+
+
+def test_binding_weight_trains_on_world_clips_only(config_file, tmp_path):
+    """The UNet stage with ``unet.binding_weight``: the pool keeps each clip's object coverage
+    and word indices, the log has the binding loss (a share, so in 0..1), the shipped file
+    does not record attention; user clips have no specs and are refused."""
+    run = tmp_path / "bind"
+    train.main(["--config", str(config_file), "--stage", "all", "--run-dir", str(run), "--threads", "1",
+                "--set", "unet.binding_weight=0.5", "--set", "unet.cond_drop=0.0"])
+    rows = [json.loads(line) for line in (run / "unet.log").read_text().splitlines()]
+    assert rows and all(0.0 < r["binding"] <= 1.0 for r in rows)
+    unet = checkpoint.load_model(run / "model.safetensors").unet
+    assert not any(m.record_probs for m in unet.modules() if hasattr(m, "record_probs"))
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    with pytest.raises(SystemExit, match="binding_weight needs the world's clips"):
+        train.main(["--config", str(config_file), "--stage", "unet", "--run-dir", str(run), "--threads", "1",
+                    "--data-dir", str(clips), "--set", "unet.binding_weight=0.5"])
+
+
+def test_binding_targets_index_the_text_encoders_tokens():
+    """Word i of a caption is token i + 1 of the built-in text encoder (<bos> first)."""
+    spec = world.ClipSpec((world.ObjectSpec("red", "circle", "left", "slow", .3, .5, .1),))
+    text = train.TextEncoder(train.TextConfig())
+    caption = "a red ball moving left slowly"
+    ids, _, _ = text.tokenize(caption)
+    targets = train.binding_targets(spec, caption)
+    assert targets == [[2, 3], [-1, -1]]
+    assert ids[0, 2].item() == text.word_to_id["red"] and ids[0, 3].item() == text.word_to_id["ball"]
 
 
 def test_first_frame_prob_trains_image_to_video_and_the_file_says_so(config_file, tmp_path):

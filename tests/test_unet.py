@@ -360,6 +360,22 @@ def test_motion_tokens_grow_at_zero_and_let_each_place_read_the_velocity_of_its_
     assert silent[1, 1:4:2, 0].abs().max() < 1e-5
 
 
+def test_cross_attention_recording_its_probabilities_gives_the_fused_output():
+    """``record_probs`` computes the same attention explicitly and keeps rows that sum to 1."""
+    from models.unet import CrossAttention
+
+    torch.manual_seed(0)
+    attn = CrossAttention(16, 2, context_dim=8)
+    x, context = torch.randn(3, 10, 16), torch.randn(3, 5, 8)
+    with torch.no_grad():
+        fused = attn(x, context)
+        attn.record_probs = True
+        explicit = attn(x, context)
+    torch.testing.assert_close(explicit, fused, rtol=1e-5, atol=1e-6)
+    assert attn.probs.shape == (3, 2, 10, 5)
+    torch.testing.assert_close(attn.probs.sum(-1), torch.ones(3, 2, 10))
+
+
 def test_spatiotemporal_levels_must_have_a_transformer():
     with pytest.raises(ValueError, match="spatiotemporal_resolutions \\[8\\] must be levels with a transformer"):
         UNetConfig(**TINY, spatiotemporal_resolutions=(8,))

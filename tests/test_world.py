@@ -163,6 +163,28 @@ def test_object_word_positions_point_at_each_objects_own_colour_and_shape_words(
         world.object_word_positions("a red ball moving left", spec)
 
 
+def test_object_coverage_is_each_objects_rendered_area_per_cell():
+    """Per object, per frame: the fraction of each cell it covers, summing to its rendered
+    area; the cell under its centre mostly covered; an absent second object covers nothing;
+    a size the grid does not divide is an error."""
+    red = world.ObjectSpec("red", "circle", "right", "fast", .3, .4, .12)
+    blue = world.ObjectSpec("blue", "square", "still", None, .75, .7, .1)
+    clips = [world.ClipSpec((red, blue)), world.ClipSpec((red,))]
+    cov = world.object_coverage(clips, 4, 64, 8)
+    assert cov.shape == (2, 4, 2, 8, 8)
+    frames = world.render_batch(clips, 4, 64)
+    red_pixels = (frames[1] - torch.tensor(world.BACKGROUNDS["black"]) / 255).abs().sum(-1).gt(0.1)  # [F, H, W]
+    area = cov[1, :, 0].sum((-1, -2)) * 64  # cells are 8 x 8 pixels
+    assert torch.allclose(area, red_pixels.sum((-1, -2)).float(), rtol=0.1)
+    x, y, _, _ = world.trajectory(red, 4)
+    for f in range(4):
+        assert cov[0, f, 0, int(y[f] * 8), int(x[f] * 8)] > 0.5
+    assert cov[0, 0, 1, 5, 6] > 0.5  # the still square's centre cell
+    assert cov[1, :, 1].sum() == 0 and torch.equal(cov[0, :, 0], cov[1, :, 0])
+    with pytest.raises(ValueError, match="does not split into 7 x 7 cells"):
+        world.object_coverage(clips, 4, 64, 7)
+
+
 def test_spec_json_round_trip():
     for s in specs(20, seed=9, split="all"):
         assert world.ClipSpec.from_dict(json.loads(json.dumps(s.to_dict()))) == s
