@@ -406,7 +406,7 @@ def binding_targets(spec: world.ClipSpec, caption: str) -> list[list[int]]:
 def binding_loss(probs: list[torch.Tensor], coverage: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
     """For ``unet.binding_weight``: each object's words should look at that object.
 
-    The shipped default's cross-attention gave each object's cells as much attention on the
+    The session-8 default's cross-attention gave each object's cells as much attention on the
     other object's colour and shape words as on their own (``scripts/conditioning_probe.py
     --binding``), so nothing could give two objects different attributes. For every
     cross-attention block, every object and each of its two words, this takes the word's

@@ -91,4 +91,15 @@ $PY -m magicvideo.train --config configs/default.json --stage unet --run-dir "$R
     --init "$RUN-more/model.safetensors" --threads 2 \
     --set 'unet.grow={"caption_time_embed": true, "motion_field": true}' --set seed=1238 \
     --set unet.text_aux_weight=0.1 --set unet.batch_size=8 --set unet.lr=2e-4 --set unet.steps=4800
-cp "$RUN-field/model.safetensors" weights/magicvideo_default.safetensors
+
+# 8. Binding (docs/TRAINING.md, step 9 of the recipe): that UNet grown with motion_tokens (each steered
+#    query adds the velocity of the caption words it attends to, starting at zero), a 4800-step schedule
+#    in a fresh folder (same VAE) stopped at 1750 ...
+TOKENS=(--config configs/default.json --stage unet --run-dir "$RUN-tokens" --init "$RUN-field/model.safetensors"
+        --threads 2 --set 'unet.grow={"motion_tokens": true}' --set seed=1239 --set unet.text_aux_weight=0.1
+        --set unet.batch_size=8 --set unet.lr=2e-4 --set unet.steps=4800)
+$PY -m magicvideo.train "${TOKENS[@]}" --stop-at 1750
+#    ... then resumed with the binding loss on (each object's words should look at that object) and
+#    stopped at 3750
+$PY -m magicvideo.train "${TOKENS[@]}" --set unet.binding_weight=0.1 --resume --stop-at 3750
+cp "$RUN-tokens/model.safetensors" weights/magicvideo_default.safetensors

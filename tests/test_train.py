@@ -458,10 +458,10 @@ def test_conditioning_probe_script_reads_a_text_encoder(config_file, tmp_path):
 
 
 def test_conditioning_probe_object_velocities_split_field_and_token_parts(tmp_path):
-    """Part 5 on the bundled default (steering with a motion field, no token velocity): one
-    line per steered block; the token part is exactly zero, the field part is not zero
-    everywhere, and with the field zeroed it is zero too. A model whose steering has no
-    per-query part prints nothing."""
+    """Part 5 on the bundled default (steering with a motion field): one line per steered
+    block; with the word-keyed velocity off (absent, or its Linear zeroed) the token part is
+    exactly zero while the field part is not zero everywhere, and with the field zeroed it is
+    zero too. A model whose steering has no per-query part prints nothing."""
     probe = _script("conditioning_probe")
     src = str(Path(__file__).resolve().parents[1] / "weights" / "magicvideo_default.safetensors")
     bundle = checkpoint.load_model(src)
@@ -473,6 +473,11 @@ def test_conditioning_probe_object_velocities_split_field_and_token_parts(tmp_pa
         return [(float(r.split("field ")[1].split()[0]), float(r.split("tokens ")[1].split()[0])) for r in rows]
 
     steered = [m for m in bundle.unet.modules() if getattr(m, "steer", None) is not None]
+    with torch.no_grad():
+        for m in steered:
+            if m.token_v is not None:
+                m.token_v.weight.zero_()
+                m.token_v.bias.zero_()
     with_field = parts(bundle.unet)
     assert len(with_field) == len(steered) > 0
     assert all(tokens == 0.0 for _, tokens in with_field) and any(abs(field) >= 0.001 for field, _ in with_field)
@@ -481,7 +486,8 @@ def test_conditioning_probe_object_velocities_split_field_and_token_parts(tmp_pa
             m.field.weight.zero_()
             m.field.bias.zero_()
     assert all(field == 0.0 for field, _ in parts(bundle.unet))
-    plain = VideoUNet(UNetConfig.from_dict({**bundle.unet.config.to_dict(), "motion_field": False}))
+    plain = VideoUNet(UNetConfig.from_dict({**bundle.unet.config.to_dict(), "motion_field": False,
+                                            "motion_tokens": False}))
     assert parts(plain) == []
 
 
