@@ -499,14 +499,15 @@ class DirectedSpatioTemporalAttention(DirectedTemporalAttention):
         if self.steer is not None:
             if context is None:
                 raise ValueError("motion steering needs the text conditioning (context)")
-            u = self.velocity(context.to(n.dtype), f)[:, :, None, :]  # [b, h, 1, 2]: the same for every query
+            context = context.to(n.dtype)
+            u = self.velocity(context, f)[:, :, None, :]  # [b, h, 1, 2]: the same for every query
             cell = torch.stack([rows, cols], dim=-1).repeat(f, 1).to(n.dtype)  # [(f s), 2]
             offset = cell[:, None, :] - cell[None, :, :]  # x - y, [lq, lk, 2]
             lag = (frame[:, None] - frame[None, :]).to(n.dtype)  # p - q
             if self.field is not None:  # the video's velocity plus each query's own: [b, h, lq, 2]
                 u = u + rearrange(self.field(n), "b q (h two) -> b h q two", two=2)
             if self.token_v is not None:  # plus the velocity of the words each query attends to
-                u = u + self.token_velocity(n, context.to(n.dtype), f)
+                u = u + self.token_velocity(n, context, f)
             u = u.expand(-1, -1, offset.shape[0], -1)
             bias = lag[None, None] * torch.einsum("qkt,bhqt->bhqk", offset, u)
             if mask is not None:

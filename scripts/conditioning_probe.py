@@ -35,6 +35,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import warnings
 
 import numpy as np
@@ -147,6 +148,30 @@ def steering_velocities(path: str) -> list[str]:
     return rows
 
 
+def _centre_cell(centre, frame: int, height: int, width: int) -> int:
+    """Index in a height x width grid (row-major) of the cell under an object's centre."""
+    cx, cy = centre
+    return min(int(cy[frame] * height), height - 1) * width + min(int(cx[frame] * width), width - 1)
+
+
+def _noised_forward(bundle, pixels: torch.Tensor, caption: str, t: int, pre_hooks=None, hooks=None) -> None:
+    """One UNet forward of a world clip (pixels [F, 3, H, W] in -1..1) VAE-encoded and noised
+    to t, with forward pre-hooks and forward hooks ({module: hook}) in place for it."""
+    unet, text, vae = bundle.unet, bundle.text_encoder, bundle.vae
+    handles = [m.register_forward_pre_hook(h) for m, h in (pre_hooks or {}).items()]
+    handles += [m.register_forward_hook(h) for m, h in (hooks or {}).items()]
+    try:
+        with torch.no_grad():
+            context, _ = text.encode([caption])
+            z = vae.encode(pixels, chunk_size=None)
+            alpha = training_schedule()[t]
+            zt = alpha.sqrt() * z + (1 - alpha).sqrt() * video_noise(z.shape, len(z), unet.config.noise_sharing)
+            unet(zt, torch.full((len(z),), t), context, len(z))
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def object_velocities(path: str, t: int = 600, clips: int = 4, seed: int = 0) -> list[str]:
     """One line per steered block: how far apart the per-query velocity parts (field,
     tokens) push a left-moving circle and a right-moving square in one clip.
@@ -158,17 +183,17 @@ def object_velocities(path: str, t: int = 600, clips: int = 4, seed: int = 0) ->
     """
     from einops import rearrange
 
+    torch.manual_seed(seed)  # the noise of each clip
     bundle = checkpoint.load_model(path)
-    unet, text, vae = bundle.unet.eval(), bundle.text_encoder.eval(), bundle.vae.eval()
+    unet, text = bundle.unet.eval(), bundle.text_encoder.eval()
+    bundle.vae.eval()
     blocks = {n.removesuffix(".spatiotemporal_attn"): m for n, m in unet.named_modules()
               if getattr(m, "steer", None) is not None}
     if not any(m.field is not None or m.token_v is not None for m in blocks.values()):
         return []
     rng = np.random.default_rng(seed)
-    heads = {n: m.heads for n, m in blocks.items()}
-    sums = {n: np.zeros((2, 2, heads[n])) for n in blocks}  # [object, part (field, tokens), head]
-    counts = {n: 0 for n in blocks}
-    alpha = training_schedule()[t]
+    sums = {n: np.zeros((2, 2, m.heads)) for n, m in blocks.items()}  # [object, part (field, tokens), head]
+    counts = dict.fromkeys(blocks, 0)
     for _ in range(clips):
         while True:
             objects = (world.place_object(rng, "red", "circle", "left"), world.place_object(rng, "blue", "square", "right"))
@@ -186,23 +211,13 @@ def object_velocities(path: str, t: int = 600, clips: int = 4, seed: int = 0) ->
                 field = rearrange(module.field(n), "b q (h two) -> b h q two", two=2) if module.field is not None else zero
                 tokens = module.token_velocity(n, context, f) if module.token_v is not None else zero
                 cols = rearrange(torch.stack([field[0, ..., 1], tokens[0, ..., 1]]), "k h (f s) -> k h f s", f=f)
-                for i, (cx, cy) in enumerate(centres):
+                for i, centre in enumerate(centres):
                     for frame in range(1, f):
-                        cell = min(int(cy[frame] * h), h - 1) * w + min(int(cx[frame] * w), w - 1)
-                        sums[name][i] += cols[:, :, frame, cell].numpy() / (f - 1)
+                        sums[name][i] += cols[:, :, frame, _centre_cell(centre, frame, h, w)].numpy() / (f - 1)
                 counts[name] += 1
             return read
 
-        handles = [m.register_forward_pre_hook(hook(n)) for n, m in blocks.items()]
-        try:
-            with torch.no_grad():
-                context, _ = text.encode([world.caption(spec, rng)])
-                z = vae.encode(pixels, chunk_size=None)
-                zt = alpha.sqrt() * z + (1 - alpha).sqrt() * video_noise(z.shape, len(z), unet.config.noise_sharing)
-                unet(zt, torch.full((len(z),), t), context, len(z))
-        finally:
-            for handle in handles:
-                handle.remove()
+        _noised_forward(bundle, pixels, world.caption(spec, rng), t, pre_hooks={m: hook(n) for n, m in blocks.items()})
     with torch.no_grad():
         single, _ = text.encode(["a red circle moving left quickly", "a red circle moving right quickly"])
     rows = []
@@ -218,18 +233,19 @@ def object_velocities(path: str, t: int = 600, clips: int = 4, seed: int = 0) ->
 
 
 def binding(path: str, t: int = 400, clips: int = 8, seed: int = 0) -> list[str]:
-    """One line per cross-attention block: attention mass on the object's own words vs the other's."""
-    from einops import rearrange
-
+    """One line per cross-attention block: attention mass on the object's own words vs the
+    other's (the blocks' own ``CrossAttention.record_probs``)."""
+    torch.manual_seed(seed)  # the noise of each clip
     bundle = checkpoint.load_model(path)
-    unet, text, vae = bundle.unet.eval(), bundle.text_encoder.eval(), bundle.vae.eval()
-    if text is None or vae is None:
-        raise SystemExit(f"{path}: the binding probe needs a file with a VAE and a built-in text encoder")
-    blocks = {n: m.attn2 for n, m in unet.named_modules() if hasattr(m, "attn2")}
+    if bundle.unet is None or bundle.text_encoder is None or bundle.vae is None:
+        raise SystemExit(f"{path}: the binding probe needs a file with a UNet, a VAE and a built-in text encoder")
+    unet = bundle.unet.eval()
+    bundle.text_encoder.eval()
+    bundle.vae.eval()
+    blocks = {n.removesuffix(".transformer_blocks.0"): m.attn2 for n, m in unet.named_modules() if hasattr(m, "attn2")}
     sums = {n: np.zeros(2) for n in blocks}  # own, other
     counts = dict.fromkeys(blocks, 0)
     rng = np.random.default_rng(seed)
-    alpha = training_schedule()[t]
     for _ in range(clips):
         spec = world.sample_spec(rng, "train", two_object_prob=1.0)
         while len(spec.objects) != 2:  # a second object that found no room is left out
@@ -240,35 +256,27 @@ def binding(path: str, t: int = 400, clips: int = 8, seed: int = 0) -> list[str]
         centres = [world.trajectory(o, len(pixels))[:2] for o in spec.objects]
 
         def hook(name):
-            def read(module, args):
-                x, context = args
-                q = rearrange(module.to_q(x), "n l (h d) -> n h l d", h=module.heads)
-                k = rearrange(module.to_k(context), "n l (h d) -> n h l d", h=module.heads)
-                probs = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1).mean(1)  # [frames, l, s]
-                side = int(round(probs.shape[1] ** 0.5))
-                for i, (cx, cy) in enumerate(centres):
-                    cells = [min(int(cy[f] * side), side - 1) * side + min(int(cx[f] * side), side - 1)
-                             for f in range(len(probs))]
-                    p = probs[torch.arange(len(probs)), cells]  # [frames, s]
+            def read(module, args, output):
+                probs = module.probs.mean(1)  # [frames, cells, tokens], mean over heads
+                side = math.isqrt(probs.shape[1])
+                for i, centre in enumerate(centres):
+                    p = probs[torch.arange(len(probs)), [_centre_cell(centre, f, side, side) for f in range(len(probs))]]
                     own, other = tokens[i], tokens[1 - i]
                     sums[name] += [p[:, own].sum(-1).mean().item(), p[:, other].sum(-1).mean().item()]
                 counts[name] += 2
             return read
 
-        handles = [m.register_forward_pre_hook(hook(n)) for n, m in blocks.items()]
+        for m in blocks.values():
+            m.record_probs = True
         try:
-            with torch.no_grad():
-                context, _ = text.encode([words])
-                z = vae.encode(pixels, chunk_size=None)
-                zt = alpha.sqrt() * z + (1 - alpha).sqrt() * video_noise(z.shape, len(z), unet.config.noise_sharing)
-                unet(zt, torch.full((len(z),), t), context, len(z))
+            _noised_forward(bundle, pixels, words, t, hooks={m: hook(n) for n, m in blocks.items()})
         finally:
-            for handle in handles:
-                handle.remove()
+            for m in blocks.values():
+                m.record_probs, m.probs = False, None
     rows = []
     for name in blocks:
         own, other = sums[name] / max(counts[name], 1)
-        rows.append(f"{name.removesuffix('.transformer_blocks.0')}  own words {100 * own:5.1f}%  other object's {100 * other:5.1f}%")
+        rows.append(f"{name}  own words {100 * own:5.1f}%  other object's {100 * other:5.1f}%")
     return rows
 
 

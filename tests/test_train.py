@@ -196,6 +196,16 @@ def test_text_attribute_probe_reads_only_what_the_conditioning_holds():
         assert torch.isfinite(probe.loss(informative, torch.full_like(labels, -100)))
 
 
+def _refuses_user_clips(config_file, tmp_path, run, setting: str):
+    """A training aid that needs the world's specs is refused on a folder of the user's clips
+    (``run``: a trained run folder, whose VAE the UNet stage reads first)."""
+    clips = tmp_path / "clips"
+    clips.mkdir(exist_ok=True)
+    with pytest.raises(SystemExit, match=f"{setting} needs the world's clips"):
+        train.main(["--config", str(config_file), "--stage", "unet", "--run-dir", str(run),
+                    "--threads", "1", "--data-dir", str(clips), "--set", f"unet.{setting}=0.5"])
+
+
 def test_text_aux_weight_trains_the_probe_on_world_clips_only(config_file, tmp_path):
     run = tmp_path / "aux"
     train.main(["--config", str(config_file), "--stage", "all", "--run-dir", str(run), "--threads", "1",
@@ -204,11 +214,7 @@ def test_text_aux_weight_trains_the_probe_on_world_clips_only(config_file, tmp_p
     assert all(r["text_aux"] > 0 for r in rows)
     assert "probe" in torch.load(run / "unet_state.pt", weights_only=True)
     assert not any("probe" in k for k in checkpoint.load_model(run / "model.safetensors").unet.state_dict())
-    clips = tmp_path / "clips"
-    clips.mkdir()
-    with pytest.raises(SystemExit, match="text_aux_weight needs the world's clips"):
-        train.main(["--config", str(config_file), "--stage", "unet", "--run-dir", str(run), "--threads", "1",
-                    "--data-dir", str(clips), "--set", "unet.text_aux_weight=0.5"])
+    _refuses_user_clips(config_file, tmp_path, run, "text_aux_weight")
 
 
 def test_binding_loss_scores_where_each_objects_words_look_and_can_be_learned():
@@ -255,20 +261,14 @@ def test_binding_loss_scores_where_each_objects_words_look_and_can_be_learned():
 
 def test_binding_weight_trains_on_world_clips_only(config_file, tmp_path):
     """The UNet stage with ``unet.binding_weight``: the pool keeps each clip's object coverage
-    and word indices, the log has the binding loss (a share, so in 0..1), the shipped file
-    does not record attention; user clips have no specs and are refused."""
+    and word indices, the log has the binding loss (a share, so in 0..1); user clips have no
+    specs and are refused."""
     run = tmp_path / "bind"
     train.main(["--config", str(config_file), "--stage", "all", "--run-dir", str(run), "--threads", "1",
                 "--set", "unet.binding_weight=0.5", "--set", "unet.cond_drop=0.0"])
     rows = [json.loads(line) for line in (run / "unet.log").read_text().splitlines()]
     assert rows and all(0.0 < r["binding"] <= 1.0 for r in rows)
-    unet = checkpoint.load_model(run / "model.safetensors").unet
-    assert not any(m.record_probs for m in unet.modules() if hasattr(m, "record_probs"))
-    clips = tmp_path / "clips"
-    clips.mkdir()
-    with pytest.raises(SystemExit, match="binding_weight needs the world's clips"):
-        train.main(["--config", str(config_file), "--stage", "unet", "--run-dir", str(run), "--threads", "1",
-                    "--data-dir", str(clips), "--set", "unet.binding_weight=0.5"])
+    _refuses_user_clips(config_file, tmp_path, run, "binding_weight")
 
 
 def test_binding_targets_index_the_text_encoders_tokens():

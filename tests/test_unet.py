@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from magicvideo.models.unet import (
+    CrossAttention,
     FrameAdaptor,
     UNetConfig,
     VideoUNet,
@@ -293,19 +294,25 @@ def test_motion_steering_makes_the_caption_say_which_way_a_frame_looks_back():
     torch.testing.assert_close(towards_right[0], unsteered[0])  # frame 0 has no earlier frame to steer to
 
 
-def test_motion_field_grows_at_zero_and_lets_two_places_look_back_different_ways():
-    """Grown onto a steered model it changes nothing. Then, with no caption velocity, a
-    query's own features set its direction: two cells with opposite features read frame 0
-    from opposite sides (one video-wide velocity could only move them alike)."""
+def _grows_onto_steering_at_zero(flag: str, marker: str):
+    """Grown onto a steered model, ``flag`` adds only motion keys containing ``marker`` and
+    changes nothing bit for bit; without steering it is refused."""
     steered = randomize_motion_(tiny(spatiotemporal_resolutions=(2,), motion_steering=True))
-    grown = steered.grown(motion_field=True).eval()
+    grown = steered.grown(**{flag: True}).eval()
     new = set(grown.state_dict()) - set(steered.state_dict())
-    assert new and all(".field." in k and is_motion_key(k) for k in new)
+    assert new and all(marker in k and is_motion_key(k) for k in new)
     x, t, ctx = inputs(frames=4)
     with torch.no_grad():
         torch.testing.assert_close(grown(x, t, ctx, num_frames=4), steered(x, t, ctx, num_frames=4), rtol=0, atol=0)
     with pytest.raises(ValueError, match="set motion_steering too"):
-        tiny(spatiotemporal_resolutions=(2,)).grown(motion_field=True)
+        tiny(spatiotemporal_resolutions=(2,)).grown(**{flag: True})
+
+
+def test_motion_field_grows_at_zero_and_lets_two_places_look_back_different_ways():
+    """Grown onto a steered model it changes nothing. Then, with no caption velocity, a
+    query's own features set its direction: two cells with opposite features read frame 0
+    from opposite sides (one video-wide velocity could only move them alike)."""
+    _grows_onto_steering_at_zero("motion_field", ".field.")
 
     dim, heads, size, frames = 8, 2, (1, 5), 2
     attn = _position_only_attention(dim, heads, steering_dim=4, field=True)
@@ -326,15 +333,7 @@ def test_motion_tokens_grow_at_zero_and_let_each_place_read_the_velocity_of_its_
     cells whose features pick different caption words read frame 0 from opposite sides,
     each from the velocity of the word it attends to; with that velocity at zero they read
     nothing in particular."""
-    steered = randomize_motion_(tiny(spatiotemporal_resolutions=(2,), motion_steering=True))
-    grown = steered.grown(motion_tokens=True).eval()
-    new = set(grown.state_dict()) - set(steered.state_dict())
-    assert new and all(".token_" in k and is_motion_key(k) for k in new)
-    x, t, ctx = inputs(frames=4)
-    with torch.no_grad():
-        torch.testing.assert_close(grown(x, t, ctx, num_frames=4), steered(x, t, ctx, num_frames=4), rtol=0, atol=0)
-    with pytest.raises(ValueError, match="set motion_steering too"):
-        tiny(spatiotemporal_resolutions=(2,)).grown(motion_tokens=True)
+    _grows_onto_steering_at_zero("motion_tokens", ".token_")
 
     dim, heads, size, frames = 8, 2, (1, 5), 2
     attn = _position_only_attention(dim, heads, steering_dim=4, tokens=True)
@@ -362,8 +361,6 @@ def test_motion_tokens_grow_at_zero_and_let_each_place_read_the_velocity_of_its_
 
 def test_cross_attention_recording_its_probabilities_gives_the_fused_output():
     """``record_probs`` computes the same attention explicitly and keeps rows that sum to 1."""
-    from models.unet import CrossAttention
-
     torch.manual_seed(0)
     attn = CrossAttention(16, 2, context_dim=8)
     x, context = torch.randn(3, 10, 16), torch.randn(3, 5, 8)
