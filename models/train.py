@@ -396,11 +396,23 @@ class TextAttributeProbe(torch.nn.Module):
         return torch.stack(losses).mean() if losses else context.sum() * 0
 
 
-def binding_targets(spec: world.ClipSpec, caption: str) -> list[list[int]]:
-    """[MAX_OBJECTS, 2] token indices of each object's colour and shape word in the built-in
-    text encoder's ids (<bos> first, so word i is token i + 1); -1 for an absent object."""
-    pairs = [[c + 1, s + 1] for c, s in world.object_word_positions(caption, spec)]
-    return pairs + [[-1, -1]] * (world.MAX_OBJECTS - len(pairs))
+BINDING_WORDS = {"noun": 2, "object": 8}  # unet.binding_words -> word slots per object
+
+
+def binding_targets(spec: world.ClipSpec, caption: str, words: str = "noun") -> list[list[int]]:
+    """[MAX_OBJECTS, slots] token indices, in the built-in text encoder's ids (<bos> first, so
+    word i is token i + 1), of each object's colour and shape word ("noun", 2 slots) or of all
+    its words, its motion and speed words too ("object", 8 slots); -1 where none (an absent
+    object, a shorter phrase)."""
+    if words not in BINDING_WORDS:
+        raise ValueError(f"unet.binding_words: expected one of {sorted(BINDING_WORDS)}, found {words!r}")
+    slots = BINDING_WORDS[words]
+    rows = []
+    for pos in world.object_word_positions(caption, spec, motion=words == "object"):
+        if len(pos) > slots:
+            raise ValueError(f"caption {caption!r} names an object with {len(pos)} words; binding keeps {slots}")
+        rows.append([i + 1 for i in pos] + [-1] * (slots - len(pos)))
+    return rows + [[-1] * slots] * (world.MAX_OBJECTS - len(rows))
 
 
 def binding_loss(probs: list[torch.Tensor], coverage: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
@@ -409,19 +421,20 @@ def binding_loss(probs: list[torch.Tensor], coverage: torch.Tensor, words: torch
     The session-8 default's cross-attention gave each object's cells as much attention on the
     other object's colour and shape words as on their own (``scripts/conditioning_probe.py
     --binding``), so nothing could give two objects different attributes. For every
-    cross-attention block, every object and each of its two words, this takes the word's
+    cross-attention block, every object and each of its words, this takes the word's
     attention over the block's cells (mean over heads) and scores the share of it that falls
     on the object (``world.object_coverage`` pooled to the block's grid): loss = 1 - share,
     averaged. A word that looks only at its object scores 0; one that looks everywhere
     scores 1 - (the object's share of the frame).
 
     probs: per block [(b f), heads, cells, tokens] (``CrossAttention.record_probs``);
-    coverage [b, f, MAX_OBJECTS, h, w] on the latent grid; words [b, MAX_OBJECTS, 2] token
-    indices, -1 where none (an absent object, a dropped caption).
+    coverage [b, f, MAX_OBJECTS, h, w] on the latent grid; words [b, MAX_OBJECTS, slots]
+    token indices (``binding_targets``), -1 where none (an absent object, a dropped caption).
     """
     b, f, k = coverage.shape[:3]
-    idx = words.reshape(b, k * 2)
-    valid = (idx >= 0).repeat_interleave(f, dim=0)  # [(b f), k*2]
+    slots = words.shape[-1]
+    idx = words.reshape(b, k * slots)
+    valid = (idx >= 0).repeat_interleave(f, dim=0)  # [(b f), k * slots]
     idx = idx.clamp(min=0).repeat_interleave(f, dim=0)
     if not valid.any():
         return sum(p.sum() for p in probs) * 0
@@ -432,8 +445,8 @@ def binding_loss(probs: list[torch.Tensor], coverage: torch.Tensor, words: torch
         if side * side != cells:
             raise ValueError(f"cross-attention over {cells} cells is not a square grid")
         cov = F.adaptive_avg_pool2d(coverage.flatten(0, 2), side).view(b * f, k, cells)  # [(b f), k, cells]
-        cov = cov.repeat_interleave(2, dim=1)  # one row per word
-        look = p.mean(1).gather(-1, idx[:, None, :].expand(-1, cells, -1)).transpose(1, 2)  # [(b f), k*2, cells]
+        cov = cov.repeat_interleave(slots, dim=1)  # one row per word
+        look = p.mean(1).gather(-1, idx[:, None, :].expand(-1, cells, -1)).transpose(1, 2)  # [(b f), k * slots, cells]
         share = (look * cov).sum(-1) / look.sum(-1).clamp_min(1e-8)
         losses.append(((1 - share) * valid).sum() / valid.sum())
     return torch.stack(losses).mean()
@@ -449,11 +462,12 @@ class LatentPool:
     """
 
     def __init__(self, source, vae: VideoVAE, size: int, refresh: int, device, seed: int,
-                 foreground_weight: float = 0.0, labels: bool = False, binding: bool = False):
+                 foreground_weight: float = 0.0, labels: bool = False, binding: str | None = None):
         self.source, self.vae, self.refresh, self.device = source, vae, refresh, device
         self.foreground_weight = foreground_weight
         self.rng = np.random.default_rng(seed)
-        self.with_labels, self.with_binding = labels, binding
+        self.with_labels, self.with_binding = labels, binding is not None
+        self.binding_words = binding  # which words (``binding_targets``), None: no binding targets
         self.latents, self.captions, self.weights, self.labels = [], [], [], []
         self.coverage, self.words = [], []  # binding targets: where each object is, its words
         while len(self.latents) < size:
@@ -478,12 +492,12 @@ class LatentPool:
             self.labels.extend(torch.tensor([world.attribute_labels(s) for s in specs]))
         if self.with_binding:
             self.coverage.extend(world.object_coverage(specs, f, videos.shape[-1], latents.shape[-1]))
-            self.words.extend(torch.tensor([binding_targets(s, c) for s, c in zip(specs, captions)]))
+            self.words.extend(torch.tensor([binding_targets(s, c, self.binding_words) for s, c in zip(specs, captions)]))
 
     def batch(self, batch_size: int):
         """-> latents [(b f), 4, h, w] (scaled), captions, loss weights [(b f), 1, h, w],
         attribute labels [b, n] and binding targets (coverage [b, f, MAX_OBJECTS, h, w], words
-        [b, MAX_OBJECTS, 2]); each None unless the pool keeps it. Replaces the oldest clips."""
+        [b, MAX_OBJECTS, slots]); each None unless the pool keeps it. Replaces the oldest clips."""
         if self.refresh:
             self._add(self.refresh)
             for kept in (self.latents, self.captions, self.weights, self.labels, self.coverage, self.words):
@@ -567,6 +581,9 @@ def train_unet(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
     if binding_weight and args.data_dir:
         raise SystemExit("unet.binding_weight needs the world's clips (their specs say where each object is); "
                          "it cannot be used with --data-dir")
+    binding_words = tc.get("binding_words", "noun")
+    if binding_words not in BINDING_WORDS:
+        raise SystemExit(f"unet.binding_words: expected one of {sorted(BINDING_WORDS)}, found {binding_words!r}")
     cross_attention = [m.attn2 for m in unet.modules() if hasattr(m, "attn2")]
     for m in cross_attention:
         m.record_probs = bool(binding_weight)
@@ -593,7 +610,8 @@ def train_unet(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
     frames, fps = cfg["data"]["frames"], cfg["data"].get("fps", 8)
     source = make_source(cfg, args, cfg["seed"] + 1 + start)
     pool = LatentPool(source, vae, tc["pool_size"], tc["pool_refresh"], device, cfg["seed"] + 3 + start,
-                      tc.get("foreground_weight", 0.0), labels=bool(aux_weight), binding=bool(binding_weight))
+                      tc.get("foreground_weight", 0.0), labels=bool(aux_weight),
+                      binding=binding_words if binding_weight else None)
     drop_rng = random.Random(cfg["seed"] + 2 + start)
     log = Logger(run_dir / "unet.log", tc["steps"], start)
     end = min(tc["steps"], args.stop_at) if getattr(args, "stop_at", None) else tc["steps"]
@@ -691,7 +709,8 @@ def main(argv=None):
                                    "(e.g. weights/magicvideo_default.safetensors) in a new run folder")
     p.add_argument("--steps", type=int, help="override the number of steps of the stage(s) run")
     p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
-                   help="override one config value, e.g. --set vae.steps=1500 --set unet.lr=3e-4")
+                   help="override one config value (JSON; a bare word is a string), e.g. --set vae.steps=1500 "
+                        "--set unet.lr=3e-4 --set unet.binding_words=object")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
                    help="unet stage: stop (and save) before this step; the learning-rate schedule keeps its "
@@ -711,7 +730,10 @@ def main(argv=None):
             if name not in node:
                 raise SystemExit(f"--set {item}: no '{name}' in the config (has {sorted(node)})")
             node = node[name]
-        node[leaf] = json.loads(value)
+        try:
+            node[leaf] = json.loads(value)
+        except json.JSONDecodeError:  # a bare word: a string (--set unet.binding_words=object)
+            node[leaf] = value
     if args.threads:
         torch.set_num_threads(args.threads)
     run_dir = Path(args.run_dir)

@@ -361,6 +361,7 @@ MOTION_PHRASES = {
 }
 SPEED_WORDS = {"slow": ("slowly", "gently"), "fast": ("quickly", "fast", "rapidly", "swiftly")}
 TEMPLATE_WORDS = "a an the is two objects and while on against over background".split()
+_BACKGROUND_PREPOSITIONS = ("on", "against", "over")  # open a caption's background clause
 
 
 def _pick(rng: np.random.Generator, options):
@@ -412,25 +413,41 @@ def caption(spec: ClipSpec, rng: np.random.Generator) -> str:
     if rng.random() < 0.5:
         tex = _pick(rng, TEXTURE_WORDS[spec.texture])
         bg = _pick(rng, BACKGROUND_WORDS[spec.background])
-        prep = _pick(rng, ("on", "against", "over"))
+        prep = _pick(rng, _BACKGROUND_PREPOSITIONS)
         text += f", {prep} " + _with_article(f"{tex + ' ' if tex else ''}{bg} background", False)
     return text
 
 
-def object_word_positions(caption_text: str, spec: ClipSpec) -> list[tuple[int, int]]:
+def object_word_positions(caption_text: str, spec: ClipSpec, motion: bool = False) -> list[tuple[int, ...]]:
     """Word indices (in ``text.normalise`` order) of each object's colour word and shape word,
     in the order of ``spec.objects``: the words that object's pixels should attend to.
-    Objects are named in order as "<colour> <shape>", which nothing else in a caption is."""
+    Objects are named in order as "<colour> <shape>", which nothing else in a caption is.
+
+    With ``motion`` each tuple goes on with the object's motion and speed words: those after
+    its shape word, up to the next object's colour word or the background clause ("on",
+    "against", "over"), less the template's function words ("and", "the", ...)."""
     words = re.sub(r"[^a-z0-9]+", " ", caption_text.lower()).split()  # as text.normalise (which imports us)
-    out, start = [], 0
+    nouns, start = [], 0
     for obj in spec.objects:
         for i in range(start, len(words) - 1):
             if words[i] in COLOUR_WORDS[obj.colour] and words[i + 1] in SHAPE_WORDS[obj.shape]:
-                out.append((i, i + 1))
+                nouns.append((i, i + 1))
                 start = i + 2
                 break
         else:
             raise ValueError(f"no '{obj.colour} {obj.shape}' in caption {caption_text!r}")
+    if not motion:
+        return nouns
+    out = []
+    for k, (colour, shape) in enumerate(nouns):
+        end = nouns[k + 1][0] if k + 1 < len(nouns) else len(words)
+        rest = []
+        for i in range(shape + 1, end):
+            if words[i] in _BACKGROUND_PREPOSITIONS:
+                break
+            if words[i] not in TEMPLATE_WORDS:
+                rest.append(i)
+        out.append((colour, shape, *rest))
     return out
 
 

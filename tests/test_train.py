@@ -239,6 +239,10 @@ def test_binding_loss_scores_where_each_objects_words_look_and_can_be_learned():
     one = torch.tensor([[[1, 2], [-1, -1]]])  # a second object absent: only object 0 counts
     assert train.binding_loss([swapped], coverage, one).item() == 1.0
     assert train.binding_loss([bound, swapped], coverage, words).item() == 0.5
+    padded = torch.tensor([[[1, 2, -1], [3, 4, -1]]])  # more word slots (binding_words "object"), unused
+    assert train.binding_loss([swapped], coverage, padded).item() == 1.0
+    mixed = torch.tensor([[[1, 2, 4], [3, -1, -1]]])  # object 0's third word looks at object 1
+    assert abs(train.binding_loss([bound], coverage, mixed).item() - 0.25) < 1e-6
 
     torch.manual_seed(0)
     attn = CrossAttention(8, 2, context_dim=8)
@@ -269,6 +273,15 @@ def test_binding_weight_trains_on_world_clips_only(config_file, tmp_path):
     rows = [json.loads(line) for line in (run / "unet.log").read_text().splitlines()]
     assert rows and all(0.0 < r["binding"] <= 1.0 for r in rows)
     _refuses_user_clips(config_file, tmp_path, run, "binding_weight")
+    objects = tmp_path / "bind-object"  # all of each object's words, its motion's too
+    train.main(["--config", str(config_file), "--stage", "unet", "--run-dir", str(objects), "--threads", "1",
+                "--init", str(run / "model.safetensors"), "--set", "unet.binding_weight=0.5",
+                "--set", "unet.binding_words=object", "--set", "unet.cond_drop=0.0"])
+    rows = [json.loads(line) for line in (objects / "unet.log").read_text().splitlines()]
+    assert rows and all(0.0 < r["binding"] <= 1.0 for r in rows)
+    with pytest.raises(SystemExit, match="unet.binding_words: expected one of"):
+        train.main(["--config", str(config_file), "--stage", "unet", "--run-dir", str(objects), "--threads", "1",
+                    "--set", "unet.binding_weight=0.5", "--set", "unet.binding_words=verbs"])
 
 
 def test_binding_targets_index_the_text_encoders_tokens():
@@ -280,6 +293,9 @@ def test_binding_targets_index_the_text_encoders_tokens():
     targets = train.binding_targets(spec, caption)
     assert targets == [[2, 3], [-1, -1]]
     assert ids[0, 2].item() == text.word_to_id["red"] and ids[0, 3].item() == text.word_to_id["ball"]
+    assert train.binding_targets(spec, caption, "object") == [[2, 3, 4, 5, 6, -1, -1, -1], [-1] * 8]
+    with pytest.raises(ValueError, match="unet.binding_words: expected one of"):
+        train.binding_targets(spec, caption, "verbs")
 
 
 def test_first_frame_prob_trains_image_to_video_and_the_file_says_so(config_file, tmp_path):

@@ -163,6 +163,36 @@ def test_object_word_positions_point_at_each_objects_own_colour_and_shape_words(
         world.object_word_positions("a red ball moving left", spec)
 
 
+def test_object_word_positions_with_motion_add_each_objects_motion_and_speed_words():
+    """With ``motion``: after its colour and shape word, each object gets the words of its own
+    motion phrase (not the joint, the articles, the other object's or the background's words,
+    even where a motion phrase has an "and" of its own), and nothing but words from the
+    world's motion and speed vocabulary."""
+    from magicvideo.models.text import normalise
+
+    bouncing = world.ObjectSpec("red", "circle", "bounce", "fast", .3, .5, .1)
+    spinning = world.ObjectSpec("blue", "square", "rotate", None, .7, .5, .1)
+    spec = world.ClipSpec((bouncing, spinning), background="blue")
+    text = "two objects: a red ball bounces up and down quickly while a blue box spins, against a blue background"
+    words = normalise(text)
+    got = [[words[i] for i in pos] for pos in world.object_word_positions(text, spec, motion=True)]
+    assert got == [["red", "ball", "bounces", "up", "down", "quickly"], ["blue", "box", "spins"]]
+    motion_vocab = {w for group in (world.DIRECTION_WORDS, world.SPEED_WORDS) for options in group.values()
+                    for phrase in options for w in phrase.split()}
+    motion_vocab |= {w for verbs in world.MOVE_VERBS for v in verbs for w in v.split()}
+    motion_vocab |= {w for options in world.MOTION_PHRASES.values() for pair in options for p in pair for w in p.split()}
+    rng = np.random.default_rng(4)
+    for s in specs(300, seed=4, split="all"):
+        text = world.caption(s, rng)
+        words = normalise(text)
+        nouns = world.object_word_positions(text, s)
+        full = world.object_word_positions(text, s, motion=True)
+        assert [p[:2] for p in full] == nouns
+        for pos in full:
+            assert len(pos) > 2 and all(words[i] in motion_vocab for i in pos[2:]), (text, pos)
+            assert all(w not in world.TEMPLATE_WORDS for w in (words[i] for i in pos[2:]))
+
+
 def test_object_coverage_is_each_objects_rendered_area_per_cell():
     """Per object, per frame: the fraction of each cell it covers, summing to its rendered
     area; the cell under its centre mostly covered; an absent second object covers nothing;
