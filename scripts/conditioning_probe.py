@@ -233,8 +233,9 @@ def object_velocities(path: str, t: int = 600, clips: int = 4, seed: int = 0) ->
 
 
 def binding(path: str, t: int = 400, clips: int = 8, seed: int = 0) -> list[str]:
-    """One line per cross-attention block: attention mass on the object's own words vs the
-    other's (the blocks' own ``CrossAttention.record_probs``)."""
+    """One line per cross-attention block: attention mass on the object's own colour and shape
+    words vs the other's, then on its own motion and speed words vs the other's (the blocks'
+    own ``CrossAttention.record_probs``)."""
     torch.manual_seed(seed)  # the noise of each clip
     bundle = checkpoint.load_model(path)
     if bundle.unet is None or bundle.text_encoder is None or bundle.vae is None:
@@ -243,7 +244,7 @@ def binding(path: str, t: int = 400, clips: int = 8, seed: int = 0) -> list[str]
     bundle.text_encoder.eval()
     bundle.vae.eval()
     blocks = {n.removesuffix(".transformer_blocks.0"): m.attn2 for n, m in unet.named_modules() if hasattr(m, "attn2")}
-    sums = {n: np.zeros(2) for n in blocks}  # own, other
+    sums = {n: np.zeros(4) for n in blocks}  # own, other (colour + shape); own, other (motion)
     counts = dict.fromkeys(blocks, 0)
     rng = np.random.default_rng(seed)
     for _ in range(clips):
@@ -251,7 +252,9 @@ def binding(path: str, t: int = 400, clips: int = 8, seed: int = 0) -> list[str]
         while len(spec.objects) != 2:  # a second object that found no room is left out
             spec = world.sample_spec(rng, "train", two_object_prob=1.0)
         words = world.caption(spec, rng)
-        tokens = [[1 + w for w in pair] for pair in world.object_word_positions(words, spec)]  # <bos> first
+        positions = world.object_word_positions(words, spec, motion=True)
+        nouns = [[1 + w for w in pos[:2]] for pos in positions]  # <bos> first
+        motions = [[1 + w for w in pos[2:]] for pos in positions]
         pixels = world.render(spec).permute(0, 3, 1, 2).float() * 2 - 1
         centres = [world.trajectory(o, len(pixels))[:2] for o in spec.objects]
 
@@ -261,8 +264,8 @@ def binding(path: str, t: int = 400, clips: int = 8, seed: int = 0) -> list[str]
                 side = math.isqrt(probs.shape[1])
                 for i, centre in enumerate(centres):
                     p = probs[torch.arange(len(probs)), [_centre_cell(centre, f, side, side) for f in range(len(probs))]]
-                    own, other = tokens[i], tokens[1 - i]
-                    sums[name] += [p[:, own].sum(-1).mean().item(), p[:, other].sum(-1).mean().item()]
+                    sums[name] += [p[:, group[j]].sum(-1).mean().item()
+                                   for group in (nouns, motions) for j in (i, 1 - i)]
                 counts[name] += 2
             return read
 
@@ -275,8 +278,9 @@ def binding(path: str, t: int = 400, clips: int = 8, seed: int = 0) -> list[str]
                 m.record_probs, m.probs = False, None
     rows = []
     for name in blocks:
-        own, other = sums[name] / max(counts[name], 1)
-        rows.append(f"{name}  own words {100 * own:5.1f}%  other object's {100 * other:5.1f}%")
+        own, other, own_motion, other_motion = 100 * sums[name] / max(counts[name], 1)
+        rows.append(f"{name}  own words {own:5.1f}%  other object's {other:5.1f}%  "
+                    f"motion words: own {own_motion:5.1f}%  other's {other_motion:5.1f}%")
     return rows
 
 
@@ -296,7 +300,8 @@ def print_steering(path: str, required: bool) -> None:
 
 
 def print_binding(path: str) -> None:
-    print("cross-attention of each object's centre cell, two-object clips at t=400 (colour + shape words):")
+    print("cross-attention of each object's centre cell, two-object clips at t=400 "
+          "(colour + shape words; motion + speed words):")
     for row in binding(path):
         print("  " + row)
 

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -518,7 +519,9 @@ def test_conditioning_probe_binding_reads_each_objects_attention_on_its_own_word
     for row in rows:
         own = float(row.split("own words")[1].split("%")[0])
         other = float(row.split("other object's")[1].split("%")[0])
-        assert 0.0 < own < 100.0 and 0.0 < other < 100.0 and own + other <= 100.0
+        motion, motion_other = (float(x) for x in re.findall(r"motion words: own\s*([\d.]+)%\s*other's\s*([\d.]+)%", row)[0])
+        assert 0.0 < own < 100.0 and 0.0 < other < 100.0 and 0.0 < motion < 100.0 and 0.0 < motion_other < 100.0
+        assert own + other + motion + motion_other <= 100.0
 
 
 def test_zero_layers_script_switches_off_exactly_the_named_layers(tmp_path):
