@@ -220,8 +220,8 @@ def test_text_aux_weight_trains_the_probe_on_world_clips_only(config_file, tmp_p
 
 def test_binding_loss_scores_where_each_objects_words_look_and_can_be_learned():
     """1 - (share of a word's attention on its object): 0 when each word looks only at its own
-    object, 1 - coverage share when it looks everywhere, and words at -1 do not count. A
-    cross-attention trained on it alone learns to bind: two objects, each cell's features say
+    object, 1 - coverage share when it looks everywhere, and words at -1 do not count; with
+    ``contrast`` only the objects' cells count. A cross-attention trained on either alone learns to bind: two objects, each cell's features say
     which one it is on, and each object's words come to look at that object."""
     b, f, cells, tokens = 1, 2, 4, 6
     coverage = torch.zeros(b, f, 2, 2, 2)
@@ -244,24 +244,37 @@ def test_binding_loss_scores_where_each_objects_words_look_and_can_be_learned():
     assert train.binding_loss([swapped], coverage, padded).item() == 1.0
     mixed = torch.tensor([[[1, 2, 4], [3, -1, -1]]])  # object 0's third word looks at object 1
     assert abs(train.binding_loss([bound], coverage, mixed).item() - 0.25) < 1e-6
+    # contrast: the share among the objects' cells only, so looking at the background costs nothing
+    objects = torch.zeros(b * f, 1, cells, tokens)
+    objects[:, :, [0, 3], 1:5] = 0.25  # every object's words from both objects' cells alike
+    objects[:, :, 1:3, 0] = 1.0
+    assert abs(train.binding_loss([objects], coverage, words).item() - 0.5) < 1e-6
+    assert abs(train.binding_loss([objects], coverage, words, contrast=True).item() - 0.5) < 1e-6
+    assert abs(train.binding_loss([uniform], coverage, words, contrast=True).item() - 0.5) < 1e-6
+    assert train.binding_loss([bound], coverage, words, contrast=True).item() == 0.0
+    assert train.binding_loss([swapped], coverage, words, contrast=True).item() == 1.0
+    alone = coverage.clone()
+    alone[:, :, 1] = 0  # one object in the clip: nothing to tell apart, no loss
+    assert train.binding_loss([swapped], alone, one, contrast=True).item() == 0.0
 
-    torch.manual_seed(0)
-    attn = CrossAttention(8, 2, context_dim=8)
-    attn.record_probs = True
-    x = torch.randn(b * f, cells, 8) * 0.1
-    x[:, 0, 0] += 2.0  # "I am on object 0"
-    x[:, 3, 1] += 2.0  # "I am on object 1"
-    context = torch.randn(b * f, tokens, 8)
-    opt = torch.optim.Adam(attn.parameters(), 1e-2)
-    losses = []
-    for _ in range(150):
-        attn(x, context)
-        loss = train.binding_loss([attn.probs], coverage, words)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[0] > 0.5 and losses[-1] < 0.3
+    for contrast in (False, True):
+        torch.manual_seed(0)
+        attn = CrossAttention(8, 2, context_dim=8)
+        attn.record_probs = True
+        x = torch.randn(b * f, cells, 8) * 0.1
+        x[:, 0, 0] += 2.0  # "I am on object 0"
+        x[:, 3, 1] += 2.0  # "I am on object 1"
+        context = torch.randn(b * f, tokens, 8)
+        opt = torch.optim.Adam(attn.parameters(), 1e-2)
+        losses = []
+        for _ in range(150):
+            attn(x, context)
+            loss = train.binding_loss([attn.probs], coverage, words, contrast)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert losses[0] > 0.4 and losses[-1] < 0.3, (contrast, losses[0], losses[-1])
 
 
 def test_binding_weight_trains_on_world_clips_only(config_file, tmp_path):
@@ -274,12 +287,13 @@ def test_binding_weight_trains_on_world_clips_only(config_file, tmp_path):
     rows = [json.loads(line) for line in (run / "unet.log").read_text().splitlines()]
     assert rows and all(0.0 < r["binding"] <= 1.0 for r in rows)
     _refuses_user_clips(config_file, tmp_path, run, "binding_weight")
-    objects = tmp_path / "bind-object"  # all of each object's words, its motion's too
+    objects = tmp_path / "bind-object"  # all of each object's words, its motion's too; between objects only
     train.main(["--config", str(config_file), "--stage", "unet", "--run-dir", str(objects), "--threads", "1",
                 "--init", str(run / "model.safetensors"), "--set", "unet.binding_weight=0.5",
-                "--set", "unet.binding_words=object", "--set", "unet.cond_drop=0.0"])
+                "--set", "unet.binding_words=object", "--set", "unet.binding_contrast=true",
+                "--set", "unet.cond_drop=0.0"])
     rows = [json.loads(line) for line in (objects / "unet.log").read_text().splitlines()]
-    assert rows and all(0.0 < r["binding"] <= 1.0 for r in rows)
+    assert rows and all(0.0 <= r["binding"] <= 1.0 for r in rows)  # 0 in a batch of single objects
     with pytest.raises(SystemExit, match="unet.binding_words: expected one of"):
         train.main(["--config", str(config_file), "--stage", "unet", "--run-dir", str(objects), "--threads", "1",
                     "--set", "unet.binding_weight=0.5", "--set", "unet.binding_words=verbs"])
