@@ -102,4 +102,12 @@ $PY -m magicvideo.train "${TOKENS[@]}" --stop-at 1750
 #    ... then resumed with the binding loss on (each object's words should look at that object) and
 #    stopped at 3750
 $PY -m magicvideo.train "${TOKENS[@]}" --set unet.binding_weight=0.1 --resume --stop-at 3750
-cp "$RUN-tokens/model.safetensors" weights/magicvideo_default.safetensors
+
+# 9. Binding between the objects (docs/TRAINING.md, step 10 of the recipe): that UNet, a full
+#    3000-step schedule in a fresh folder (same VAE), the binding loss at weight 1 over each
+#    object's colour, shape, motion and speed words, scored between the objects' cells only
+$PY -m magicvideo.train --config configs/default.json --stage unet --run-dir "$RUN-contrast" \
+    --init "$RUN-tokens/model.safetensors" --threads 2 --set seed=1241 --set unet.text_aux_weight=0.1 \
+    --set unet.batch_size=8 --set unet.lr=2e-4 --set unet.steps=3000 --set unet.binding_weight=1.0 \
+    --set unet.binding_words=object --set unet.binding_contrast=true
+cp "$RUN-contrast/model.safetensors" weights/magicvideo_default.safetensors
