@@ -294,9 +294,12 @@ def test_binding_weight_trains_on_world_clips_only(config_file, tmp_path):
                 "--set", "unet.cond_drop=0.0"])
     rows = [json.loads(line) for line in (objects / "unet.log").read_text().splitlines()]
     assert rows and all(0.0 <= r["binding"] <= 1.0 for r in rows)  # 0 in a batch of single objects
-    with pytest.raises(SystemExit, match="unet.binding_words: expected one of"):
-        train.main(["--config", str(config_file), "--stage", "unet", "--run-dir", str(objects), "--threads", "1",
-                    "--set", "unet.binding_weight=0.5", "--set", "unet.binding_words=verbs"])
+    for setting, error in (("binding_words=verbs", "unet.binding_words: expected one of"),
+                           ('binding_contrast="yes"', "unet.binding_contrast: expected true or false"),
+                           ("binding_contrast=True", "booleans are true / false")):  # not the string "True"
+        with pytest.raises(SystemExit, match=error):
+            train.main(["--config", str(config_file), "--stage", "unet", "--run-dir", str(objects), "--threads", "1",
+                        "--set", "unet.binding_weight=0.5", "--set", f"unet.{setting}"])
 
 
 def test_binding_targets_index_the_text_encoders_tokens():
