@@ -44,9 +44,11 @@ from .vae import VAEConfig, VideoVAE
 class WorldSource:
     """Clips of the procedural world, made on the fly (deterministic by seed)."""
 
-    def __init__(self, seed: int, frames: int, size: int, split: str = "train"):
+    def __init__(self, seed: int, frames: int, size: int, split: str = "train",
+                 two_object_prob: float = world.TWO_OBJECT_PROB):
         self.rng = np.random.default_rng(seed)
         self.frames, self.size, self.split = frames, size, split
+        self.two_object_prob = two_object_prob
 
     def batch(self, batch_size: int):
         """-> videos [B, F, 3, H, W] in -1..1, captions list[str]"""
@@ -55,11 +57,11 @@ class WorldSource:
 
     def batch_with_specs(self, batch_size: int):
         """-> videos, captions, the clips' specs (for the training aids that need them)"""
-        return world.batch(self.rng, batch_size, self.frames, self.size, self.split)
+        return world.batch(self.rng, batch_size, self.frames, self.size, self.split, self.two_object_prob)
 
     def batch_with_twins(self, batch_size: int):
         """-> videos [2B, F, 3, H, W]: B clips, then each clip's shape twin (world.shape_twin)."""
-        videos, captions, specs = world.batch(self.rng, batch_size, self.frames, self.size, self.split)
+        videos, captions, specs = self.batch_with_specs(batch_size)
         twins = world.render_batch([world.shape_twin(s, self.rng) for s in specs], self.frames, self.size)
         return torch.cat([videos, twins.permute(0, 1, 4, 2, 3) * 2 - 1]), captions
 
@@ -119,7 +121,8 @@ def make_source(cfg: dict, args, seed: int):
     data = cfg["data"]
     if args.data_dir:
         return FolderSource(args.data_dir, seed, data["frames"], data["size"])
-    return WorldSource(seed, data["frames"], data["size"], split="train")
+    return WorldSource(seed, data["frames"], data["size"], split="train",
+                       two_object_prob=float(data.get("two_object_prob", world.TWO_OBJECT_PROB)))
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -291,13 +291,19 @@ def _triples(split: str) -> tuple[tuple[str, str, str], ...]:
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
 
 
+TWO_OBJECT_PROB = 0.3  # share of clips that ask for a second object
+
+
 def sample_spec(
     rng: np.random.Generator,
     split: str = "train",
-    two_object_prob: float = 0.3,
+    two_object_prob: float = TWO_OBJECT_PROB,
 ) -> ClipSpec:
     """A random clip. split="train" never uses a held-out triple; "heldout" uses only them
-    (both objects of a two-object clip); "all" uses everything."""
+    (both objects of a two-object clip); "all" uses everything. ``two_object_prob`` is the
+    chance of asking for a second object (it is dropped when no apart placement is found)."""
+    if not 0.0 <= two_object_prob <= 1.0:
+        raise ValueError(f"two_object_prob must be between 0 and 1, got {two_object_prob!r}")
     triples = _triples(split)
     first = triples[rng.integers(len(triples))]
     objects = [place_object(rng, *first)]
@@ -599,11 +605,12 @@ def batch(
     frames: int = REFERENCE_FRAMES,
     size: int = REFERENCE_SIZE,
     split: str = "train",
+    two_object_prob: float = TWO_OBJECT_PROB,
 ) -> tuple[torch.Tensor, list[str], list[ClipSpec]]:
     """A training batch: videos [B, F, 3, H, W] in -1..1, captions, specs.
     Pass one Generator and call repeatedly for a stream; an int seed gives a fixed batch."""
     rng = seed_or_rng if isinstance(seed_or_rng, np.random.Generator) else np.random.default_rng(seed_or_rng)
-    specs = [sample_spec(rng, split) for _ in range(batch_size)]
+    specs = [sample_spec(rng, split, two_object_prob) for _ in range(batch_size)]
     captions = [caption(s, rng) for s in specs]
     videos = render_batch(specs, frames, size).permute(0, 1, 4, 2, 3) * 2 - 1
     return videos.contiguous(), captions, specs

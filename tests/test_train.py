@@ -564,3 +564,15 @@ def test_zero_layers_script_switches_off_exactly_the_named_layers(tmp_path):
     assert zeroed > 2
     with pytest.raises(SystemExit, match=r"matches \['no_such_layer'\]"):
         zl.main([src, str(tmp_path / "x.safetensors"), "no_such_layer"])
+
+
+def test_data_two_object_prob_reaches_the_world_source():
+    args = argparse.Namespace(data_dir=None)
+    data = {"frames": 4, "size": 32, "fps": 8}
+    counts = {}
+    for p in (0.0, 1.0):
+        source = train.make_source({"data": {**data, "two_object_prob": p}}, args, seed=3)
+        _, _, specs = source.batch_with_specs(12)
+        counts[p] = sum(len(s.objects) for s in specs)
+    assert counts[0.0] == 12 and counts[1.0] > 20
+    assert train.make_source({"data": data}, args, seed=3).two_object_prob == 0.3

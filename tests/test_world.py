@@ -232,3 +232,16 @@ def test_shape_twin_changes_only_each_objects_shape():
         # same place and colour: the frames differ only where the outlines differ
         diff = (world.render(spec, frames=2) - world.render(twin, frames=2)).abs().amax(-1)
         assert 0 < (diff > 0.1).float().mean() < 0.1
+
+
+def test_two_object_prob_sets_the_share_of_two_object_clips_and_is_checked():
+    rng = np.random.default_rng(5)
+    share = {p: np.mean([len(world.sample_spec(rng, "train", p).objects) == 2 for _ in range(400)])
+             for p in (0.0, 0.3, 0.6)}
+    assert share[0.0] == 0.0
+    # about a fifth of the second objects find no placement apart and are dropped
+    assert 0.2 < share[0.3] < 0.3 and 0.4 < share[0.6] < 0.55
+    a = world.batch(7, 4)
+    assert a[2] == world.batch(7, 4, two_object_prob=world.TWO_OBJECT_PROB)[2]  # the default is unchanged
+    with pytest.raises(ValueError, match="two_object_prob must be between 0 and 1, got 1.5"):
+        world.sample_spec(rng, "train", 1.5)
