@@ -84,7 +84,8 @@ def generate(args) -> Path:
 
     settings = dict(frames=args.frames, width=args.width, height=args.height, steps=args.steps, cfg=args.cfg,
                     sampler=args.sampler, scheduler=args.scheduler, seed=args.seed, fps=args.fps, device=device,
-                    dtype=dtype, chunk_size=args.chunk_size, callback=progress, noise_sharing=args.noise_sharing)
+                    dtype=dtype, chunk_size=args.chunk_size, callback=progress, noise_sharing=args.noise_sharing,
+                    cfg_start=args.cfg_start, cfg_end=args.cfg_end)
     try:
         if args.conditioning:
             positive, negative = _conditioning_file(args, bundle)
@@ -110,6 +111,13 @@ def _sharing(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .models import sampling
 
@@ -129,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=20)
     g.add_argument("--cfg", type=float, default=6.0,
                    help="classifier-free guidance (default 6, best for the bundled default in our sweep)")
+    g.add_argument("--cfg-start", type=_fraction, default=0.0,
+                   help="guide from this point of the schedule on (0 = pure noise, 1 = clean; default 0)")
+    g.add_argument("--cfg-end", type=_fraction, default=1.0,
+                   help="guide up to this point of the schedule (default 1); other steps run at cfg 1")
     g.add_argument("--sampler", choices=sampling.SAMPLERS, default="euler")
     g.add_argument("--scheduler", choices=sampling.SCHEDULERS, default="normal")
     g.add_argument("--seed", type=int, default=0)

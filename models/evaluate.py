@@ -515,6 +515,8 @@ def model_generate_fn(
     prompts: list[Prompt] | None = None,
     image_first: bool | None = None,
     given_frames: int = 0,
+    cfg_start: float = 0.0,
+    cfg_end: float = 1.0,
 ):
     """generate_fn(caption, seed) running a full MagicVideo file through ``pipeline.text_to_video``
     (its text encoder, the keyframe sampler from pure noise, VideoVAE decode).
@@ -552,7 +554,7 @@ def model_generate_fn(
             init = {"first_frames": truth(caption, seed)[:given_frames]}
         return text_to_video(bundle, caption, frames=frames, width=size, height=size, steps=steps, cfg=cfg,
                              sampler=sampler, scheduler=scheduler, seed=seed, fps=fps, noise_sharing=noise_sharing,
-                             image_first=image_first, **init)
+                             image_first=image_first, cfg_start=cfg_start, cfg_end=cfg_end, **init)
 
     return generate
 
@@ -585,6 +587,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=world.REFERENCE_SIZE)
     ap.add_argument("--steps", type=int, default=20, help="sampling steps (default 20, as the nodes)")
     ap.add_argument("--cfg", type=float, default=6.0, help="guidance scale (default 6, as the main workflow)")
+    ap.add_argument("--cfg-start", type=_strength, default=0.0,
+                    help="guide only from this point of the schedule (0 = pure noise, 1 = clean; default 0)")
+    ap.add_argument("--cfg-end", type=_strength, default=1.0,
+                    help="guide only up to this point of the schedule (default 1: every step)")
     ap.add_argument("--sampler", default="euler")
     ap.add_argument("--scheduler", default="normal")
     ap.add_argument("--fps", type=float, default=8.0, help="fps condition (the bundled default trains at 8)")
@@ -615,7 +621,8 @@ def main(argv: list[str] | None = None) -> int:
             args.model, frames=args.frames, size=args.size, steps=args.steps, cfg=args.cfg,
             sampler=args.sampler, scheduler=args.scheduler, fps=args.fps, device=args.device,
             noise_sharing=args.noise_sharing, from_truth=args.from_truth, prompts=prompts,
-            image_first=args.image_first, given_frames=args.given_frames,
+            image_first=args.image_first, given_frames=args.given_frames, cfg_start=args.cfg_start,
+            cfg_end=args.cfg_end,
         )
         source = args.model if args.from_truth is None else f"{args.model} from the truth at {args.from_truth}"
         if args.given_frames:

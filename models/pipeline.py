@@ -138,6 +138,8 @@ def conditioning_to_video(
     denoise: float = 1.0,
     image_first: bool | None = None,
     first_frames: torch.Tensor | None = None,
+    cfg_start: float = 0.0,
+    cfg_end: float = 1.0,
 ) -> torch.Tensor:
     """Text embeddings -> frames ``[frames, height, width, 3]`` float32 in 0..1 on the CPU.
 
@@ -151,9 +153,12 @@ def conditioning_to_video(
     ``sampling.sample``).
     ``first_frames`` ``[k, height, width, 3]`` in 0..1 is image-to-video on a model trained
     image-first: they are encoded and kept as the first k frames; the rest follow from them.
+    ``cfg_start`` / ``cfg_end``: guidance only on that part of the schedule (``sampling.sample``).
     """
     unet, vae, _ = prepare(bundle, device=device, dtype=dtype)
     _check_request(vae, frames, width, height, cfg, negative)
+    if not 0.0 <= cfg_start <= cfg_end <= 1.0:
+        raise RequestError(f"need 0 <= cfg_start <= cfg_end <= 1, got cfg_start={cfg_start}, cfg_end={cfg_end}")
     down = vae.config.downscale
     run_device = next(unet.parameters()).device
     if init_video is None:
@@ -183,7 +188,7 @@ def conditioning_to_video(
         latents = sampling.sample(unet, latents, positive, negative, num_frames=frames, steps=steps, cfg=cfg,
                                   sampler=sampler, scheduler=scheduler, seed=seed, fps=fps, callback=callback,
                                   noise_sharing=noise_sharing, denoise=denoise, image_first=image_first,
-                                  given_frames=given)
+                                  given_frames=given, cfg_start=cfg_start, cfg_end=cfg_end)
         _sync(run_device)
         t1 = time.perf_counter()
         images = vae.decode(latents, num_frames=frames, chunk_size=chunk_size)  # [F, 3, H, W] in about -1..1
@@ -219,6 +224,8 @@ def text_to_video(
     denoise: float = 1.0,
     image_first: bool | None = None,
     first_frames: torch.Tensor | None = None,
+    cfg_start: float = 0.0,
+    cfg_end: float = 1.0,
 ) -> torch.Tensor:
     """A prompt through the model file's built-in text encoder -> frames ``[frames, height, width, 3]``
     float32 in 0..1 on the CPU.
@@ -229,7 +236,7 @@ def text_to_video(
     receives seconds per stage: ``text_encode``, ``sampling``, ``vae_decode`` and ``total`` (their
     sum plus the glue; moving the modules to ``device`` / ``dtype`` is not counted).
     ``init_video`` / ``denoise`` (video-to-video), ``image_first`` and ``first_frames``
-    (image-to-video): see :func:`conditioning_to_video`.
+    (image-to-video), ``cfg_start`` / ``cfg_end``: see :func:`conditioning_to_video`.
     """
     _, vae, text = prepare(bundle, device=device, dtype=dtype)
     _check_request(vae, frames, width, height, cfg, negative="")
@@ -243,7 +250,7 @@ def text_to_video(
         bundle, positive, neg, frames=frames, width=width, height=height, steps=steps, cfg=cfg, sampler=sampler,
         scheduler=scheduler, seed=seed, fps=fps, chunk_size=chunk_size, callback=callback, timings=stages,
         noise_sharing=noise_sharing, init_video=init_video, denoise=denoise, image_first=image_first,
-        first_frames=first_frames,
+        first_frames=first_frames, cfg_start=cfg_start, cfg_end=cfg_end,
     )
     if timings is not None:
         timings.update(text_encode=t1 - t0, **stages, total=time.perf_counter() - t0)

@@ -271,6 +271,8 @@ def sample(
     noise_sharing: float | None = None,
     given_frames: int = 0,
     image_first: bool | None = None,
+    cfg_start: float = 0.0,
+    cfg_end: float = 1.0,
 ) -> torch.Tensor:
     """Denoise video latents ``[(b f), c, h, w]`` with a VideoUNet; returns float32 latents.
 
@@ -290,6 +292,12 @@ def sample(
     it, for such models: the first frame of each video is sampled alone (a text-to-image
     pass, 1/f of the work), then the rest from it. It applies when sampling from pure noise
     with no given frames; ``callback`` then counts the steps of both passes.
+
+    ``cfg_start`` / ``cfg_end`` limit guidance to part of the schedule, as fractions of the
+    way from pure noise (0, t = 999) to clean (1, t = 0), like ComfyUI's start/end percent: a
+    step at timestep t is guided when ``cfg_start <= 1 - t / 999 <= cfg_end``; other steps run
+    the conditional half alone (cfg 1, half the UNet work). Guidance in a limited interval
+    (Kynkaanniemi et al. 2024) keeps its adherence without its cost where it does not help.
     """
     config = unet.config
     if latents.ndim != 4 or latents.shape[1] != config.in_channels:
@@ -315,7 +323,10 @@ def sample(
         return _sample_image_first(
             unet, latents, positive, negative, num_frames=num_frames, steps=steps, cfg=cfg, sampler=sampler,
             scheduler=scheduler, seed=seed, fps=fps, cond=cond, callback=callback, noise_sharing=noise_sharing,
+            cfg_start=cfg_start, cfg_end=cfg_end,
         )
+    if not 0.0 <= cfg_start <= cfg_end <= 1.0:
+        raise ValueError(f"need 0 <= cfg_start <= cfg_end <= 1, got cfg_start={cfg_start}, cfg_end={cfg_end}")
     use_cfg = cfg != 1.0
     if use_cfg and negative is None:
         raise ValueError(
@@ -344,6 +355,7 @@ def sample(
             )
         cond = cond.to(device, dtype)
         if use_cfg:
+            cond_pos = cond
             cond = torch.cat([cond, cond])
     elif cond is not None:
         raise ValueError("cond given, but this model has no conditioning channels (cond_channels=0)")
@@ -378,13 +390,17 @@ def sample(
         if given_frames:  # given frames enter clean, at timestep 0
             x_in = torch.where(keep, clean, x_in)
             t_batch = t_batch.masked_fill(given, 0.0)
-        if use_cfg:
+        progress = 1.0 - float(t) / (TRAIN_TIMESTEPS - 1)
+        if use_cfg and cfg_start <= progress <= cfg_end:
             out = unet(
                 torch.cat([x_in, x_in]).to(dtype), torch.cat([t_batch, t_batch]), context,
                 num_frames=num_frames, fps=fps, cond=cond,
             ).float()
             uncond, cond_out = out.chunk(2)
             out = uncond + cfg * (cond_out - uncond)
+        elif use_cfg:  # outside the guidance interval: the conditional half alone
+            out = unet(x_in.to(dtype), t_batch, context[latents.shape[0]:], num_frames=num_frames, fps=fps,
+                       cond=None if cond is None else cond_pos).float()
         else:
             out = unet(x_in.to(dtype), t_batch, context, num_frames=num_frames, fps=fps, cond=cond).float()
 

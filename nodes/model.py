@@ -261,11 +261,16 @@ class KeyframeSampler:
                                   "tooltip": "Fraction of the starting noise shared by all frames of a video: higher "
                                              "keeps objects steadier across frames, 0 = independent noise per frame, "
                                              "-1 = what the model was trained with (0 for SD1.5-based models)."}),
+                "cfg_start": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                              "tooltip": "Guidance starts at this point of the schedule (0 = pure noise, 1 = clean); "
+                                         "steps outside cfg_start..cfg_end run at cfg 1, half the work."}),
+                "cfg_end": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                            "tooltip": "Guidance ends at this point of the schedule (1 = every step to the end)."}),
             },
         }
 
     def sample(self, model, positive, negative, latent, seed, steps, cfg, sampler, scheduler, fps, denoise, frames,
-               reference=None, noise_sharing=-1.0):
+               reference=None, noise_sharing=-1.0, cfg_start=0.0, cfg_end=1.0):
         num_frames = _num_frames(latent, frames)
         samples = latent["samples"] * model.scaling_factor
         if samples.shape[0] % num_frames:
@@ -287,6 +292,7 @@ class KeyframeSampler:
             model.unet, samples, _conditioning(positive, "positive"), _conditioning(negative, "negative"),
             num_frames=num_frames, steps=steps, cfg=cfg, sampler=sampler, scheduler=scheduler, seed=seed, fps=fps,
             denoise=denoise, cond=cond, noise_sharing=None if noise_sharing < 0 else noise_sharing, given_frames=given,
+            cfg_start=cfg_start, cfg_end=cfg_end,
             callback=_preview_callback(model, steps),  # the callback reports the true total
         )
         return (_latent(out.cpu() / model.scaling_factor, num_frames, latent),)

@@ -57,6 +57,8 @@ def test_generate_writes_the_video(files):
     assert main(_args(model, cond, root / "s.gif", "--sampler", "dpmpp_2m", "--scheduler", "karras",
                       "--noise-sharing", "0.9")) == 0
     assert not (a == video_io.read_video(root / "s.gif").frames).all()  # shared noise starts elsewhere
+    assert main(_args(model, cond, root / "i.gif", "--sampler", "dpmpp_2m", "--scheduler", "karras",
+                      "--cfg-end", "0.5")) == 0  # the guidance interval reaches the sampler (its tests check it)
 
 
 def test_python_dash_m(files):
@@ -80,6 +82,11 @@ def test_errors(files, capsys):
     with pytest.raises(SystemExit):
         main(_args(model, cond, root / "h.gif", "--noise-sharing", "1"))
     assert "must be at least 0 and below 1, got 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(_args(model, cond, root / "h.gif", "--cfg-end", "1.5"))
+    assert "must be between 0 and 1, got 1.5" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="cfg_start <= cfg_end"):
+        main(_args(model, cond, root / "h.gif", "--cfg-start", "0.8", "--cfg-end", "0.2"))
     wide = root / "wide.safetensors"
     save_file({"positive": torch.zeros(1, 77, 768), "negative": torch.zeros(1, 77, 768)}, wide)
     assert main(_args(model, wide, root / "g.gif")) == 2

@@ -108,6 +108,19 @@ def test_noise_sharing_input(nodes, tiny):
         _run_sampler(nodes, model, latent, noise_sharing=1.0)
 
 
+def test_guidance_interval_inputs(nodes, tiny):
+    model, _ = tiny
+    latent = nodes.EmptyVideoLatent().generate(width=32, height=32, frames=4, batch=1)[0]
+    full = _run_sampler(nodes, model, latent, steps=4)["samples"]
+    assert torch.equal(full, _run_sampler(nodes, model, latent, steps=4, cfg_start=0.0, cfg_end=1.0)["samples"])
+    # no step inside the interval is the same as no guidance at all
+    unguided = _run_sampler(nodes, model, latent, steps=4, cfg=1.0)["samples"]
+    empty = _run_sampler(nodes, model, latent, steps=4, cfg_start=0.55, cfg_end=0.7)["samples"]
+    assert torch.allclose(empty, unguided, atol=1e-5) and not torch.allclose(full, unguided, atol=1e-3)
+    with pytest.raises(ValueError, match="cfg_start <= cfg_end"):
+        _run_sampler(nodes, model, latent, cfg_start=0.9, cfg_end=0.1)
+
+
 def test_frames_input_and_errors(nodes, tiny):
     model, vae = tiny
     latent = {"samples": torch.zeros(6, 4, 4, 4)}  # no num_frames key: frames input or whole batch

@@ -86,6 +86,25 @@ def test_cfg_one_skips_the_negative():
     assert all(c["batch"] == 3 for c in model.calls)
 
 
+def test_guidance_interval_guides_only_the_asked_part_of_the_schedule():
+    model = PointMass(cond_channels=5)
+    # 5 trailing euler steps: t = 999, 799, 599, 399, 199, i.e. progress 0, 0.2, 0.4, 0.6, 0.8
+    sample(model, _latents(), _ctx(0.5), _ctx(0.1), num_frames=3, steps=5, cfg=3.0, cfg_start=0.3, cfg_end=0.7)
+    assert [c["batch"] for c in model.calls] == [3, 3, 6, 6, 3]  # unguided steps run the positive half alone
+    assert all(c["context"][:, 0, 0].eq(0.5).all() for c in model.calls if c["batch"] == 3)
+    assert all(c["cond"].shape[0] == c["batch"] for c in model.calls)
+    # an exact denoiser's last step decides where a sample lands: guided there, on the
+    # extrapolated point 0.1 + 3 (0.5 - 0.1); unguided there, on the positive point
+    run = lambda **kw: sample(PointMass(), _latents(), _ctx(0.5), _ctx(0.1), num_frames=3, steps=5,  # noqa: E731
+                              cfg=3.0, **kw)
+    for kw, point in (({}, 1.3), ({"cfg_start": 0.7}, 1.3), ({"cfg_end": 0.7}, 0.5), ({"cfg_end": 0.0}, 0.5)):
+        out = run(**kw)
+        assert torch.allclose(out, torch.full_like(out, point), atol=1e-3), kw
+    with pytest.raises(ValueError, match="cfg_start <= cfg_end"):
+        sample(PointMass(), _latents(), _ctx(0.5), _ctx(0.1), num_frames=3, steps=5, cfg=3.0, cfg_start=0.8,
+               cfg_end=0.2)
+
+
 def test_per_video_conditioning():
     model = PointMass()
     pos = torch.cat([_ctx(0.2), _ctx(-0.4)])
