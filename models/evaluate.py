@@ -516,7 +516,7 @@ def model_generate_fn(
     image_first: bool | None = None,
     given_frames: int = 0,
     cfg_start: float = 0.0,
-    cfg_end: float = 1.0,
+    cfg_end: float = 0.7,
 ):
     """generate_fn(caption, seed) running a full MagicVideo file through ``pipeline.text_to_video``
     (its text encoder, the keyframe sampler from pure noise, VideoVAE decode).
@@ -589,8 +589,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cfg", type=float, default=6.0, help="guidance scale (default 6, as the main workflow)")
     ap.add_argument("--cfg-start", type=_strength, default=0.0,
                     help="guide only from this point of the schedule (0 = pure noise, 1 = clean; default 0)")
-    ap.add_argument("--cfg-end", type=_strength, default=1.0,
-                    help="guide only up to this point of the schedule (default 1: every step)")
+    ap.add_argument("--cfg-end", type=_strength, default=0.7,
+                    help="guide only up to this point of the schedule (default 0.7, as the main workflow; "
+                         "1 = every step)")
     ap.add_argument("--sampler", default="euler")
     ap.add_argument("--scheduler", default="normal")
     ap.add_argument("--fps", type=float, default=8.0, help="fps condition (the bundled default trains at 8)")
