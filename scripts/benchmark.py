@@ -260,7 +260,8 @@ def markdown(results: dict) -> str:
     s = results["settings"]
     lines = [
         f"{s['frames']} frames {s['size']}x{s['size']} at {s['fps']:g} fps ({s['frames'] / s['fps']:g} s of video), "
-        f"cfg {s['cfg']} (to {s.get('cfg_end', 1.0):g} of the schedule), {s['sampler']}; {results['machine']['cpu']}, {results['machine']['threads']} threads, "
+        f"cfg {s['cfg']} (to {s.get('cfg_end', 1.0):g} of the schedule), {s['sampler']}; "
+        f"{results['machine']['cpu']}, {results['machine']['threads']} threads, "
         f"torch {results['machine']['torch']}",
         "",
         "| precision | steps | text encode | sampling | per step | VAE decode | total | s per s of video | peak memory (before load) |",
@@ -310,6 +311,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-peer", action="store_true", help="skip the AnimateDiff comparison")
     ap.add_argument("--worker", nargs=2, metavar=("KIND", "JOB"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if not 0.0 <= args.cfg_end <= 1.0:
+        ap.error(f"--cfg-end must be between 0 and 1, got {args.cfg_end}")
 
     if args.worker:
         kind, job = args.worker
@@ -331,7 +334,8 @@ def main(argv=None) -> int:
     vae_config = json.loads(header.metadata.get("vae_config", "null")) or {}
     downscale = 2 ** (len(vae_config.get("ch_mult", (1, 2, 4, 4))) - 1)
     base = {"model": str(args.model.resolve()), "threads": args.threads, "device": args.device, "frames": args.frames,
-            "size": args.size, "fps": args.fps, "cfg": args.cfg, "cfg_end": args.cfg_end, "sampler": args.sampler, "downscale": downscale}
+            "size": args.size, "fps": args.fps, "cfg": args.cfg, "cfg_end": args.cfg_end, "sampler": args.sampler,
+            "downscale": downscale}
     load_before = os.getloadavg()
     results = {
         "machine": machine_info(args.device, args.threads),
