@@ -569,10 +569,10 @@ def _json_default(o):
     raise TypeError(type(o))
 
 
-def _strength(text: str) -> float:
+def _fraction(text: str) -> float:
     value = float(text)
     if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a strength between 0 and 1, got {text}")
+        raise argparse.ArgumentTypeError(f"expected a value between 0 and 1, got {text}")
     return value
 
 
@@ -587,9 +587,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=world.REFERENCE_SIZE)
     ap.add_argument("--steps", type=int, default=20, help="sampling steps (default 20, as the nodes)")
     ap.add_argument("--cfg", type=float, default=6.0, help="guidance scale (default 6, as the main workflow)")
-    ap.add_argument("--cfg-start", type=_strength, default=0.0,
+    ap.add_argument("--cfg-start", type=_fraction, default=0.0,
                     help="guide only from this point of the schedule (0 = pure noise, 1 = clean; default 0)")
-    ap.add_argument("--cfg-end", type=_strength, default=0.7,
+    ap.add_argument("--cfg-end", type=_fraction, default=0.7,
                     help="guide only up to this point of the schedule (default 0.7, as the main workflow; "
                          "1 = every step)")
     ap.add_argument("--sampler", default="euler")
@@ -604,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--given-frames", type=int, default=0, metavar="K",
                     help="image-to-video: give the first K frames of each prompt's own world clip "
                          "(models trained image-first)")
-    ap.add_argument("--from-truth", type=_strength, default=None, metavar="STRENGTH",
+    ap.add_argument("--from-truth", type=_fraction, default=None, metavar="STRENGTH",
                     help="diagnostic: start each prompt from its own world clip noised to STRENGTH (0..1) "
                          "instead of pure noise; 0 = the VAE round trip (the ceiling of any UNet on this VAE)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

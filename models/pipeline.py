@@ -157,8 +157,10 @@ def conditioning_to_video(
     """
     unet, vae, _ = prepare(bundle, device=device, dtype=dtype)
     _check_request(vae, frames, width, height, cfg, negative)
-    if not 0.0 <= cfg_start <= cfg_end <= 1.0:
-        raise RequestError(f"need 0 <= cfg_start <= cfg_end <= 1, got cfg_start={cfg_start}, cfg_end={cfg_end}")
+    try:
+        sampling.check_cfg_interval(cfg_start, cfg_end)
+    except ValueError as e:
+        raise RequestError(str(e)) from None
     down = vae.config.downscale
     run_device = next(unet.parameters()).device
     if init_video is None:

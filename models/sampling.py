@@ -47,7 +47,8 @@ from einops import rearrange, repeat
 
 __all__ = [
     "TRAIN_TIMESTEPS", "BETA_START", "BETA_END", "BETA_SCHEDULE", "SAMPLERS", "SCHEDULERS",
-    "VideoModel", "schedule_config", "training_schedule", "make_scheduler", "reference_cond", "sample",
+    "VideoModel", "schedule_config", "training_schedule", "make_scheduler", "reference_cond", "check_cfg_interval",
+    "sample",
 ]
 
 # the DDPM training schedule (SD's): the trainer and every sampler use these
@@ -251,6 +252,12 @@ def video_noise(shape, num_frames: int, sharing: float, generator: torch.Generat
     return (sharing**0.5 * shared + (1 - sharing) ** 0.5 * own).flatten(0, 1)
 
 
+def check_cfg_interval(cfg_start: float, cfg_end: float) -> None:
+    """ValueError unless 0 <= cfg_start <= cfg_end <= 1 (see :func:`sample`)."""
+    if not 0.0 <= cfg_start <= cfg_end <= 1.0:
+        raise ValueError(f"need 0 <= cfg_start <= cfg_end <= 1, got cfg_start={cfg_start}, cfg_end={cfg_end}")
+
+
 @torch.no_grad()
 def sample(
     unet: torch.nn.Module,
@@ -314,6 +321,7 @@ def sample(
         noise_sharing = float(getattr(unet.config, "noise_sharing", 0.0))
     if not 0.0 <= noise_sharing < 1.0:
         raise ValueError(f"noise_sharing must be at least 0 and below 1, got {noise_sharing}")
+    check_cfg_interval(cfg_start, cfg_end)
     videos = latents.shape[0] // num_frames
     if not 0 <= given_frames < num_frames:
         raise ValueError(f"given_frames must be at least 0 and below num_frames={num_frames}, got {given_frames}")
@@ -325,8 +333,6 @@ def sample(
             scheduler=scheduler, seed=seed, fps=fps, cond=cond, callback=callback, noise_sharing=noise_sharing,
             cfg_start=cfg_start, cfg_end=cfg_end,
         )
-    if not 0.0 <= cfg_start <= cfg_end <= 1.0:
-        raise ValueError(f"need 0 <= cfg_start <= cfg_end <= 1, got cfg_start={cfg_start}, cfg_end={cfg_end}")
     use_cfg = cfg != 1.0
     if use_cfg and negative is None:
         raise ValueError(
@@ -344,6 +350,7 @@ def sample(
     else:
         context = pos
     context = context.to(device, dtype)
+    positive_context = context[-latents.shape[0]:]  # all of it without guidance
 
     if getattr(config, "cond_channels", 0):
         if cond is None:
@@ -354,9 +361,6 @@ def sample(
                 f"got {tuple(cond.shape)}"
             )
         cond = cond.to(device, dtype)
-        if use_cfg:
-            cond_pos = cond
-            cond = torch.cat([cond, cond])
     elif cond is not None:
         raise ValueError("cond given, but this model has no conditioning channels (cond_channels=0)")
 
@@ -369,6 +373,10 @@ def sample(
     timesteps = sched.timesteps[start:]
     if hasattr(sched, "set_begin_index"):
         sched.set_begin_index(start)
+
+    # which steps are guided, decided once: progress 1 - t / 999 within [cfg_start, cfg_end]
+    guided = [use_cfg and cfg_start <= 1.0 - float(t) / (TRAIN_TIMESTEPS - 1) <= cfg_end for t in timesteps]
+    cond_pair = torch.cat([cond, cond]) if cond is not None and any(guided) else cond
 
     generator = torch.Generator("cpu").manual_seed(int(seed))
     noise = video_noise(latents.shape, num_frames, noise_sharing, generator).to(device)
@@ -390,19 +398,15 @@ def sample(
         if given_frames:  # given frames enter clean, at timestep 0
             x_in = torch.where(keep, clean, x_in)
             t_batch = t_batch.masked_fill(given, 0.0)
-        progress = 1.0 - float(t) / (TRAIN_TIMESTEPS - 1)
-        if use_cfg and cfg_start <= progress <= cfg_end:
+        if guided[i]:
             out = unet(
                 torch.cat([x_in, x_in]).to(dtype), torch.cat([t_batch, t_batch]), context,
-                num_frames=num_frames, fps=fps, cond=cond,
+                num_frames=num_frames, fps=fps, cond=cond_pair,
             ).float()
             uncond, cond_out = out.chunk(2)
             out = uncond + cfg * (cond_out - uncond)
-        elif use_cfg:  # outside the guidance interval: the conditional half alone
-            out = unet(x_in.to(dtype), t_batch, context[latents.shape[0]:], num_frames=num_frames, fps=fps,
-                       cond=None if cond is None else cond_pos).float()
-        else:
-            out = unet(x_in.to(dtype), t_batch, context, num_frames=num_frames, fps=fps, cond=cond).float()
+        else:  # cfg 1, or outside the guidance interval: the positive half alone
+            out = unet(x_in.to(dtype), t_batch, positive_context, num_frames=num_frames, fps=fps, cond=cond).float()
 
         x0 = predict_x0(out, x_in, _alphas_at(alphas_cumprod, t.to(device)), config.prediction_type)
 
