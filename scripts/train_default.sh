@@ -110,4 +110,11 @@ $PY -m magicvideo.train --config configs/default.json --stage unet --run-dir "$R
     --init "$RUN-tokens/model.safetensors" --threads 2 --set seed=1241 --set unet.text_aux_weight=0.1 \
     --set unet.batch_size=8 --set unet.lr=2e-4 --set unet.steps=3000 --set unet.binding_weight=1.0 \
     --set unet.binding_words=object --set unet.binding_contrast=true
-cp "$RUN-contrast/model.safetensors" weights/magicvideo_default.safetensors
+
+# 10. More of the same (docs/TRAINING.md, step 11 of the recipe): that UNet, another full 3000-step
+#     schedule in a fresh folder (same VAE, same losses, a new seed), at 1 thread
+$PY -m magicvideo.train --config configs/default.json --stage unet --run-dir "$RUN-more2" \
+    --init "$RUN-contrast/model.safetensors" --threads 1 --set seed=1243 --set unet.text_aux_weight=0.1 \
+    --set unet.batch_size=8 --set unet.lr=2e-4 --set unet.steps=3000 --set unet.binding_weight=1.0 \
+    --set unet.binding_words=object --set unet.binding_contrast=true
+cp "$RUN-more2/model.safetensors" weights/magicvideo_default.safetensors
