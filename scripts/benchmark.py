@@ -80,7 +80,7 @@ def work_generate(job: dict) -> dict:
     pipeline.prepare(bundle, device=device, dtype=_torch_dtype(job["dtype"]))
     load = time.perf_counter() - t0
     settings = dict(frames=job["frames"], width=job["size"], height=job["size"], steps=job["steps"], cfg=job["cfg"],
-                    sampler=job["sampler"], seed=0, fps=job["fps"], cfg_end=job.get("cfg_end", 1.0))
+                    sampler=job["sampler"], seed=0, fps=job["fps"], cfg_end=job["cfg_end"])
     pipeline.text_to_video(bundle, PROMPT, **{**settings, "steps": 1})  # warm-up: allocator, kernels, caches
     runs = []
     for _ in range(job["repeats"]):
@@ -260,7 +260,7 @@ def markdown(results: dict) -> str:
     s = results["settings"]
     lines = [
         f"{s['frames']} frames {s['size']}x{s['size']} at {s['fps']:g} fps ({s['frames'] / s['fps']:g} s of video), "
-        f"cfg {s['cfg']} (to {s.get('cfg_end', 1.0):g} of the schedule), {s['sampler']}; "
+        f"cfg {s['cfg']} (to {s['cfg_end']:g} of the schedule), {s['sampler']}; "
         f"{results['machine']['cpu']}, {results['machine']['threads']} threads, "
         f"torch {results['machine']['torch']}",
         "",
