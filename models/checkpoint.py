@@ -579,3 +579,56 @@ def save_sd15(path, *, unet: VideoUNet, vae: VideoVAE | None = None, dtype: torc
     if vae is not None:
         tensors.update(_tensors(vae, VAE_PREFIX, dtype, keep=lambda k: "temporal" not in k))
     return _write(path, tensors, {})
+
+
+# ----------------------------------------------------------------------------- averaging
+
+
+def average_models(paths, out) -> Path:
+    """Write the mean of MagicVideo files of one architecture (a "model soup").
+
+    Meant for runs that start from the same weights (legs trained from one file with other
+    seeds), where the mean usually lands in the same basin and scores at least as well as
+    either. Every file must be a MagicVideo file of the same kind, with the same configs and
+    the same keys, shapes and dtypes; a CheckpointError names the first difference. Floats
+    are averaged in float64 and written in their own dtype; any other tensor must be equal in
+    every file. The result's ``training_recipe`` lists the recipes it came from.
+    """
+    paths = [Path(p) for p in paths]
+    if len(paths) < 2:
+        raise ValueError(f"average_models needs two or more files, found {len(paths)}")
+    headers = [read_header(p) for p in paths]
+    first = headers[0]
+    for h in headers:
+        if not h.is_magicvideo:
+            raise CheckpointError(f"{h.path.name}: expected a MagicVideo file to average, found {identify(h)}")
+        _check_version(h)
+    for h in headers[1:]:
+        for key in sorted({k for k in (*first.metadata, *h.metadata) if k == "kind" or k.endswith("_config")}):
+            if first.metadata.get(key) != h.metadata.get(key):
+                raise CheckpointError(f"{h.path.name}: its {key} differs from {first.path.name}'s; only files "
+                                      "of one architecture can be averaged")
+        if h.shapes.keys() != first.shapes.keys():
+            extra, missing = sorted(h.shapes.keys() - first.shapes.keys()), sorted(first.shapes.keys() - h.shapes.keys())
+            raise CheckpointError(f"{h.path.name}: expected the keys of {first.path.name}, found "
+                                  f"{len(missing)} missing (e.g. {missing[:3]}) and {len(extra)} extra (e.g. {extra[:3]})")
+        for k in first.shapes:
+            if (h.shapes[k], h.dtypes[k]) != (first.shapes[k], first.dtypes[k]):
+                raise CheckpointError(f"{h.path.name}: {k} expected {first.dtypes[k]} {list(first.shapes[k])} as in "
+                                      f"{first.path.name}, found {h.dtypes[k]} {list(h.shapes[k])}")
+    handles = [safe_open(str(p), framework="pt") for p in paths]
+    tensors = {}
+    for k in first.shapes:
+        ts = [f.get_tensor(k) for f in handles]
+        if ts[0].is_floating_point():
+            tensors[k] = (sum(t.double() for t in ts) / len(ts)).to(ts[0].dtype).contiguous()
+        elif all(torch.equal(ts[0], t) for t in ts[1:]):
+            tensors[k] = ts[0]
+        else:
+            raise CheckpointError(f"{paths[1].name}: non-float tensor {k} differs between the files; it cannot be averaged")
+    meta = {k: v for k, v in first.metadata.items() if k == "kind" or k.endswith("_config")}
+    meta.update(format=FORMAT, format_version=FORMAT_VERSION)
+    recipes = [json.loads(h.metadata["training_recipe"]) if "training_recipe" in h.metadata else None for h in headers]
+    meta["training_recipe"] = json.dumps({"average_of": recipes}, sort_keys=True)
+    meta["averaged_from"] = json.dumps([f"{p.parent.name}/{p.name}" for p in paths])  # no full paths in files
+    return _write(out, tensors, meta)

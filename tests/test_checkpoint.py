@@ -119,6 +119,44 @@ def test_full_file_round_trip(tmp_path):
     assert same_state(half.unet, unet.half())
 
 
+def test_average_of_two_files_is_their_mean_and_loads(tmp_path):
+    vae = tiny_vae()
+    a, b = randomize_motion_(tiny(seed=1), seed=1), randomize_motion_(tiny(seed=2), seed=2)
+    recipe = {"seed": 1}
+    pa = ck.save_model(tmp_path / "a" / "model.safetensors", unet=a, vae=vae, extra_metadata={"training_recipe": recipe})
+    pb = ck.save_model(tmp_path / "b" / "model.safetensors", unet=b, vae=vae)
+    out = ck.average_models([pa, pb], tmp_path / "soup.safetensors")
+
+    soup = ck.load_model(out)
+    sa, sb, ss = a.state_dict(), b.state_dict(), soup.unet.state_dict()
+    assert ss.keys() == sa.keys()
+    for k in sa:
+        assert torch.allclose(ss[k], (sa[k] + sb[k]) / 2, atol=1e-7), k
+    assert not torch.equal(ss["input_blocks.0.0.weight"], sa["input_blocks.0.0.weight"])
+    assert same_state(soup.vae, vae) and soup.unet.config == a.config
+    meta = ck.read_header(out).metadata
+    assert json.loads(meta["training_recipe"]) == {"average_of": [recipe, None]}
+    assert json.loads(meta["averaged_from"]) == ["a/model.safetensors", "b/model.safetensors"]
+
+
+def test_average_refuses_files_of_other_architectures(tmp_path):
+    a = ck.save_model(tmp_path / "a.safetensors", unet=tiny())
+    wide = tiny()
+    wide.config.prediction_type = "v_prediction"
+    b = ck.save_model(tmp_path / "b.safetensors", unet=wide)
+    with pytest.raises(CheckpointError, match="b.safetensors: its unet_config differs from a.safetensors"):
+        ck.average_models([a, b], tmp_path / "soup.safetensors")
+    c = ck.save_model(tmp_path / "c.safetensors", unet=tiny(), vae=tiny_vae())
+    with pytest.raises(CheckpointError, match="vae_config differs"):
+        ck.average_models([a, c], tmp_path / "soup.safetensors")
+    sd = ck.save_sd15(tmp_path / "sd.safetensors", unet=tiny(), dtype=None)
+    with pytest.raises(CheckpointError, match="sd.safetensors: expected a MagicVideo file to average"):
+        ck.average_models([a, sd], tmp_path / "soup.safetensors")
+    with pytest.raises(ValueError, match="two or more files, found 1"):
+        ck.average_models([a], tmp_path / "soup.safetensors")
+    assert not (tmp_path / "soup.safetensors").exists()
+
+
 def test_parts_may_be_absent(tmp_path):
     vae = tiny_vae()
     bundle = ck.load_model(ck.save_model(tmp_path / "vae.safetensors", vae=vae))
