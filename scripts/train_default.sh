@@ -118,17 +118,20 @@ $PY -m magicvideo.train --config configs/default.json --stage unet --run-dir "$R
     --set unet.batch_size=8 --set unet.lr=2e-4 --set unet.steps=3000 --set unet.binding_weight=1.0 \
     --set unet.binding_words=object --set unet.binding_contrast=true
 
-# 11. A weight soup (docs/TRAINING.md, step 12 of the recipe): two legs from that UNet at once, each
-#     a full 1500-step schedule in a fresh folder (same VAE, same losses, seeds 1244 and 1245, 1 thread
-#     each), and the mean of their EMA weights
-PIDS=()
-for SEED in 1244 1245; do
-    $PY -m magicvideo.train --config configs/default.json --stage unet --run-dir "$RUN-leg$SEED" \
-        --init "$RUN-more2/model.safetensors" --threads 1 --set seed=$SEED --set unet.text_aux_weight=0.1 \
-        --set unet.batch_size=8 --set unet.lr=2e-4 --set unet.steps=1500 --set unet.binding_weight=1.0 \
-        --set unet.binding_words=object --set unet.binding_contrast=true &
-    PIDS+=($!)
+# 11. A weight soup (docs/TRAINING.md, step 12 of the recipe): four legs from that UNet, two at a time
+#     (seeds 1244 and 1245 in session 16, 1246 and 1247 in session 17), each a full 1500-step schedule
+#     in a fresh folder (same VAE, same losses, 1 thread each), and the mean of their EMA weights
+for PAIR in "1244 1245" "1246 1247"; do
+    PIDS=()
+    for SEED in $PAIR; do
+        $PY -m magicvideo.train --config configs/default.json --stage unet --run-dir "$RUN-leg$SEED" \
+            --init "$RUN-more2/model.safetensors" --threads 1 --set seed=$SEED --set unet.text_aux_weight=0.1 \
+            --set unet.batch_size=8 --set unet.lr=2e-4 --set unet.steps=1500 --set unet.binding_weight=1.0 \
+            --set unet.binding_words=object --set unet.binding_contrast=true &
+        PIDS+=($!)
+    done
+    for PID in "${PIDS[@]}"; do wait "$PID"; done   # each leg's exit status (set -e stops on a failed one)
 done
-for PID in "${PIDS[@]}"; do wait "$PID"; done   # each leg's exit status (set -e stops on a failed one)
 $PY scripts/average_models.py weights/magicvideo_default.safetensors \
-    "$RUN-leg1244/model.safetensors" "$RUN-leg1245/model.safetensors"
+    "$RUN-leg1244/model.safetensors" "$RUN-leg1245/model.safetensors" \
+    "$RUN-leg1246/model.safetensors" "$RUN-leg1247/model.safetensors"
