@@ -24,11 +24,13 @@ from magicvideo.models.checkpoint import load_model
 from magicvideo.models.pipeline import text_to_video
 
 FRAMES = world.REFERENCE_FRAMES
+SAMPLING = {"steps": 20, "cfg": 6.0, "cfg_end": 0.7, "fps": 8.0}  # the evaluator's defaults
 
 
 class ComposedUNet(torch.nn.Module):
-    """Wraps a VideoUNet: on a guided (doubled) batch, replaces the conditional half by the composed
-    prediction of ``self.subs`` (one-object contexts [1, tokens, width]); other calls pass through."""
+    """Wraps a VideoUNet sampling one video: on a guided (doubled) batch, replaces the conditional
+    half by the composed prediction of ``self.subs`` (one-object contexts [1, tokens, width]);
+    other calls pass through."""
 
     def __init__(self, unet, mode: str, weight: float):
         super().__init__()
@@ -69,11 +71,11 @@ def main():
         composed.subs = [bundle.text_encoder.encode([world.caption(dataclasses.replace(spec, objects=(o,)), rng)])[0]
                          for o in spec.objects]
         return text_to_video(bundle, caption, frames=FRAMES, width=world.REFERENCE_SIZE, height=world.REFERENCE_SIZE,
-                             steps=20, cfg=6.0, seed=seed, fps=8.0, cfg_end=0.7)
+                             seed=seed, **SAMPLING)
 
     res = ev.evaluate_generator(generate, prompts, progress=lambda i, n: print(f"{i}/{n}", flush=True))
     res["config"] = {"model": args.model, "mode": args.mode, "weight": args.weight, "seed": args.seed,
-                     "prompts": "two-object prompts of the set", "steps": 20, "cfg": 6.0, "cfg_end": 0.7}
+                     "prompts": "two-object prompts of the set", **SAMPLING}
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1, default=ev._json_default)
     objs = [o for r in res["prompts"] for o in r["objects"]]
