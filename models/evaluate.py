@@ -517,6 +517,8 @@ def model_generate_fn(
     given_frames: int = 0,
     cfg_start: float = 0.0,
     cfg_end: float = 0.7,
+    motion_guidance: float = 0.0,
+    motion_guidance_until: float = 0.5,
 ):
     """generate_fn(caption, seed) running a full MagicVideo file through ``pipeline.text_to_video``
     (its text encoder, the keyframe sampler from pure noise, VideoVAE decode).
@@ -529,6 +531,9 @@ def model_generate_fn(
 
     ``given_frames`` = k scores image-to-video (models trained image-first): the first k
     frames of the prompt's own world clip are given, the model makes the rest.
+
+    ``motion_guidance`` > 0 steers each object along its caption's path while sampling
+    (``guidance.MotionGuidance``; the frames are still judged alone).
     """
     from .checkpoint import load_model
     from .pipeline import text_to_video
@@ -554,7 +559,8 @@ def model_generate_fn(
             init = {"first_frames": truth(caption, seed)[:given_frames]}
         return text_to_video(bundle, caption, frames=frames, width=size, height=size, steps=steps, cfg=cfg,
                              sampler=sampler, scheduler=scheduler, seed=seed, fps=fps, noise_sharing=noise_sharing,
-                             image_first=image_first, cfg_start=cfg_start, cfg_end=cfg_end, **init)
+                             image_first=image_first, cfg_start=cfg_start, cfg_end=cfg_end,
+                             motion_guidance=motion_guidance, motion_guidance_until=motion_guidance_until, **init)
 
     return generate
 
@@ -607,6 +613,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--from-truth", type=_fraction, default=None, metavar="STRENGTH",
                     help="diagnostic: start each prompt from its own world clip noised to STRENGTH (0..1) "
                          "instead of pure noise; 0 = the VAE round trip (the ceiling of any UNet on this VAE)")
+    ap.add_argument("--motion-guidance", type=float, default=0.0, metavar="STRENGTH",
+                    help="steer each object's attention along its caption's path on the early steps "
+                         "(0 = off; see models/guidance.py)")
+    ap.add_argument("--motion-guidance-until", type=_fraction, default=0.5,
+                    help="steer the steps up to this point of the schedule (0 noise .. 1 clean; default 0.5)")
+    ap.add_argument("--objects", type=int, choices=(1, 2), default=None,
+                    help="score only the set's prompts with this many objects (a quicker look at one part)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", help="write results JSON here")
     ap.add_argument("--strip", help="write a PNG strip of the first prompts here")
@@ -614,6 +627,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     prompts = prompt_set(args.seed, args.n)
+    if args.objects:
+        prompts = [p for p in prompts if len(p.spec.objects) == args.objects]
     if args.ground_truth:
         generate = ground_truth_fn(prompts, args.frames, args.size)
         source = "ground truth"
@@ -623,7 +638,8 @@ def main(argv: list[str] | None = None) -> int:
             sampler=args.sampler, scheduler=args.scheduler, fps=args.fps, device=args.device,
             noise_sharing=args.noise_sharing, from_truth=args.from_truth, prompts=prompts,
             image_first=args.image_first, given_frames=args.given_frames, cfg_start=args.cfg_start,
-            cfg_end=args.cfg_end,
+            cfg_end=args.cfg_end, motion_guidance=args.motion_guidance,
+            motion_guidance_until=args.motion_guidance_until,
         )
         source = args.model if args.from_truth is None else f"{args.model} from the truth at {args.from_truth}"
         if args.given_frames:
@@ -644,7 +660,7 @@ def main(argv: list[str] | None = None) -> int:
     results = evaluate_generator(keep, prompts, progress)
     results["config"] = {k: v for k, v in vars(args).items() if k not in ("out", "strip", "strip_count")}
     results["config"]["source"] = source
-    print(f"{source}: {args.n} prompts (seed {args.seed}), {args.frames} frames at {args.size}px")
+    print(f"{source}: {len(prompts)} prompts (seed {args.seed}), {args.frames} frames at {args.size}px")
     print(format_table(results))
     if args.out:
         with open(args.out, "w") as fh:

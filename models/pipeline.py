@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from . import sampling
+from . import guidance, sampling
 from .text import unknown_words_message
 
 __all__ = ["RequestError", "UnknownWordsError", "prepare", "encode_prompt", "conditioning_to_video", "text_to_video"]
@@ -140,6 +140,9 @@ def conditioning_to_video(
     first_frames: torch.Tensor | None = None,
     cfg_start: float = 0.0,
     cfg_end: float = 1.0,
+    motion_targets: list | None = None,
+    motion_guidance: float = 0.0,
+    motion_guidance_until: float = 0.5,
 ) -> torch.Tensor:
     """Text embeddings -> frames ``[frames, height, width, 3]`` float32 in 0..1 on the CPU.
 
@@ -154,6 +157,9 @@ def conditioning_to_video(
     ``first_frames`` ``[k, height, width, 3]`` in 0..1 is image-to-video on a model trained
     image-first: they are encoded and kept as the first k frames; the rest follow from them.
     ``cfg_start`` / ``cfg_end``: guidance only on that part of the schedule (``sampling.sample``).
+    ``motion_targets`` (``guidance.targets_from_caption``) with ``motion_guidance`` > 0 steer
+    each object's attention blob along its caption's path on the steps up to
+    ``motion_guidance_until`` (``guidance.MotionGuidance``).
     """
     unet, vae, _ = prepare(bundle, device=device, dtype=dtype)
     _check_request(vae, frames, width, height, cfg, negative)
@@ -185,12 +191,18 @@ def conditioning_to_video(
         except ValueError as e:
             raise RequestError(str(e)) from None
 
+    try:
+        steer = guidance.MotionGuidance(unet, motion_targets or [], strength=motion_guidance,
+                                        until=motion_guidance_until)
+    except ValueError as e:
+        raise RequestError(str(e)) from None
+
     t0 = time.perf_counter()
     with torch.no_grad():
         latents = sampling.sample(unet, latents, positive, negative, num_frames=frames, steps=steps, cfg=cfg,
                                   sampler=sampler, scheduler=scheduler, seed=seed, fps=fps, callback=callback,
                                   noise_sharing=noise_sharing, denoise=denoise, image_first=image_first,
-                                  given_frames=given, cfg_start=cfg_start, cfg_end=cfg_end)
+                                  given_frames=given, cfg_start=cfg_start, cfg_end=cfg_end, steer=steer)
         _sync(run_device)
         t1 = time.perf_counter()
         images = vae.decode(latents, num_frames=frames, chunk_size=chunk_size)  # [F, 3, H, W] in about -1..1
@@ -228,6 +240,8 @@ def text_to_video(
     first_frames: torch.Tensor | None = None,
     cfg_start: float = 0.0,
     cfg_end: float = 1.0,
+    motion_guidance: float = 0.0,
+    motion_guidance_until: float = 0.5,
 ) -> torch.Tensor:
     """A prompt through the model file's built-in text encoder -> frames ``[frames, height, width, 3]``
     float32 in 0..1 on the CPU.
@@ -238,7 +252,8 @@ def text_to_video(
     receives seconds per stage: ``text_encode``, ``sampling``, ``vae_decode`` and ``total`` (their
     sum plus the glue; moving the modules to ``device`` / ``dtype`` is not counted).
     ``init_video`` / ``denoise`` (video-to-video), ``image_first`` and ``first_frames``
-    (image-to-video), ``cfg_start`` / ``cfg_end``: see :func:`conditioning_to_video`.
+    (image-to-video), ``cfg_start`` / ``cfg_end``, ``motion_guidance`` / ``motion_guidance_until``
+    (each object steered along the path its caption asks for): see :func:`conditioning_to_video`.
     """
     _, vae, text = prepare(bundle, device=device, dtype=dtype)
     _check_request(vae, frames, width, height, cfg, negative="")
@@ -253,6 +268,8 @@ def text_to_video(
         scheduler=scheduler, seed=seed, fps=fps, chunk_size=chunk_size, callback=callback, timings=stages,
         noise_sharing=noise_sharing, init_video=init_video, denoise=denoise, image_first=image_first,
         first_frames=first_frames, cfg_start=cfg_start, cfg_end=cfg_end,
+        motion_targets=guidance.targets_from_caption(prompt, set(text.word_to_id), frames) if motion_guidance else None,
+        motion_guidance=motion_guidance, motion_guidance_until=motion_guidance_until,
     )
     if timings is not None:
         timings.update(text_encode=t1 - t0, **stages, total=time.perf_counter() - t0)

@@ -280,6 +280,7 @@ def sample(
     image_first: bool | None = None,
     cfg_start: float = 0.0,
     cfg_end: float = 1.0,
+    steer=None,
 ) -> torch.Tensor:
     """Denoise video latents ``[(b f), c, h, w]`` with a VideoUNet; returns float32 latents.
 
@@ -305,6 +306,11 @@ def sample(
     step at timestep t is guided when ``cfg_start <= 1 - t / 999 <= cfg_end``; other steps run
     the conditional half alone (cfg 1, half the UNet work). Guidance in a limited interval
     (Kynkaanniemi et al. 2024) keeps its adherence without its cost where it does not help.
+
+    ``steer`` (e.g. ``guidance.MotionGuidance``): on steps where ``steer.applies(progress)``
+    (progress as for ``cfg_start``), ``steer(x_in, t, positive_context, num_frames=..., fps=...,
+    cond=...)`` returns a moved model input, and the sampler's own state moves with it before
+    the step is taken.
     """
     config = unet.config
     if latents.ndim != 4 or latents.shape[1] != config.in_channels:
@@ -331,7 +337,7 @@ def sample(
         return _sample_image_first(
             unet, latents, positive, negative, num_frames=num_frames, steps=steps, cfg=cfg, sampler=sampler,
             scheduler=scheduler, seed=seed, fps=fps, cond=cond, callback=callback, noise_sharing=noise_sharing,
-            cfg_start=cfg_start, cfg_end=cfg_end,
+            cfg_start=cfg_start, cfg_end=cfg_end, steer=steer,
         )
     use_cfg = cfg != 1.0
     if use_cfg and negative is None:
@@ -375,7 +381,8 @@ def sample(
         sched.set_begin_index(start)
 
     # which steps are guided, decided once: progress 1 - t / 999 within [cfg_start, cfg_end]
-    guided = [use_cfg and cfg_start <= 1.0 - float(t) / (TRAIN_TIMESTEPS - 1) <= cfg_end for t in timesteps]
+    progress = [1.0 - float(t) / (TRAIN_TIMESTEPS - 1) for t in timesteps]
+    guided = [use_cfg and cfg_start <= p <= cfg_end for p in progress]
     cond_pair = torch.cat([cond, cond]) if cond is not None and any(guided) else cond
 
     generator = torch.Generator("cpu").manual_seed(int(seed))
@@ -398,6 +405,13 @@ def sample(
         if given_frames:  # given frames enter clean, at timestep 0
             x_in = torch.where(keep, clean, x_in)
             t_batch = t_batch.masked_fill(given, 0.0)
+        if steer is not None and steer.applies(progress[i]):
+            moved = steer(x_in.to(dtype), t_batch, positive_context, num_frames=num_frames, fps=fps, cond=cond).float()
+            if given_frames:
+                moved = torch.where(keep, x_in, moved)
+            # x_in is x times a per-step scalar (1 / sqrt(sigma^2 + 1) for the sigma samplers)
+            x = x + (moved - x_in) / sched.scale_model_input(torch.ones_like(x[:1]), t)
+            x_in = moved
         if guided[i]:
             out = unet(
                 torch.cat([x_in, x_in]).to(dtype), torch.cat([t_batch, t_batch]), context,
@@ -421,6 +435,7 @@ def sample(
 
 def _sample_image_first(unet, latents, positive, negative, *, num_frames: int, steps: int, callback, cond, **kwargs):
     """Text-to-video in two passes: frame 0 of every video alone, then the others given it."""
+    steer = kwargs.pop("steer", None)  # a path over the video's frames: the second pass only
     videos = latents.shape[0] // num_frames
     first = latents.view(videos, num_frames, *latents.shape[1:])[:, 0]
     first_cond = None if cond is None else cond.view(videos, num_frames, *cond.shape[1:])[:, 0]
@@ -438,4 +453,4 @@ def _sample_image_first(unet, latents, positive, negative, *, num_frames: int, s
     video = latents.float().clone().view(videos, num_frames, *latents.shape[1:])
     video[:, 0] = image.to(video.device)
     return sample(unet, video.flatten(0, 1), positive, negative, num_frames=num_frames, steps=steps,
-                  callback=second_pass, cond=cond, given_frames=1, image_first=False, **kwargs)
+                  callback=second_pass, cond=cond, given_frames=1, image_first=False, steer=steer, **kwargs)

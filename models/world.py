@@ -424,6 +424,23 @@ def caption(spec: ClipSpec, rng: np.random.Generator) -> str:
     return text
 
 
+def _caption_words(caption_text: str) -> list[str]:
+    return re.sub(r"[^a-z0-9]+", " ", caption_text.lower()).split()  # as text.normalise (which imports us)
+
+
+def _object_tail(words: list[str], shape: int, end: int) -> list[int]:
+    """Indices of an object's motion and speed words: after its shape word (index ``shape``),
+    up to ``end`` (the next object's colour word) or the background clause, less the template's
+    function words."""
+    rest = []
+    for i in range(shape + 1, end):
+        if words[i] in _BACKGROUND_PREPOSITIONS:
+            break
+        if words[i] not in TEMPLATE_WORDS:
+            rest.append(i)
+    return rest
+
+
 def object_word_positions(caption_text: str, spec: ClipSpec, motion: bool = False) -> list[tuple[int, ...]]:
     """Word indices (in ``text.normalise`` order) of each object's colour word and shape word,
     in the order of ``spec.objects``: the words that object's pixels should attend to.
@@ -432,7 +449,7 @@ def object_word_positions(caption_text: str, spec: ClipSpec, motion: bool = Fals
     With ``motion`` each tuple goes on with the object's motion and speed words: those after
     its shape word, up to the next object's colour word or the background clause ("on",
     "against", "over"), less the template's function words ("and", "the", ...)."""
-    words = re.sub(r"[^a-z0-9]+", " ", caption_text.lower()).split()  # as text.normalise (which imports us)
+    words = _caption_words(caption_text)
     nouns, start = [], 0
     for obj in spec.objects:
         for i in range(start, len(words) - 1):
@@ -444,16 +461,50 @@ def object_word_positions(caption_text: str, spec: ClipSpec, motion: bool = Fals
             raise ValueError(f"no '{obj.colour} {obj.shape}' in caption {caption_text!r}")
     if not motion:
         return nouns
+    ends = [n[0] for n in nouns[1:]] + [len(words)]
+    return [(colour, shape, *_object_tail(words, shape, end)) for (colour, shape), end in zip(nouns, ends)]
+
+
+@dataclass(frozen=True)
+class CaptionObject:
+    """One object a caption names: its attributes (None where the caption does not say) and the
+    indices of its words (``text.normalise`` order: colour, shape, then motion and speed words)."""
+
+    colour: str
+    shape: str
+    motion: str | None
+    speed: str | None
+    words: tuple[int, ...]
+
+
+_WORD_OF = {kind: {w: name for name, options in table.items() for w in options}
+            for kind, table in (("colour", COLOUR_WORDS), ("shape", SHAPE_WORDS), ("speed", SPEED_WORDS))}
+_MOTION_OF = sorted(  # (phrase as words, motion), longest first: "bouncing up and down" before "up"
+    [(tuple(ph.split()), m) for m, forms in MOTION_PHRASES.items() for pair in forms for ph in pair]
+    + [(tuple(ph.split()), m) for m, options in DIRECTION_WORDS.items() for ph in options],
+    key=lambda item: -len(item[0]),
+)
+
+
+def parse_caption(caption_text: str) -> list[CaptionObject]:
+    """The objects a caption in the world's words names, in order: each "<colour> <shape>" pair
+    starts one; its motion is the longest motion or direction phrase among the words after it
+    (up to the next object or the background clause), its speed the speed word there. Objects the
+    caption gives no motion get None (and a linear direction without a speed word gets speed None).
+    Words outside the world's vocabulary are skipped, so any prompt parses (to [] if it names no
+    object of the world)."""
+    words = _caption_words(caption_text)
+    nouns = [i for i in range(len(words) - 1) if words[i] in _WORD_OF["colour"] and words[i + 1] in _WORD_OF["shape"]]
     out = []
-    for k, (colour, shape) in enumerate(nouns):
-        end = nouns[k + 1][0] if k + 1 < len(nouns) else len(words)
-        rest = []
-        for i in range(shape + 1, end):
-            if words[i] in _BACKGROUND_PREPOSITIONS:
-                break
-            if words[i] not in TEMPLATE_WORDS:
-                rest.append(i)
-        out.append((colour, shape, *rest))
+    for k, i in enumerate(nouns):
+        end = nouns[k + 1] if k + 1 < len(nouns) else len(words)
+        tail = _object_tail(words, i + 1, end)
+        clause = words[i + 2: tail[-1] + 1] if tail else []
+        motion = next((m for ph, m in _MOTION_OF
+                       if any(tuple(clause[j: j + len(ph)]) == ph for j in range(len(clause)))), None)
+        speed = next((_WORD_OF["speed"][w] for w in clause if w in _WORD_OF["speed"]), None)
+        out.append(CaptionObject(_WORD_OF["colour"][words[i]], _WORD_OF["shape"][words[i + 1]], motion,
+                                 None if motion == "still" else speed, (i, i + 1, *tail)))
     return out
 
 

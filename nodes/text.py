@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ..models.text import TextEncoder, unknown_words_message
+from ..models.guidance import MOTION_WORDS_KEY
+from ..models.text import TextEncoder, normalise, unknown_words_message
 
 CATEGORY = "MagicVideo/conditioning"
 
@@ -24,7 +25,8 @@ class MagicVideoTextEncode:
     CATEGORY = CATEGORY
     FUNCTION = "encode"
     RETURN_TYPES = ("CONDITIONING",)
-    OUTPUT_TOOLTIPS = ("The encoded prompt, [1, 77, width], for the MagicVideo keyframe sampler.",)
+    OUTPUT_TOOLTIPS = ("The encoded prompt, [1, 77, width], for the MagicVideo keyframe sampler (with its words, "
+                       "which the sampler's motion guidance reads).",)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -56,7 +58,9 @@ class MagicVideoTextEncode:
             if not ignore_unknown_words:
                 raise ValueError(f"MagicVideo Text Encode: {message} Turn on ignore_unknown_words to leave them out.")
             print(f"[MagicVideo] warning: {message} Leaving them out.")
-        return ([[context, {}]],)
+        # the words the context holds, one token each after <bos>: what the sampler's motion guidance reads
+        words = " ".join(w for w in normalise(text) if w in encoder.word_to_id)
+        return ([[context, {MOTION_WORDS_KEY: words}]],)
 
 
 NODE_CLASS_MAPPINGS = {"MagicVideoTextEncode": MagicVideoTextEncode}

@@ -50,6 +50,15 @@ class ComposedUNet(torch.nn.Module):
         return torch.cat([u, (u if self.mode == "sum" else c) + self.weight * delta])
 
 
+def report(res: dict, prompts: list) -> None:
+    """Prints the prompts' scores: all right, and per object (over the prompts' objects)."""
+    objs = [o for r in res["prompts"] for o in r["objects"]]
+    rate = lambda k: 100 * np.mean([bool(o[k]) for o in objs])  # noqa: E731
+    print(f"prompts all right: {sum(r['all_ok'] for r in res['prompts'])} of {len(prompts)}; per object "
+          f"colour {rate('colour_ok'):.1f}% shape {rate('shape_ok'):.1f}% motion {rate('motion_ok'):.1f}% "
+          f"all {rate('all_ok'):.1f}%; extra objects {np.mean([r['extra_objects'] for r in res['prompts']]):.2f}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model")
@@ -78,11 +87,7 @@ def main():
                      "prompts": "two-object prompts of the set", **SAMPLING}
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1, default=ev._json_default)
-    objs = [o for r in res["prompts"] for o in r["objects"]]
-    rate = lambda k: 100 * np.mean([bool(o[k]) for o in objs])  # noqa: E731
-    print(f"two-object prompts all right: {sum(r['all_ok'] for r in res['prompts'])} of {len(prompts)}; per object "
-          f"colour {rate('colour_ok'):.1f}% shape {rate('shape_ok'):.1f}% motion {rate('motion_ok'):.1f}% "
-          f"all {rate('all_ok'):.1f}%; extra objects {np.mean([r['extra_objects'] for r in res['prompts']]):.2f}")
+    report(res, prompts)
 
 
 if __name__ == "__main__":

@@ -121,6 +121,23 @@ def test_guidance_interval_inputs(nodes, tiny):
         _run_sampler(nodes, model, latent, cfg_start=0.9, cfg_end=0.1)
 
 
+def test_motion_guidance_inputs(nodes, tiny, capsys):
+    model, _ = tiny
+    latent = nodes.EmptyVideoLatent().generate(width=32, height=32, frames=4, batch=1)[0]
+    plain = _run_sampler(nodes, model, latent)["samples"]
+    # core CLIPTextEncode's conditioning has no words to read: a note, and the plain result
+    assert torch.equal(plain, _run_sampler(nodes, model, latent, motion_guidance=0.2)["samples"])
+    assert "motion_guidance reads prompts from MagicVideo Text Encode" in capsys.readouterr().out
+    worded = [[_cond(value=0.3)[0][0], {"magicvideo_words": "a red ball moving left"}]]  # no speed: no path
+    assert torch.equal(plain, _run_sampler(nodes, model, latent, positive=worded, motion_guidance=0.2)["samples"])
+    # this tiny UNet attends at 2x2 cells only, too coarse to find a blob in: a clear error
+    worded = [[_cond(value=0.3)[0][0], {"magicvideo_words": "red ball moving left fast"}]]
+    with pytest.raises(ValueError, match="at least 8x8 latent cells"):
+        _run_sampler(nodes, model, latent, positive=worded, motion_guidance=0.2)
+    spec = nodes.KeyframeSampler.INPUT_TYPES()["optional"]
+    assert spec["motion_guidance"][1]["default"] == 0.0 and spec["motion_guidance_until"][1]["default"] == 0.5
+
+
 def test_frames_input_and_errors(nodes, tiny):
     model, vae = tiny
     latent = {"samples": torch.zeros(6, 4, 4, 4)}  # no num_frames key: frames input or whole batch

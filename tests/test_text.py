@@ -116,7 +116,8 @@ def test_node_outputs_core_conditioning_layout(encoder):
     (cond,) = node.encode(encoder, "a red ball drifting to the left")
     assert isinstance(cond, list) and len(cond) == 1
     tensor, extras = cond[0]
-    assert tensor.shape == (1, 77, 32) and extras == {}
+    # the words the context holds ride along for the keyframe sampler's motion guidance
+    assert tensor.shape == (1, 77, 32) and extras == {"magicvideo_words": "a red ball drifting to the left"}
     (empty,) = node.encode(encoder, "")
     assert empty[0][0].shape == (1, 77, 32)
 
@@ -131,3 +132,4 @@ def test_node_unknown_words(encoder, capsys):
     (cond,) = node.encode(encoder, "a red balll", ignore_unknown_words=True)
     assert "balll" in capsys.readouterr().out
     assert torch.allclose(cond[0][0], node.encode(encoder, "a red")[0][0][0])
+    assert cond[0][1]["magicvideo_words"] == "a red"  # as the context: one token per known word

@@ -1,0 +1,158 @@
+"""Motion guidance: on the early sampling steps, move the noisy latent so that each object's
+cross-attention blob travels the path its caption asks for.
+
+The bundled default's words bind to their object (``unet.binding_weight``, TRAINING.md
+sessions 9-10): the cells of a red circle attend to "red", "circle" and its motion words, and
+another object's cells to that object's words. So per frame the attention each cell gives an
+object's words is a map of where that object is. Sampling from noise, the model lays the
+objects out in the first steps, and with two objects their motions often go wrong (each
+object's motion right 80% of the time alone in a clip, 30% beside another; session 18). This
+takes the caption's motion for each object (``world.parse_caption``), the centre path it
+asks for (``world.trajectory``, less its mean: no start place is asked for), and on each
+steered step moves the latent down the gradient of how far the blobs' centroids are from
+those paths, as Attend-and-Excite (Chefer et al. 2023) moves it to bring out missing subjects.
+
+Only the built-in text encoder's captions can be read this way (one token per known word,
+<bos> first); other conditioning samples unsteered.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from einops import rearrange
+
+from . import world
+from .text import normalise
+
+
+MOTION_WORDS_KEY = "magicvideo_words"  # CONDITIONING dict key: the known words of a built-in-encoder prompt
+
+
+@dataclass(frozen=True)
+class ObjectTarget:
+    """One object to steer: its token indices in the context and its asked centre path
+    [frames, 2] (x, y in fractions of the frame side, less its mean over frames)."""
+
+    tokens: tuple[int, ...]
+    path: torch.Tensor
+
+
+def caption_path(motion: str | None, speed: str | None, frames: int) -> torch.Tensor | None:
+    """The centre path [frames, 2] a motion asks for, less its mean (zeros for motions in place:
+    grow, shrink, rotate, still); None when the caption gives no motion, or a linear one without
+    a speed (nothing says how far)."""
+    if motion is None or (motion != "still" and speed is None):
+        return None
+    obj = world.ObjectSpec("red", "circle", motion, speed, 0.5, 0.5, 0.1)
+    x, y, _, _ = world.trajectory(obj, frames)
+    path = torch.tensor(np.stack([x, y], -1), dtype=torch.float32)
+    return path - path.mean(0)
+
+
+def targets_from_caption(caption: str, known: set[str], frames: int) -> list[ObjectTarget]:
+    """The objects of a caption for the built-in text encoder, whose context is <bos> then one token
+    per known word (unknown words left out, as ``TextEncoder.tokenize`` does); objects without a
+    motion path are left out (they are not steered)."""
+    kept = [w for w in normalise(caption) if w in known]
+    out = []
+    for obj in world.parse_caption(" ".join(kept)):
+        path = caption_path(obj.motion, obj.speed, frames)
+        if path is not None:
+            out.append(ObjectTarget(tuple(i + 1 for i in obj.words), path))
+    return out
+
+
+def object_maps(probs: torch.Tensor, tokens: list[tuple[int, ...]]) -> list[torch.Tensor]:
+    """Per object, the attention (mean over heads) each cell gives its tokens: ``probs`` [n, heads,
+    cells, tokens] -> [n, cells] each."""
+    look = probs.mean(1)
+    return [look[..., list(t)].sum(-1) for t in tokens]
+
+
+def track_loss(probs: list[torch.Tensor], targets: list[ObjectTarget], num_frames: int) -> torch.Tensor:
+    """How far each object's attention blob moves from its asked path.
+
+    Per cross-attention block of at least 8x8 cells and object: the blob is the object's map less
+    its mean over the frame (negative parts dropped), normalised to sum 1; its centroid per frame,
+    less its mean over the video's frames, is compared with the object's path: mean squared
+    distance over frames, in units of the world's slow linear travel squared; mean over blocks,
+    objects and videos."""
+    losses = []
+    for p in probs:
+        side = math.isqrt(p.shape[2])
+        if side < 8 or side * side != p.shape[2]:
+            continue
+        grid = (torch.arange(side, dtype=p.dtype, device=p.device) + 0.5) / side
+        gy, gx = torch.meshgrid(grid, grid, indexing="ij")
+        pos = torch.stack([gx.flatten(), gy.flatten()], -1)  # [cells, 2] as (x, y)
+        for a, target in zip(object_maps(p, [t.tokens for t in targets]), targets):
+            blob = (a - a.mean(-1, keepdim=True)).clamp_min(0)
+            blob = blob / blob.sum(-1, keepdim=True).clamp_min(1e-8)
+            c = rearrange(blob @ pos, "(b f) d -> b f d", f=num_frames)
+            c = c - c.mean(1, keepdim=True)
+            if target.path.shape[0] != num_frames:
+                raise ValueError(f"motion guidance: a path of {target.path.shape[0]} frames for a video of {num_frames}")
+            path = target.path.to(c.device, c.dtype)
+            losses.append(((c - path) ** 2).sum(-1).mean() / world.LINEAR_TRAVEL["slow"] ** 2)
+    if not losses:
+        raise ValueError("motion guidance needs cross-attention blocks of at least 8x8 latent cells")
+    return torch.stack(losses).mean()
+
+
+class MotionGuidance:
+    """Steers a sampler's latent on its early steps (``sampling.sample(..., steer=...)``).
+
+    ``strength``: how far each gradient step moves the latent, in units of the gradient scaled
+    to unit RMS (the latent itself has unit RMS at the start). ``until``: steer the steps up to
+    this point of the schedule (0 pure noise, 1 clean), where the layout is decided. ``iters``:
+    gradient steps per steered step. ``losses`` records the loss before each steered step, and
+    with ``record`` (one more UNet pass per step) after it too, as (before, after) pairs."""
+
+    def __init__(self, unet: torch.nn.Module, targets: list[ObjectTarget], *, strength: float, until: float = 0.5,
+                 iters: int = 1, record: bool = False):
+        if strength < 0 or not 0 <= until <= 1 or iters < 1:
+            raise ValueError(f"motion guidance: strength must be >= 0, until in 0..1 and iters >= 1; "
+                             f"got {strength}, {until}, {iters}")
+        self.unet, self.targets, self.strength, self.until, self.iters = unet, targets, strength, until, iters
+        self.record = record
+        self.blocks = [m.attn2 for m in unet.modules() if hasattr(m, "attn2")]
+        self.losses: list[tuple[float, float]] = []
+
+    def applies(self, progress: float) -> bool:
+        return bool(self.targets) and self.strength > 0 and progress <= self.until
+
+    def loss(self, z: torch.Tensor, t: torch.Tensor, context: torch.Tensor, **kw) -> torch.Tensor:
+        for m in self.blocks:
+            m.record_probs = True
+        try:
+            self.unet(z, t, context, **kw)
+            return track_loss([m.probs for m in self.blocks], self.targets, kw["num_frames"])
+        finally:
+            for m in self.blocks:
+                m.record_probs, m.probs = False, None
+
+    def __call__(self, x_in: torch.Tensor, t: torch.Tensor, context: torch.Tensor, **kw) -> torch.Tensor:
+        """The moved model input (same shape) for the UNet input ``x_in`` at timesteps ``t`` with the
+        positive ``context``; ``kw`` are the UNet's keywords (``num_frames``, ``fps``, ``cond``)."""
+        top = max(max(t.tokens) for t in self.targets)
+        if top >= context.shape[1]:
+            raise ValueError(f"motion guidance: the words name token {top}, but the conditioning has "
+                             f"{context.shape[1]} tokens (is it from MagicVideo Text Encode?)")
+        z, first = x_in.detach(), None
+        with torch.enable_grad():
+            for _ in range(self.iters):
+                z.requires_grad_(True)
+                loss = self.loss(z, t, context, **kw)
+                first = float(loss.detach()) if first is None else first
+                (g,) = torch.autograd.grad(loss, z)
+                z = (z - self.strength * g / g.pow(2).mean().sqrt().clamp_min(1e-12)).detach()
+        if self.record:
+            with torch.no_grad():
+                self.losses.append((first, float(self.loss(z, t, context, **kw))))
+        else:
+            self.losses.append((first, None))
+        return z.to(x_in.dtype)
