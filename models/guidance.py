@@ -34,22 +34,25 @@ MOTION_WORDS_KEY = "magicvideo_words"  # CONDITIONING dict key: the known words 
 
 @dataclass(frozen=True)
 class ObjectTarget:
-    """One object to steer: its token indices in the context and its asked centre path
-    [frames, 2] (x, y in fractions of the frame side, less its mean over frames)."""
+    """One object to steer: its token indices in the context and its asked path [frames, 3]: centre
+    x, y (fractions of the frame side) and log radius, each less its mean over frames."""
 
     tokens: tuple[int, ...]
     path: torch.Tensor
 
 
 def caption_path(motion: str | None, speed: str | None, frames: int) -> torch.Tensor | None:
-    """The centre path [frames, 2] a motion asks for, less its mean (zeros for motions in place:
-    grow, shrink, rotate, still); None when the caption gives no motion, or a linear one without
-    a speed (nothing says how far)."""
-    if motion is None or (motion != "still" and speed is None):
+    """The path [frames, 3] a motion asks for: centre x, y and log radius, less their means (a
+    centre in place for grow, shrink, rotate, still; a steady size but for grow and shrink); None
+    when the caption gives no motion. A motion without a speed word ("a red circle moving to the
+    left") gets the slow one's path."""
+    if motion is None:
         return None
+    if motion != "still" and speed is None:
+        speed = "slow"
     obj = world.ObjectSpec("red", "circle", motion, speed, 0.5, 0.5, 0.1)
-    x, y, _, _ = world.trajectory(obj, frames)
-    path = torch.tensor(np.stack([x, y], -1), dtype=torch.float32)
+    x, y, r, _ = world.trajectory(obj, frames)
+    path = torch.tensor(np.stack([x, y, np.log(r)], -1), dtype=torch.float32)
     return path - path.mean(0)
 
 
@@ -73,14 +76,17 @@ def object_maps(probs: torch.Tensor, tokens: list[tuple[int, ...]]) -> list[torc
     return [look[..., list(t)].sum(-1) for t in tokens]
 
 
-def track_loss(probs: list[torch.Tensor], targets: list[ObjectTarget], num_frames: int) -> torch.Tensor:
+def track_loss(probs: list[torch.Tensor], targets: list[ObjectTarget], num_frames: int,
+               size_weight: float = 0.0) -> torch.Tensor:
     """How far each object's attention blob moves from its asked path.
 
     Per cross-attention block of at least 8x8 cells and object: the blob is the object's map less
     its mean over the frame (negative parts dropped), normalised to sum 1; its centroid per frame,
     less its mean over the video's frames, is compared with the object's path: mean squared
     distance over frames, in units of the world's slow linear travel squared; mean over blocks,
-    objects and videos."""
+    objects and videos. With ``size_weight`` the log of the blob's spread (RMS distance from its
+    centroid), less its mean, is compared with the path's log radius too (in units of the slow
+    grow's log scale squared) and added with that weight."""
     losses = []
     for p in probs:
         side = math.isqrt(p.shape[2])
@@ -92,12 +98,19 @@ def track_loss(probs: list[torch.Tensor], targets: list[ObjectTarget], num_frame
         for a, target in zip(object_maps(p, [t.tokens for t in targets]), targets):
             blob = (a - a.mean(-1, keepdim=True)).clamp_min(0)
             blob = blob / blob.sum(-1, keepdim=True).clamp_min(1e-8)
-            c = rearrange(blob @ pos, "(b f) d -> b f d", f=num_frames)
+            centre = blob @ pos  # [(b f), 2]
+            c = rearrange(centre, "(b f) d -> b f d", f=num_frames)
             c = c - c.mean(1, keepdim=True)
             if target.path.shape[0] != num_frames:
                 raise ValueError(f"motion guidance: a path of {target.path.shape[0]} frames for a video of {num_frames}")
             path = target.path.to(c.device, c.dtype)
-            losses.append(((c - path) ** 2).sum(-1).mean() / world.LINEAR_TRAVEL["slow"] ** 2)
+            loss = ((c - path[:, :2]) ** 2).sum(-1).mean() / world.LINEAR_TRAVEL["slow"] ** 2
+            if size_weight:
+                spread = (blob * ((pos[None] - centre[:, None]) ** 2).sum(-1)).sum(-1).clamp_min(1e-8).sqrt()
+                log_s = rearrange(spread.log(), "(b f) -> b f", f=num_frames)
+                log_s = log_s - log_s.mean(1, keepdim=True)
+                loss = loss + size_weight * ((log_s - path[:, 2]) ** 2).mean() / math.log(world.SCALE_FACTOR["slow"]) ** 2
+            losses.append(loss)
     if not losses:
         raise ValueError("motion guidance needs cross-attention blocks of at least 8x8 latent cells")
     return torch.stack(losses).mean()
@@ -109,16 +122,16 @@ class MotionGuidance:
     ``strength``: how far each gradient step moves the latent, in units of the gradient scaled
     to unit RMS (the latent itself has unit RMS at the start). ``until``: steer the steps up to
     this point of the schedule (0 pure noise, 1 clean), where the layout is decided. ``iters``:
-    gradient steps per steered step. ``losses`` records the loss before each steered step, and
+    gradient steps per steered step. ``size_weight``: see :func:`track_loss`. ``losses`` records the loss before each steered step, and
     with ``record`` (one more UNet pass per step) after it too, as (before, after) pairs."""
 
     def __init__(self, unet: torch.nn.Module, targets: list[ObjectTarget], *, strength: float, until: float = 0.5,
-                 iters: int = 1, record: bool = False):
+                 iters: int = 1, size_weight: float = 0.0, record: bool = False):
         if strength < 0 or not 0 <= until <= 1 or iters < 1:
             raise ValueError(f"motion guidance: strength must be >= 0, until in 0..1 and iters >= 1; "
                              f"got {strength}, {until}, {iters}")
         self.unet, self.targets, self.strength, self.until, self.iters = unet, targets, strength, until, iters
-        self.record = record
+        self.size_weight, self.record = size_weight, record
         self.blocks = [m.attn2 for m in unet.modules() if hasattr(m, "attn2")]
         self.losses: list[tuple[float, float]] = []
 
@@ -130,7 +143,7 @@ class MotionGuidance:
             m.record_probs = True
         try:
             self.unet(z, t, context, **kw)
-            return track_loss([m.probs for m in self.blocks], self.targets, kw["num_frames"])
+            return track_loss([m.probs for m in self.blocks], self.targets, kw["num_frames"], self.size_weight)
         finally:
             for m in self.blocks:
                 m.record_probs, m.probs = False, None

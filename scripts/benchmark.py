@@ -80,7 +80,8 @@ def work_generate(job: dict) -> dict:
     pipeline.prepare(bundle, device=device, dtype=_torch_dtype(job["dtype"]))
     load = time.perf_counter() - t0
     settings = dict(frames=job["frames"], width=job["size"], height=job["size"], steps=job["steps"], cfg=job["cfg"],
-                    sampler=job["sampler"], seed=0, fps=job["fps"], cfg_end=job["cfg_end"])
+                    sampler=job["sampler"], seed=0, fps=job["fps"], cfg_end=job["cfg_end"],
+                    motion_guidance=job.get("motion_guidance", 0.0))
     pipeline.text_to_video(bundle, PROMPT, **{**settings, "steps": 1})  # warm-up: allocator, kernels, caches
     runs = []
     for _ in range(job["repeats"]):
@@ -260,7 +261,8 @@ def markdown(results: dict) -> str:
     s = results["settings"]
     lines = [
         f"{s['frames']} frames {s['size']}x{s['size']} at {s['fps']:g} fps ({s['frames'] / s['fps']:g} s of video), "
-        f"cfg {s['cfg']} (to {s['cfg_end']:g} of the schedule), {s['sampler']}; "
+        f"cfg {s['cfg']} (to {s['cfg_end']:g} of the schedule), {s['sampler']}"
+        f"{', motion guidance %g' % s['motion_guidance'] if s.get('motion_guidance') else ''}; "
         f"{results['machine']['cpu']}, {results['machine']['threads']} threads, "
         f"torch {results['machine']['torch']}",
         "",
@@ -304,6 +306,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cfg-end", type=float, default=1.0,
                     help="guidance only up to this point of the schedule (the main workflow uses 0.7)")
     ap.add_argument("--sampler", default="euler")
+    ap.add_argument("--motion-guidance", type=float, default=0.0,
+                    help="motion guidance strength (0 = off; see models/guidance.py)")
     ap.add_argument("--repeats", type=int, default=3, help="timed generations per setting (median)")
     ap.add_argument("--forwards", type=int, default=10, help="timed UNet forwards per model for the peer ratio")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
@@ -335,12 +339,12 @@ def main(argv=None) -> int:
     downscale = 2 ** (len(vae_config.get("ch_mult", (1, 2, 4, 4))) - 1)
     base = {"model": str(args.model.resolve()), "threads": args.threads, "device": args.device, "frames": args.frames,
             "size": args.size, "fps": args.fps, "cfg": args.cfg, "cfg_end": args.cfg_end, "sampler": args.sampler,
-            "downscale": downscale}
+            "motion_guidance": args.motion_guidance, "downscale": downscale}
     load_before = os.getloadavg()
     results = {
         "machine": machine_info(args.device, args.threads),
         "model": model_info(args.model),
-        "settings": {k: base[k] for k in ("frames", "size", "fps", "cfg", "cfg_end", "sampler")}
+        "settings": {k: base[k] for k in ("frames", "size", "fps", "cfg", "cfg_end", "sampler", "motion_guidance")}
         | {"prompt": PROMPT, "repeats": args.repeats, "forwards": args.forwards},
         "generate": [],
         "peer": [],

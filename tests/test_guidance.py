@@ -39,13 +39,16 @@ def test_parse_caption_on_free_text():
 
 def test_caption_paths():
     still = guidance.caption_path("still", None, 16)
-    assert still.shape == (16, 2) and not still.any()
+    assert still.shape == (16, 3) and not still.any()
     left = guidance.caption_path("left", "fast", 16)
-    assert left[0, 0] - left[-1, 0] == pytest.approx(world.LINEAR_TRAVEL["fast"]) and not left[:, 1].any()
+    assert left[0, 0] - left[-1, 0] == pytest.approx(world.LINEAR_TRAVEL["fast"]) and not left[:, 1:].any()
+    grow = guidance.caption_path("grow", "slow", 16)
+    assert not grow[:, :2].any() and grow[-1, 2] - grow[0, 2] == pytest.approx(np.log(world.SCALE_FACTOR["slow"]))
     assert left.mean(0).abs().max() < 1e-6  # no start place is asked for
     bounce = guidance.caption_path("bounce", "slow", 16)
     assert not bounce[:, 0].any() and bounce[:, 1].std() > 0.05
-    assert guidance.caption_path("left", None, 16) is None and guidance.caption_path(None, None, 16) is None
+    assert guidance.caption_path(None, None, 16) is None
+    assert torch.equal(guidance.caption_path("left", None, 16), guidance.caption_path("left", "slow", 16))
 
 
 def test_targets_use_the_encoders_tokens_and_skip_unknown_words():

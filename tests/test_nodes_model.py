@@ -128,7 +128,7 @@ def test_motion_guidance_inputs(nodes, tiny, capsys):
     # core CLIPTextEncode's conditioning has no words to read: a note, and the plain result
     assert torch.equal(plain, _run_sampler(nodes, model, latent, motion_guidance=0.2)["samples"])
     assert "motion_guidance reads prompts from MagicVideo Text Encode" in capsys.readouterr().out
-    worded = [[_cond(value=0.3)[0][0], {"magicvideo_words": "a red ball moving left"}]]  # no speed: no path
+    worded = [[_cond(value=0.3)[0][0], {"magicvideo_words": "a red ball"}]]  # no motion: nothing to steer
     assert torch.equal(plain, _run_sampler(nodes, model, latent, positive=worded, motion_guidance=0.2)["samples"])
     # this tiny UNet attends at 2x2 cells only, too coarse to find a blob in: a clear error
     worded = [[_cond(value=0.3)[0][0], {"magicvideo_words": "red ball moving left fast"}]]
