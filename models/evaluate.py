@@ -518,7 +518,7 @@ def model_generate_fn(
     cfg_start: float = 0.0,
     cfg_end: float = 0.7,
     motion_guidance: float = 0.0,
-    motion_guidance_until: float = 0.5,
+    motion_guidance_until: float = 0.3,
 ):
     """generate_fn(caption, seed) running a full MagicVideo file through ``pipeline.text_to_video``
     (its text encoder, the keyframe sampler from pure noise, VideoVAE decode).
@@ -616,8 +616,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--motion-guidance", type=float, default=0.0, metavar="STRENGTH",
                     help="steer each object's attention along its caption's path on the early steps "
                          "(0 = off; see models/guidance.py)")
-    ap.add_argument("--motion-guidance-until", type=_fraction, default=0.5,
-                    help="steer the steps up to this point of the schedule (0 noise .. 1 clean; default 0.5)")
+    ap.add_argument("--motion-guidance-until", type=_fraction, default=0.3,
+                    help="steer the steps up to this point of the schedule (0 noise .. 1 clean; default 0.3)")
     ap.add_argument("--objects", type=int, choices=(1, 2), default=None,
                     help="score only the set's prompts with this many objects (a quicker look at one part)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -125,7 +125,7 @@ class MotionGuidance:
     gradient steps per steered step. ``size_weight``: see :func:`track_loss`. ``losses`` records the loss before each steered step, and
     with ``record`` (one more UNet pass per step) after it too, as (before, after) pairs."""
 
-    def __init__(self, unet: torch.nn.Module, targets: list[ObjectTarget], *, strength: float, until: float = 0.5,
+    def __init__(self, unet: torch.nn.Module, targets: list[ObjectTarget], *, strength: float, until: float = 0.3,
                  iters: int = 1, size_weight: float = 0.0, record: bool = False):
         if strength < 0 or not 0 <= until <= 1 or iters < 1:
             raise ValueError(f"motion guidance: strength must be >= 0, until in 0..1 and iters >= 1; "

@@ -142,7 +142,7 @@ def conditioning_to_video(
     cfg_end: float = 1.0,
     motion_targets: list | None = None,
     motion_guidance: float = 0.0,
-    motion_guidance_until: float = 0.5,
+    motion_guidance_until: float = 0.3,
 ) -> torch.Tensor:
     """Text embeddings -> frames ``[frames, height, width, 3]`` float32 in 0..1 on the CPU.
 
@@ -241,7 +241,7 @@ def text_to_video(
     cfg_start: float = 0.0,
     cfg_end: float = 1.0,
     motion_guidance: float = 0.0,
-    motion_guidance_until: float = 0.5,
+    motion_guidance_until: float = 0.3,
 ) -> torch.Tensor:
     """A prompt through the model file's built-in text encoder -> frames ``[frames, height, width, 3]``
     float32 in 0..1 on the CPU.

@@ -272,7 +272,7 @@ class KeyframeSampler:
                                                "the cells attending to an object's words travel its path. 0 = off; "
                                                "0.2 suits the bundled default; each steered step costs about two "
                                                "more UNet passes."}),
-                "motion_guidance_until": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05,
+                "motion_guidance_until": ("FLOAT", {"default": 0.3, "min": 0.0, "max": 1.0, "step": 0.05,
                                           "tooltip": "Motion guidance steers the steps up to this point of the "
                                                      "schedule (0 = pure noise, 1 = clean), where the layout is set."}),
             },
@@ -280,7 +280,7 @@ class KeyframeSampler:
 
     def sample(self, model, positive, negative, latent, seed, steps, cfg, sampler, scheduler, fps, denoise, frames,
                reference=None, noise_sharing=-1.0, cfg_start=0.0, cfg_end=1.0, motion_guidance=0.0,
-               motion_guidance_until=0.5):
+               motion_guidance_until=0.3):
         num_frames = _num_frames(latent, frames)
         samples = latent["samples"] * model.scaling_factor
         if samples.shape[0] % num_frames:

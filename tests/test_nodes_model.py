@@ -135,7 +135,7 @@ def test_motion_guidance_inputs(nodes, tiny, capsys):
     with pytest.raises(ValueError, match="at least 8x8 latent cells"):
         _run_sampler(nodes, model, latent, positive=worded, motion_guidance=0.2)
     spec = nodes.KeyframeSampler.INPUT_TYPES()["optional"]
-    assert spec["motion_guidance"][1]["default"] == 0.0 and spec["motion_guidance_until"][1]["default"] == 0.5
+    assert spec["motion_guidance"][1]["default"] == 0.0 and spec["motion_guidance_until"][1]["default"] == 0.3
 
 
 def test_frames_input_and_errors(nodes, tiny):
