@@ -92,7 +92,9 @@ def generate(args) -> Path:
             frames = pipeline.conditioning_to_video(bundle, positive, negative, **settings)
         else:
             frames = pipeline.text_to_video(bundle, args.prompt, negative=args.negative,
-                                            ignore_unknown_words=args.ignore_unknown_words, **settings)
+                                            ignore_unknown_words=args.ignore_unknown_words,
+                                            motion_guidance=args.motion_guidance,
+                                            motion_guidance_until=args.motion_guidance_until, **settings)
     except pipeline.UnknownWordsError as exc:
         raise SystemExit(f"error: {exc} Pass --ignore-unknown-words to leave them out.") from None
     except pipeline.RequestError as exc:
@@ -142,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cfg-end", type=_fraction, default=0.7,
                    help="guide up to this point of the schedule; later steps run at cfg 1 (default 0.7, "
                         "best for the bundled default in our sweep; 1 = every step)")
+    g.add_argument("--motion-guidance", type=float, default=0.2,
+                   help="steer each object along the path its motion words ask for, on the early steps "
+                        "(--prompt only; default 0.2, as the main workflow; 0 = off)")
+    g.add_argument("--motion-guidance-until", type=_fraction, default=0.3,
+                   help="motion guidance steers the steps up to this point of the schedule (default 0.3)")
     g.add_argument("--sampler", choices=sampling.SAMPLERS, default="euler")
     g.add_argument("--scheduler", choices=sampling.SCHEDULERS, default="normal")
     g.add_argument("--seed", type=int, default=0)

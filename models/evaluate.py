@@ -613,9 +613,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--from-truth", type=_fraction, default=None, metavar="STRENGTH",
                     help="diagnostic: start each prompt from its own world clip noised to STRENGTH (0..1) "
                          "instead of pure noise; 0 = the VAE round trip (the ceiling of any UNet on this VAE)")
-    ap.add_argument("--motion-guidance", type=float, default=0.0, metavar="STRENGTH",
+    ap.add_argument("--motion-guidance", type=float, default=0.2, metavar="STRENGTH",
                     help="steer each object's attention along its caption's path on the early steps "
-                         "(0 = off; see models/guidance.py)")
+                         "(default 0.2, as the main workflow; 0 = plain sampling; see models/guidance.py)")
     ap.add_argument("--motion-guidance-until", type=_fraction, default=0.3,
                     help="steer the steps up to this point of the schedule (0 noise .. 1 clean; default 0.3)")
     ap.add_argument("--objects", type=int, choices=(1, 2), default=None,

@@ -69,6 +69,16 @@ def targets_from_caption(caption: str, known: set[str], frames: int) -> list[Obj
     return out
 
 
+MIN_SIDE = 8  # cross-attention grids coarser than this are not searched for blobs
+
+
+def finest_attention_side(config, latent_height: int, latent_width: int) -> int:
+    """The side (in cells) of a UNet's finest cross-attention grid on latents of that size
+    (``config.attention_resolutions`` are the downsampling factors that have attention)."""
+    levels = tuple(getattr(config, "attention_resolutions", ()) or ())
+    return min(latent_height, latent_width) // min(levels) if levels else 0
+
+
 def object_maps(probs: torch.Tensor, tokens: list[tuple[int, ...]]) -> list[torch.Tensor]:
     """Per object, the attention (mean over heads) each cell gives its tokens: ``probs`` [n, heads,
     cells, tokens] -> [n, cells] each."""
@@ -90,7 +100,7 @@ def track_loss(probs: list[torch.Tensor], targets: list[ObjectTarget], num_frame
     losses = []
     for p in probs:
         side = math.isqrt(p.shape[2])
-        if side < 8 or side * side != p.shape[2]:
+        if side < MIN_SIDE or side * side != p.shape[2]:
             continue
         grid = (torch.arange(side, dtype=p.dtype, device=p.device) + 0.5) / side
         gy, gx = torch.meshgrid(grid, grid, indexing="ij")
@@ -112,7 +122,8 @@ def track_loss(probs: list[torch.Tensor], targets: list[ObjectTarget], num_frame
                 loss = loss + size_weight * ((log_s - path[:, 2]) ** 2).mean() / math.log(world.SCALE_FACTOR["slow"]) ** 2
             losses.append(loss)
     if not losses:
-        raise ValueError("motion guidance needs cross-attention blocks of at least 8x8 latent cells")
+        raise ValueError(f"motion guidance needs cross-attention blocks of at least {MIN_SIDE}x{MIN_SIDE} latent cells; "
+                         "this model and size have none (set motion_guidance to 0)")
     return torch.stack(losses).mean()
 
 

@@ -196,6 +196,12 @@ def conditioning_to_video(
                                         until=motion_guidance_until)
     except ValueError as e:
         raise RequestError(str(e)) from None
+    side = guidance.finest_attention_side(unet.config, *latents.shape[-2:])
+    if motion_targets and motion_guidance > 0 and side < guidance.MIN_SIDE:
+        raise RequestError(
+            f"motion guidance needs cross-attention blocks of at least {guidance.MIN_SIDE}x{guidance.MIN_SIDE} latent "
+            f"cells; this model's finest is {side}x{side} at {width}x{height} (set motion_guidance to 0, or go larger)"
+        )
 
     t0 = time.perf_counter()
     with torch.no_grad():
