@@ -166,8 +166,15 @@ class MotionGuidance:
         if top >= context.shape[1]:
             raise ValueError(f"motion guidance: the words name token {top}, but the conditioning has "
                              f"{context.shape[1]} tokens (is it from MagicVideo Text Encode?)")
-        z, first = x_in.detach(), None
-        with torch.enable_grad():
+        if any(p.is_inference() for p in self.unet.parameters()):
+            raise ValueError("motion guidance: the UNet's weights were made under torch.inference_mode, so no "
+                             "gradient can flow through them; load the model outside inference mode")
+        first = None
+        # the host samples under inference mode: the gradient w.r.t. the latent needs autograd back on,
+        # and normal (cloned) copies of the inputs
+        with torch.inference_mode(False), torch.enable_grad():
+            z, t, context = x_in.detach().clone(), t.clone(), context.clone()
+            kw = {k: v.clone() if torch.is_tensor(v) else v for k, v in kw.items()}
             for _ in range(self.iters):
                 z.requires_grad_(True)
                 loss = self.loss(z, t, context, **kw)

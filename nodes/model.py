@@ -150,6 +150,12 @@ class ModelLoader:
         }
 
     def load(self, model_name, sd15_checkpoint, motion_module, dtype):
+        # the host runs nodes under torch.inference_mode; weights made there could not take part in
+        # the autograd that the sampler's motion guidance runs (gradients w.r.t. the latent only)
+        with torch.inference_mode(False):
+            return self._load(model_name, sd15_checkpoint, motion_module, dtype)
+
+    def _load(self, model_name, sd15_checkpoint, motion_module, dtype):
         if model_name != NONE and sd15_checkpoint != NONE:
             raise ValueError(
                 f"choose one source: model_name is {model_name!r} and sd15_checkpoint is {sd15_checkpoint!r}; "

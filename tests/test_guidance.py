@@ -140,6 +140,10 @@ def test_guidance_errors():
     far = guidance.MotionGuidance(unet.inner, [guidance.ObjectTarget((1, 9), target.path[:4])], strength=0.2)
     with pytest.raises(ValueError, match="token 9.*6 tokens"):
         far(x, t, ctx, num_frames=4)
+    with torch.inference_mode():
+        made_there = Recorder().inner
+    with pytest.raises(ValueError, match="made under torch.inference_mode"):
+        guidance.MotionGuidance(made_there, [target], strength=0.2)(x, t, ctx, num_frames=16)
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +161,8 @@ def test_default_blobs_move_towards_their_paths(default):
     context = repeat(default.text_encoder.encode([caption])[0], "b s d -> (b f) s d", f=16)
     x = torch.randn(16, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     steer = guidance.MotionGuidance(default.unet, targets, strength=0.2, iters=2, record=True)
-    with torch.no_grad():  # as the sampler calls it
+    with torch.inference_mode():  # as the host runs the sampler (inputs made there too)
+        x, context = x.clone(), context.clone()
         moved = steer(x, torch.full((16,), 900.0), context, num_frames=16, fps=8.0)
     before, after = steer.losses[0]
     assert after < 0.9 * before, steer.losses
