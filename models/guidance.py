@@ -87,7 +87,7 @@ def object_maps(probs: torch.Tensor, tokens: list[tuple[int, ...]]) -> list[torc
 
 
 def track_loss(probs: list[torch.Tensor], targets: list[ObjectTarget], num_frames: int,
-               size_weight: float = 0.0) -> torch.Tensor:
+               size_weight: float = 0.0, separation_weight: float = 0.0) -> torch.Tensor:
     """How far each object's attention blob moves from its asked path.
 
     Per cross-attention block of at least 8x8 cells and object: the blob is the object's map less
@@ -96,7 +96,11 @@ def track_loss(probs: list[torch.Tensor], targets: list[ObjectTarget], num_frame
     distance over frames, in units of the world's slow linear travel squared; mean over blocks,
     objects and videos. With ``size_weight`` the log of the blob's spread (RMS distance from its
     centroid), less its mean, is compared with the path's log radius too (in units of the slow
-    grow's log scale squared) and added with that weight."""
+    grow's log scale squared) and added with that weight. With ``separation_weight`` and two or
+    more objects, each block also adds that weight times the mean overlap of the objects' blobs
+    (Bhattacharyya coefficient per frame: 1 on the same cells, 0 apart), as one more term of the
+    mean, to keep two objects from being laid out on the same cells (session 20 measured it no
+    better: docs/TRAINING.md; off by default)."""
     losses = []
     for p in probs:
         side = math.isqrt(p.shape[2])
@@ -105,9 +109,11 @@ def track_loss(probs: list[torch.Tensor], targets: list[ObjectTarget], num_frame
         grid = (torch.arange(side, dtype=p.dtype, device=p.device) + 0.5) / side
         gy, gx = torch.meshgrid(grid, grid, indexing="ij")
         pos = torch.stack([gx.flatten(), gy.flatten()], -1)  # [cells, 2] as (x, y)
+        blobs = []
         for a, target in zip(object_maps(p, [t.tokens for t in targets]), targets):
             blob = (a - a.mean(-1, keepdim=True)).clamp_min(0)
             blob = blob / blob.sum(-1, keepdim=True).clamp_min(1e-8)
+            blobs.append(blob)
             centre = blob @ pos  # [(b f), 2]
             c = rearrange(centre, "(b f) d -> b f d", f=num_frames)
             c = c - c.mean(1, keepdim=True)
@@ -121,6 +127,10 @@ def track_loss(probs: list[torch.Tensor], targets: list[ObjectTarget], num_frame
                 log_s = log_s - log_s.mean(1, keepdim=True)
                 loss = loss + size_weight * ((log_s - path[:, 2]) ** 2).mean() / math.log(world.SCALE_FACTOR["slow"]) ** 2
             losses.append(loss)
+        if separation_weight and len(blobs) > 1:
+            overlap = [(blobs[i] * blobs[j]).clamp_min(1e-12).sqrt().sum(-1).mean()
+                       for i in range(len(blobs)) for j in range(i + 1, len(blobs))]
+            losses.append(separation_weight * torch.stack(overlap).mean())
     if not losses:
         raise ValueError(f"motion guidance needs cross-attention blocks of at least {MIN_SIDE}x{MIN_SIDE} latent cells; "
                          "this model and size have none (set motion_guidance to 0)")
@@ -133,16 +143,16 @@ class MotionGuidance:
     ``strength``: how far each gradient step moves the latent, in units of the gradient scaled
     to unit RMS (the latent itself has unit RMS at the start). ``until``: steer the steps up to
     this point of the schedule (0 pure noise, 1 clean), where the layout is decided. ``iters``:
-    gradient steps per steered step. ``size_weight``: see :func:`track_loss`. ``losses`` records the loss before each steered step, and
+    gradient steps per steered step. ``size_weight``, ``separation_weight``: see :func:`track_loss`. ``losses`` records the loss before each steered step, and
     with ``record`` (one more UNet pass per step) after it too, as (before, after) pairs."""
 
     def __init__(self, unet: torch.nn.Module, targets: list[ObjectTarget], *, strength: float, until: float = 0.3,
-                 iters: int = 1, size_weight: float = 0.0, record: bool = False):
+                 iters: int = 1, size_weight: float = 0.0, separation_weight: float = 0.0, record: bool = False):
         if strength < 0 or not 0 <= until <= 1 or iters < 1:
             raise ValueError(f"motion guidance: strength must be >= 0, until in 0..1 and iters >= 1; "
                              f"got {strength}, {until}, {iters}")
         self.unet, self.targets, self.strength, self.until, self.iters = unet, targets, strength, until, iters
-        self.size_weight, self.record = size_weight, record
+        self.size_weight, self.separation_weight, self.record = size_weight, separation_weight, record
         self.blocks = [m.attn2 for m in unet.modules() if hasattr(m, "attn2")]
         self.losses: list[tuple[float, float]] = []
 
@@ -154,7 +164,8 @@ class MotionGuidance:
             m.record_probs = True
         try:
             self.unet(z, t, context, **kw)
-            return track_loss([m.probs for m in self.blocks], self.targets, kw["num_frames"], self.size_weight)
+            return track_loss([m.probs for m in self.blocks], self.targets, kw["num_frames"], self.size_weight,
+                              self.separation_weight)
         finally:
             for m in self.blocks:
                 m.record_probs, m.probs = False, None

@@ -186,3 +186,30 @@ def test_text_to_video_motion_guidance(default):
     with pytest.raises(RequestError, match="strength must be >= 0"):
         text_to_video(default, caption, motion_guidance=-0.1, **kw)
     assert np.isfinite(steered.numpy()).all()
+
+
+def _blob_probs(centres: list[tuple[int, int]], frames: int = 4, side: int = 8, tokens: int = 5) -> torch.Tensor:
+    """Cross-attention probs [frames, 1 head, cells, tokens]: object k's token (k + 1) is looked at
+    only by the cells of a 2x2 blob at ``centres[k]``, the rest of each cell's attention on <bos>."""
+    probs = torch.zeros(frames, 1, side * side, tokens)
+    probs[..., 0] = 1.0
+    for k, (cy, cx) in enumerate(centres):
+        for y in (cy, cy + 1):
+            for x in (cx, cx + 1):
+                probs[:, 0, y * side + x, 0] -= 0.5
+                probs[:, 0, y * side + x, k + 1] += 0.5
+    return probs
+
+
+def test_separation_term_scores_overlapping_blobs():
+    still = guidance.caption_path("still", None, 4)
+    targets = [guidance.ObjectTarget((1,), still), guidance.ObjectTarget((2,), still)]
+    apart, same = _blob_probs([(1, 1), (5, 5)]), _blob_probs([(3, 3), (3, 3)])
+    # without the term the paths alone cannot tell the two layouts apart (both blobs stay put)
+    assert guidance.track_loss([apart], targets, 4) == pytest.approx(0.0, abs=1e-9)
+    assert guidance.track_loss([same], targets, 4) == pytest.approx(0.0, abs=1e-9)
+    # with it, blobs on the same cells cost (Bhattacharyya overlap 1), blobs apart nothing
+    assert float(guidance.track_loss([apart], targets, 4, separation_weight=2.0)) == pytest.approx(0.0, abs=1e-4)
+    assert float(guidance.track_loss([same], targets, 4, separation_weight=2.0)) == pytest.approx(2.0 / 3, rel=1e-3)
+    one = [targets[0]]  # a single object has nothing to be apart from
+    assert float(guidance.track_loss([same], one, 4, separation_weight=2.0)) == pytest.approx(0.0, abs=1e-9)
