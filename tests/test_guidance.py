@@ -213,3 +213,19 @@ def test_separation_term_scores_overlapping_blobs():
     assert float(guidance.track_loss([same], targets, 4, separation_weight=2.0)) == pytest.approx(2.0 / 3, rel=1e-3)
     one = [targets[0]]  # a single object has nothing to be apart from
     assert float(guidance.track_loss([same], one, 4, separation_weight=2.0)) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_composed_guidance_script_strips_motion_words():
+    """scripts/composed_guidance.py --mode motion contrasts each caption with itself less its motion."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "composed_guidance.py"
+    spec = importlib.util.spec_from_file_location("composed_guidance", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for q in ev.prompt_set(0, 60):
+        static = script.without_motion(q.caption)
+        objects = world.parse_caption(static)
+        assert [(o.colour, o.shape) for o in objects] == [(o.colour, o.shape) for o in q.spec.objects], static
+        assert all(o.motion is None and o.speed is None for o in objects), static
+        assert ("background" in static) == ("background" in q.caption), static  # the background clause stays
