@@ -143,8 +143,9 @@ class MotionGuidance:
     ``strength``: how far each gradient step moves the latent, in units of the gradient scaled
     to unit RMS (the latent itself has unit RMS at the start). ``until``: steer the steps up to
     this point of the schedule (0 pure noise, 1 clean), where the layout is decided. ``iters``:
-    gradient steps per steered step. ``size_weight``, ``separation_weight``: see :func:`track_loss`. ``losses`` records the loss before each steered step, and
-    with ``record`` (one more UNet pass per step) after it too, as (before, after) pairs."""
+    gradient steps per steered step. ``size_weight``, ``separation_weight``: see :func:`track_loss`.
+    ``losses`` records the loss before each steered step, and with ``record`` (one more UNet pass per
+    step) after it too, as (before, after) pairs."""
 
     def __init__(self, unet: torch.nn.Module, targets: list[ObjectTarget], *, strength: float, until: float = 0.3,
                  iters: int = 1, size_weight: float = 0.0, separation_weight: float = 0.0, record: bool = False):

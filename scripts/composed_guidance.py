@@ -58,9 +58,9 @@ class ComposedUNet(torch.nn.Module):
 
 
 def without_motion(caption: str) -> str:
-    """The caption less each object's motion and speed words (from the first word after its shape
-    to the last of them): "a red ball moving left slowly, on a plain grey background" -> "a red
-    ball, on a plain grey background" (without the comma: captions are read as words)."""
+    """The caption's words less each object's motion and speed words (from the first word after its
+    shape to the last of them): "a red ball moving left slowly, on a plain grey background" -> "a red
+    ball on a plain grey background"."""
     words = normalise(caption)  # the words parse_caption indexes
     drop = {i for o in world.parse_caption(caption) if len(o.words) > 2 for i in range(o.words[1] + 1, o.words[-1] + 1)}
     return " ".join(w for i, w in enumerate(words) if i not in drop)

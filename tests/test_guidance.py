@@ -223,6 +223,8 @@ def test_composed_guidance_script_strips_motion_words():
     spec = importlib.util.spec_from_file_location("composed_guidance", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    assert script.without_motion("a red ball moving left slowly, on a plain grey background") == \
+        "a red ball on a plain grey background"
     for q in ev.prompt_set(0, 60):
         static = script.without_motion(q.caption)
         objects = world.parse_caption(static)
