@@ -215,14 +215,19 @@ def test_separation_term_scores_overlapping_blobs():
     assert float(guidance.track_loss([same], one, 4, separation_weight=2.0)) == pytest.approx(0.0, abs=1e-9)
 
 
-def test_composed_guidance_script_strips_motion_words():
-    """scripts/composed_guidance.py --mode motion contrasts each caption with itself less its motion."""
+def _composed_guidance_script():
     import importlib.util
 
     path = Path(__file__).resolve().parents[1] / "scripts" / "composed_guidance.py"
     spec = importlib.util.spec_from_file_location("composed_guidance", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_composed_guidance_script_strips_motion_words():
+    """scripts/composed_guidance.py --mode motion contrasts each caption with itself less its motion."""
+    script = _composed_guidance_script()
     assert script.without_motion("a red ball moving left slowly, on a plain grey background") == \
         "a red ball on a plain grey background"
     for q in ev.prompt_set(0, 60):
@@ -231,3 +236,24 @@ def test_composed_guidance_script_strips_motion_words():
         assert [(o.colour, o.shape) for o in objects] == [(o.colour, o.shape) for o in q.spec.objects], static
         assert all(o.motion is None and o.speed is None for o in objects), static
         assert ("background" in static) == ("background" in q.caption), static  # the background clause stays
+
+
+def test_composed_guidance_regions_follow_each_objects_attention():
+    """--mode regional: each object's region is where the full caption's words for it are looked at."""
+    script = _composed_guidance_script()
+    unet = VideoUNet(UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1,),
+                                num_heads=2, context_dim=16, max_frames=4))
+    composed = script.ComposedUNet(unet, "regional", 1.0)
+    composed.tokens = [(1,), (2,)]
+    uncond, sub = torch.full((4, 1, 64, 5), 1 / 5), _blob_probs([(6, 6), (6, 6)])
+    full = _blob_probs([(1, 1), (5, 5)])  # the full caption puts object 1 top left, object 2 lower right
+    composed.blocks = [type("Block", (), {"probs": torch.cat([uncond, full, sub, sub])})()]
+    masks = composed.regions(4, 8, 8)
+    assert masks.shape == (2, 4, 1, 8, 8)
+    assert float(masks[0, :, 0, 1:3, 1:3].min()) == pytest.approx(1.0) and float(masks[0, :, 0, 5:7, 5:7].max()) == 0
+    assert float(masks[1, :, 0, 5:7, 5:7].min()) == pytest.approx(1.0) and float(masks[1, :, 0, 1:3, 1:3].max()) == 0
+    assert float(masks.sum(0).max()) <= 1 + 1e-6  # a cell is never given more than once
+    composed.blocks[0].probs = torch.cat([uncond, _blob_probs([(3, 3), (3, 3)]), sub, sub])
+    shared = composed.regions(4, 8, 8)  # both objects on the same cells share them
+    assert float(shared[:, :, 0, 3:5, 3:5].sum(0).min()) == pytest.approx(1.0)
+    assert float(shared[0, :, 0, 3:5, 3:5].min()) == pytest.approx(0.5)
