@@ -29,7 +29,7 @@ import json
 import numpy as np
 import torch
 
-from magicvideo.models import evaluate as ev, world
+from magicvideo.models import evaluate as ev, guidance, world
 from magicvideo.models.checkpoint import load_model
 from magicvideo.models.pipeline import text_to_video
 from magicvideo.models.text import normalise
@@ -60,8 +60,7 @@ class ComposedUNet(torch.nn.Module):
             p = m.probs
             if p is None or p.shape[2] != side_h * side_w:
                 continue
-            full = p[half:2 * half].mean(1)  # the full caption's half of the batch: [half, cells, tokens]
-            maps.append(torch.stack([full[..., list(t)].sum(-1) for t in self.tokens]))
+            maps.append(torch.stack(guidance.object_maps(p[half:2 * half], self.tokens)))  # the full caption's half
         if not maps:
             raise ValueError("regional guidance needs cross-attention at the latent's own grid")
         a = torch.stack(maps).mean(0)  # [objects, half, cells]
@@ -157,7 +156,7 @@ def main():
     res = ev.evaluate_generator(generate, prompts, progress=lambda i, n: print(f"{i}/{n}", flush=True))
     res["config"] = {"model": args.model, "mode": args.mode, "weight": args.weight, "seed": args.seed, "n": args.n,
                      "prompts": "two-object prompts of the set" if args.prompts == "two" else "all",
-                     "motion_guidance": args.motion_guidance, **SAMPLING}
+                     "motion_guidance": args.motion_guidance, "mask_power": args.mask_power, **SAMPLING}
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1, default=ev._json_default)
     report(res, prompts)
