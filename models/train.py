@@ -45,10 +45,12 @@ class WorldSource:
     """Clips of the procedural world, made on the fly (deterministic by seed)."""
 
     def __init__(self, seed: int, frames: int, size: int, split: str = "train",
-                 two_object_prob: float = world.TWO_OBJECT_PROB):
+                 two_object_prob: float = world.TWO_OBJECT_PROB, motion_weights: dict[str, float] | None = None):
         self.rng = np.random.default_rng(seed)
         self.frames, self.size, self.split = frames, size, split
         self.two_object_prob = two_object_prob
+        self.motion_weights = motion_weights
+        world.motion_probs(world.split_triples(split), motion_weights)  # a bad setting fails here, not mid-run
 
     def batch(self, batch_size: int):
         """-> videos [B, F, 3, H, W] in -1..1, captions list[str]"""
@@ -57,7 +59,8 @@ class WorldSource:
 
     def batch_with_specs(self, batch_size: int):
         """-> videos, captions, the clips' specs (for the training aids that need them)"""
-        return world.batch(self.rng, batch_size, self.frames, self.size, self.split, self.two_object_prob)
+        return world.batch(self.rng, batch_size, self.frames, self.size, self.split, self.two_object_prob,
+                           self.motion_weights)
 
     def batch_with_twins(self, batch_size: int):
         """-> videos [2B, F, 3, H, W]: B clips, then each clip's shape twin (world.shape_twin)."""
@@ -122,7 +125,8 @@ def make_source(cfg: dict, args, seed: int):
     if args.data_dir:
         return FolderSource(args.data_dir, seed, data["frames"], data["size"])
     return WorldSource(seed, data["frames"], data["size"], split="train",
-                       two_object_prob=float(data.get("two_object_prob", world.TWO_OBJECT_PROB)))
+                       two_object_prob=float(data.get("two_object_prob", world.TWO_OBJECT_PROB)),
+                       motion_weights=data.get("motion_weights"))
 
 
 # ----------------------------------------------------------------------------- helpers

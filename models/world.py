@@ -281,7 +281,7 @@ def _apart(a: ObjectSpec, b: ObjectSpec, gap: float = 3 / 64, samples: int = 33)
     return d >= EXTENT[a.shape] * ar.max() + EXTENT[b.shape] * br.max() + gap
 
 
-def _triples(split: str) -> tuple[tuple[str, str, str], ...]:
+def split_triples(split: str) -> tuple[tuple[str, str, str], ...]:
     if split == "train":
         return TRAIN_TRIPLES
     if split == "heldout":
@@ -294,24 +294,48 @@ def _triples(split: str) -> tuple[tuple[str, str, str], ...]:
 TWO_OBJECT_PROB = 0.3  # share of clips that ask for a second object
 
 
+def motion_probs(triples, motion_weights: dict[str, float] | None) -> np.ndarray | None:
+    """Sampling probabilities of ``triples`` with each motion weighted (1 where unnamed);
+    None for uniform. ValueError for an unknown motion or a negative weight."""
+    if not motion_weights:
+        return None
+    unknown = sorted(set(motion_weights) - set(MOTIONS))
+    if unknown:
+        raise ValueError(f"motion_weights: unknown motion(s) {unknown}; expected some of {list(MOTIONS)}")
+    if any(not w >= 0 for w in motion_weights.values()):
+        raise ValueError(f"motion_weights: weights must be 0 or more, got {motion_weights!r}")
+    w = np.array([float(motion_weights.get(t[2], 1.0)) for t in triples])
+    if w.sum() <= 0:
+        raise ValueError(f"motion_weights: every motion of the split has weight 0 ({motion_weights!r})")
+    return w / w.sum()
+
+
+def _draw(rng: np.random.Generator, triples, motion_weights: dict[str, float] | None):
+    probs = motion_probs(triples, motion_weights)
+    return triples[rng.integers(len(triples)) if probs is None else rng.choice(len(triples), p=probs)]
+
+
 def sample_spec(
     rng: np.random.Generator,
     split: str = "train",
     two_object_prob: float = TWO_OBJECT_PROB,
+    motion_weights: dict[str, float] | None = None,
 ) -> ClipSpec:
     """A random clip. split="train" never uses a held-out triple; "heldout" uses only them
     (both objects of a two-object clip); "all" uses everything. ``two_object_prob`` is the
-    chance of asking for a second object (it is dropped when no apart placement is found)."""
+    chance of asking for a second object (it is dropped when no apart placement is found).
+    ``motion_weights`` (e.g. {"rotate": 3}) draws the triples of those motions that many
+    times as often as the others (weight 1); None draws all triples alike."""
     if not 0.0 <= two_object_prob <= 1.0:
         raise ValueError(f"two_object_prob must be between 0 and 1, got {two_object_prob!r}")
-    triples = _triples(split)
-    first = triples[rng.integers(len(triples))]
+    triples = split_triples(split)
+    first = _draw(rng, triples, motion_weights)
     objects = [place_object(rng, *first)]
     if rng.random() < two_object_prob:
         others = [t for t in triples if t[0] != first[0]]  # distinct colours tell them apart
         for attempt in range(60):
             if attempt % 10 == 0:
-                second = others[rng.integers(len(others))]
+                second = _draw(rng, others, motion_weights)
             cand = place_object(rng, *second)
             if _apart(objects[0], cand):
                 objects.append(cand)
@@ -657,11 +681,12 @@ def batch(
     size: int = REFERENCE_SIZE,
     split: str = "train",
     two_object_prob: float = TWO_OBJECT_PROB,
+    motion_weights: dict[str, float] | None = None,
 ) -> tuple[torch.Tensor, list[str], list[ClipSpec]]:
     """A training batch: videos [B, F, 3, H, W] in -1..1, captions, specs.
     Pass one Generator and call repeatedly for a stream; an int seed gives a fixed batch."""
     rng = seed_or_rng if isinstance(seed_or_rng, np.random.Generator) else np.random.default_rng(seed_or_rng)
-    specs = [sample_spec(rng, split, two_object_prob) for _ in range(batch_size)]
+    specs = [sample_spec(rng, split, two_object_prob, motion_weights) for _ in range(batch_size)]
     captions = [caption(s, rng) for s in specs]
     videos = render_batch(specs, frames, size).permute(0, 1, 4, 2, 3) * 2 - 1
     return videos.contiguous(), captions, specs

@@ -576,3 +576,13 @@ def test_data_two_object_prob_reaches_the_world_source():
         counts[p] = sum(len(s.objects) for s in specs)
     assert counts[0.0] == 12 and counts[1.0] > 20
     assert train.make_source({"data": data}, args, seed=3).two_object_prob == 0.3
+
+
+def test_data_motion_weights_reach_the_world_source_and_bad_ones_fail_at_start():
+    args = argparse.Namespace(data_dir=None)
+    data = {"frames": 4, "size": 32, "fps": 8, "two_object_prob": 0.0}
+    source = train.make_source({"data": {**data, "motion_weights": {"rotate": 1000.0}}}, args, seed=3)
+    _, _, specs = source.batch_with_specs(8)
+    assert sum(s.objects[0].motion == "rotate" for s in specs) >= 7
+    with pytest.raises(ValueError, match=r"unknown motion\(s\) \['sideways'\]"):
+        train.make_source({"data": {**data, "motion_weights": {"sideways": 2}}}, args, seed=3)

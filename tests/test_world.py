@@ -243,3 +243,22 @@ def test_two_object_prob_sets_the_share_of_two_object_clips_and_is_checked():
     assert 0.2 < share[0.3] < 0.3 and 0.4 < share[0.6] < 0.55
     with pytest.raises(ValueError, match="two_object_prob must be between 0 and 1, got 1.5"):
         world.sample_spec(rng, "train", 1.5)
+
+
+def test_motion_weights_draw_those_motions_more_often_and_none_keeps_the_stream():
+    def motions(weights, seed=9, n=600):
+        rng = np.random.default_rng(seed)
+        return [world.sample_spec(rng, "train", 0.0, weights).objects[0].motion for _ in range(n)]
+
+    plain = motions(None)
+    assert motions({}) == plain  # no weights: the very same clips as before the option existed
+    heavy = motions({"rotate": 4.0, "grow": 4.0})
+    share = {m: sum(x == m for x in heavy) / len(heavy) for m in ("rotate", "grow")}
+    base = {m: sum(x == m for x in plain) / len(plain) for m in ("rotate", "grow")}
+    for m in share:  # about 3x as often (4 / the weights' mean)
+        assert share[m] > 2.2 * base[m], (m, share[m], base[m])
+    assert "still" not in motions({"still": 0.0})
+    with pytest.raises(ValueError, match=r"unknown motion\(s\) \['spin'\]"):
+        world.sample_spec(np.random.default_rng(0), "train", 0.0, {"spin": 2.0})
+    with pytest.raises(ValueError, match="weights must be 0 or more"):
+        world.sample_spec(np.random.default_rng(0), "train", 0.0, {"grow": -1.0})
