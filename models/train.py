@@ -142,8 +142,9 @@ class EMA:
     @torch.no_grad()
     def update(self, module: torch.nn.Module, step: int):
         d = min(self.decay, (1 + step) / (10 + step))  # warm up: early averages follow closely
-        for s, p in zip(self.shadow.parameters(), module.parameters()):
-            s.lerp_(p.detach(), 1 - d)
+        shadow = list(self.shadow.parameters())
+        if shadow:  # one fused update: on a GPU a lerp per tensor is hundreds of tiny launches
+            torch._foreach_lerp_(shadow, [p.detach() for p in module.parameters()], 1 - d)
         for s, b in zip(self.shadow.buffers(), module.buffers()):
             s.copy_(b)
 
@@ -614,6 +615,7 @@ def train_unet(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
         binding_slots(binding_words)  # before the pool is encoded
     except ValueError as err:
         raise SystemExit(str(err)) from None
+    precision = autocast_dtype(tc.get("autocast"))  # before the pool is encoded
     if not isinstance(tc.get("binding_contrast", False), bool):
         raise SystemExit(f"unet.binding_contrast: expected true or false, found {tc['binding_contrast']!r}")
     cross_attention = [m.attn2 for m in unet.modules() if hasattr(m, "attn2")]
@@ -647,7 +649,17 @@ def train_unet(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
     drop_rng = random.Random(cfg["seed"] + 2 + start)
     log = Logger(run_dir / "unet.log", tc["steps"], start)
     end = min(tc["steps"], args.stop_at) if getattr(args, "stop_at", None) else tc["steps"]
+    budget = TimeBudget(getattr(args, "minutes", None), start)
     for step in range(start, end):
+        fitted = budget.fit(step, tc["steps"])
+        if fitted is not None:  # the schedule now ends when the time is up
+            print(f"\n[train unet] {args.minutes} minutes fit {fitted} steps at {budget.rate:.2f} steps/s; "
+                  f"the learning-rate schedule now ends there", file=sys.stderr)
+            tc["steps"] = log.total = fitted
+            end = min(end, fitted)
+            (run_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+        if step >= end:
+            break
         x0, captions, weights, labels, binding = pool.batch(tc["batch_size"])  # [(b f), 4, h, w], scaled
         b = len(captions)
         captions = ["" if drop_rng.random() < tc["cond_drop"] else c for c in captions]
@@ -671,7 +683,8 @@ def train_unet(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
             weights = weights * (~given).view(-1, 1, 1, 1)
         target = noise if prediction == "epsilon" else a * noise - s * x0
         fps_t = torch.full((b * frames,), float(fps), device=device)
-        pred = unet(xt, t, context, num_frames=frames, fps=fps_t)
+        with torch.autocast(device.type, dtype=precision or torch.float32, enabled=precision is not None):
+            pred = unet(xt, t, context, num_frames=frames, fps=fps_t).float()
         loss = ((pred - target).pow(2) * weights).mean() / weights.mean()
         extra = {}
         if aux_weight:
@@ -698,6 +711,46 @@ def train_unet(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
             export(run_dir / "model.safetensors", emas, vae, cfg)
     print(file=sys.stderr)
     return export(run_dir / "model.safetensors", emas, vae, cfg)
+
+
+class TimeBudget:
+    """``--minutes``: fit a stage's schedule to wall-clock time (a lent GPU is lent for minutes).
+
+    The stage's clock starts when this is made (after model loading and the latent pool); the
+    rate is measured over steps ``start + 10`` to ``start + 30`` (the first steps warm up
+    kernels and caches). ``fit`` then returns, once, the step count that ends the run in time,
+    when that is below the configured one; the cosine schedule is stretched or cut to it.
+    """
+
+    WARM, MEASURE = 10, 20
+
+    def __init__(self, minutes: float | None, start: int):
+        if minutes is not None and not minutes > 0:
+            raise SystemExit(f"--minutes must be more than 0, got {minutes}")
+        self.seconds = None if minutes is None else 60.0 * minutes
+        self.start, self.t0, self.t_warm, self.rate = start, time.time(), None, None
+
+    def fit(self, step: int, total: int) -> int | None:
+        if self.seconds is None or self.rate is not None:
+            return None
+        if step == self.start + self.WARM:
+            self.t_warm = time.time()
+        if step < self.start + self.WARM + self.MEASURE:
+            return None
+        now = time.time()
+        self.rate = self.MEASURE / max(now - self.t_warm, 1e-6)
+        fitted = step + int(self.rate * max(self.seconds - (now - self.t0), 0.0))
+        return max(fitted, step + 1) if fitted < total else None
+
+
+def autocast_dtype(name: str | None) -> torch.dtype | None:
+    """``unet.autocast``: None (fp32) or "bf16" (the UNet's forward in bfloat16 on a GPU with
+    bf16 matmuls; the loss, optimizer and EMA stay fp32)."""
+    if name in (None, "none", "fp32"):
+        return None
+    if name == "bf16":
+        return torch.bfloat16
+    raise SystemExit(f"unet.autocast: expected none or bf16, found {name!r}")
 
 
 def export_run(cfg: dict, run_dir: Path) -> Path:
@@ -747,9 +800,14 @@ def main(argv=None):
     p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
                    help="unet stage: stop (and save) before this step; the learning-rate schedule keeps its "
                         "full length, so a run can be split into legs that change other settings")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="unet stage: fit the run to this many minutes of training (the rate is measured "
+                        "on its first steps and the schedule cut to the steps that fit; a lent GPU's time)")
     p.add_argument("--out", help="copy the final model file here (e.g. weights/magicvideo_default.safetensors)")
     args = p.parse_args(argv)
 
+    if args.minutes is not None:
+        TimeBudget(args.minutes, 0)  # a bad value fails before anything loads
     cfg = json.loads(Path(args.config).read_text())
     if args.steps:
         for stage in ("vae", "unet"):
@@ -775,6 +833,9 @@ def main(argv=None):
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(cfg, indent=2))
     device = torch.device(args.device)
+    if device.type == "cuda":  # TF32 matmuls and convolutions: fp32 accuracy is not what limits us
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
     final = None
     if args.stage in ("vae", "all"):

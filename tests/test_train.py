@@ -586,3 +586,41 @@ def test_data_motion_weights_reach_the_world_source_and_bad_ones_fail_at_start()
     assert sum(s.objects[0].motion == "rotate" for s in specs) >= 7
     with pytest.raises(ValueError, match=r"unknown motion\(s\) \['sideways'\]"):
         train.make_source({"data": {**data, "motion_weights": {"sideways": 2}}}, args, seed=3)
+
+
+def test_time_budget_fits_the_schedule_to_the_minutes_measured_after_warm_up(monkeypatch):
+    clock = {"now": 100.0}
+    monkeypatch.setattr(train.time, "time", lambda: clock["now"])
+    budget = train.TimeBudget(1.0, start=0)  # 60 s from now
+    fitted = []
+    for step in range(100):
+        clock["now"] += 5.0 if step < 10 else 0.1  # slow warm-up steps, then 10 steps/s
+        fitted.append(budget.fit(step, 5000))
+    done = [(step, f) for step, f in enumerate(fitted) if f is not None]
+    assert len(done) == 1  # fitted once, at the end of the measuring window
+    step, steps = done[0]
+    assert step == 30 and budget.rate == pytest.approx(10.0, rel=0.06)
+    left = 60.0 - (50.0 + 20 * 0.1 + 0.1)  # the warm-up and measuring steps already spent
+    assert steps == pytest.approx(30 + 10 * left, abs=3)
+    # a budget longer than the configured steps need leaves the schedule alone
+    clock["now"] = 0.0
+    roomy = train.TimeBudget(60.0, start=0)
+    assert all(roomy.fit(s, 200) is None for s in range(60))
+    with pytest.raises(SystemExit, match="--minutes must be more than 0"):
+        train.TimeBudget(0.0, start=0)
+
+
+def test_minutes_and_bf16_autocast_run_the_unet_stage_and_record_the_fitted_schedule(config_file, tmp_path):
+    run = tmp_path / "run"
+    base = ["--config", str(config_file), "--run-dir", str(run), "--threads", "1"]
+    train.main(base + ["--stage", "vae"])
+    train.main(base + ["--stage", "unet", "--minutes", "0.001", "--set", "unet.steps=5000",
+                       "--set", "unet.autocast=bf16"])
+    recorded = json.loads((run / "config.json").read_text())["unet"]
+    assert recorded["steps"] == 31 and recorded["autocast"] == "bf16"  # no time left after measuring
+    logged = [json.loads(line) for line in (run / "unet.log").read_text().splitlines()]
+    assert logged[-1]["step"] == 30 and np.isfinite(logged[-1]["loss"])
+    assert logged[-1]["lr"] == pytest.approx(train.cosine_lr(30, 31, TINY["unet"]["lr"]))
+    assert json.loads(checkpoint.load_model(run / "model.safetensors").metadata["training_recipe"])["unet"]["steps"] == 31
+    with pytest.raises(SystemExit, match="unet.autocast: expected none or bf16, found 'fp8'"):
+        train.main(base + ["--stage", "unet", "--set", "unet.autocast=fp8"])
