@@ -624,3 +624,31 @@ def test_minutes_and_bf16_autocast_run_the_unet_stage_and_record_the_fitted_sche
     assert json.loads(checkpoint.load_model(run / "model.safetensors").metadata["training_recipe"])["unet"]["steps"] == 31
     with pytest.raises(SystemExit, match="unet.autocast: expected none or bf16, found 'fp8'"):
         train.main(base + ["--stage", "unet", "--set", "unet.autocast=fp8"])
+
+
+def test_device_train_script_dry_run_on_cpu_hands_back_the_model_in_parts(tmp_path):
+    """scripts/device_train.sh is what a lent GPU's one call runs; on CPU (DEVICE=cpu) the same
+    script trains the shipped default on for a few steps and returns the parts and logs."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out, run = tmp_path / "out", tmp_path / "run"
+    env = {**os.environ, "OUT": str(out), "RUN": str(run), "PYTHON": sys.executable, "DEVICE": "cpu",
+           "SKIP_WHEELS": "1", "POOL": "16", "BATCH": "2", "EVAL_SECONDS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    done = subprocess.run(["bash", str(root / "scripts/device_train.sh"), "0.01", "--threads", "1"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    parts = sorted(out.glob("model.part-*"))
+    assert len(parts) == 2 and all(p.stat().st_size <= 16 * 2**20 for p in parts)
+    joined = tmp_path / "joined.safetensors"
+    joined.write_bytes(b"".join(p.read_bytes() for p in parts))
+    assert joined.read_bytes() == (run / "model.safetensors").read_bytes()
+    recipe = json.loads(checkpoint.load_model(joined).metadata["training_recipe"])
+    assert recipe["unet"]["steps"] == 31 and recipe["unet"]["batch_size"] == 2 and recipe["seed"] == 1300
+    assert "0.01 minutes fit 31 steps" in (out / "train.txt").read_text()
+    assert "evaluation stopped or failed (rc 124)" in (out / "machine.txt").read_text()
+    with pytest.raises(subprocess.CalledProcessError):  # no OUT: says what it needs
+        subprocess.run(["bash", str(root / "scripts/device_train.sh"), "1"], check=True, capture_output=True,
+                       env={k: v for k, v in env.items() if k != "OUT"})

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# One lent-GPU call: train the bundled default's UNet on for a fixed number of minutes,
+# then hand the model back in parts (and, if time is left, a quick evaluation).
+#
+# The CPU sessions' conclusion (docs/TRAINING.md) is that the default needs far more UNet
+# training than 2 cores give; a lent GPU comes with 15 minutes for the whole session, so this
+# is prepared and dry-run on CPU to be spent in a single call. On this machine, first:
+#
+#     bash scripts/device_wheels.sh            # diffusers (+ importlib_metadata) as wheels in .whl/
+#
+# then through the device tool (carry [".whl"], timeout_s 600):
+#
+#     bash scripts/device_train.sh 6.5 [more train arguments, e.g. --set unet.lr=2e-4]
+#
+# and back here: cat <files_at>/model.part-* > runs/gpu.safetensors, then evaluate it on CPU
+# (python -m magicvideo.evaluate --model runs/gpu.safetensors [--seed 1] --out <json>).
+#
+# Dry run on CPU (checks everything but CUDA; a few seconds of training):
+#     OUT=/tmp/dry PYTHON=.venv/bin/python DEVICE=cpu SKIP_WHEELS=1 POOL=64 \
+#         bash scripts/device_train.sh 0.2 --threads 2
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MINUTES=${1:?usage: device_train.sh MINUTES [train arguments]}
+shift
+: "${OUT:?OUT must name the folder whose files come back (the device tool sets it)}"
+PYTHON=${PYTHON:-python3}
+DEVICE=${DEVICE:-cuda}
+RUN=${RUN:-runs/gpu}
+POOL=${POOL:-2048}       # latent pool (clips); 4 fresh clips per step at batch 64: each clip
+BATCH=${BATCH:-64}       # is drawn about 16 times before it leaves the pool
+EVAL_SECONDS=${EVAL_SECONDS:-150}
+mkdir -p "$OUT"
+
+if [ -z "${SKIP_WHEELS:-}" ]; then  # the device image has torch, numpy, scipy, einops, safetensors; not diffusers
+    ls .whl/*.whl >/dev/null 2>&1 || { echo "no .whl/: run scripts/device_wheels.sh here and carry .whl" >&2; exit 2; }
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+mkdir -p /tmp/mv_pkg && ln -sfn "$PWD" /tmp/mv_pkg/magicvideo  # the repo root is the package
+export PYTHONPATH=/tmp/mv_pkg:/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi";
+  "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"; } > "$OUT/machine.txt"
+
+# The settings of the default's legs (recipe step 12), at a GPU's batch; --minutes cuts the
+# cosine schedule to the steps that fit (measured after warm-up) and records it in config.json.
+"$PYTHON" -m magicvideo.train --config configs/default.json --stage unet --run-dir "$RUN" \
+    --init weights/magicvideo_default.safetensors --device "$DEVICE" --minutes "$MINUTES" \
+    --set seed=1300 --set unet.steps=1000000 --set unet.batch_size="$BATCH" --set unet.lr=3e-4 \
+    --set unet.pool_size="$POOL" --set unet.pool_refresh=4 --set unet.save_every=1000 \
+    --set unet.text_aux_weight=0.1 --set unet.binding_weight=1.0 --set unet.binding_words=object \
+    --set unet.binding_contrast=true "$@" 2>&1 | tr '\r' '\n' | grep -v "encoding the latent pool" > "$OUT/train.txt"
+cp "$RUN/config.json" "$RUN/unet.log" "$OUT/"
+split -b 15000000 "$RUN/model.safetensors" "$OUT/model.part-"  # files come back at 16 MiB at most
+
+# With time left: the first 100 prompts of the fixed set, sampled on the GPU (stopped, not
+# waited for, when it runs long; the CPU evaluates the model in full afterwards).
+timeout "$EVAL_SECONDS" "$PYTHON" -m magicvideo.evaluate --model "$RUN/model.safetensors" --device "$DEVICE" \
+    --n 100 --out "$OUT/eval_first100.json" > /dev/null 2>&1 || echo "evaluation stopped or failed (rc $?)" >> "$OUT/machine.txt"
+ls -la "$OUT"
