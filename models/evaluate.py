@@ -23,6 +23,7 @@ import json
 import math
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -582,11 +583,44 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _shard(text: str) -> tuple[int, int]:
+    index, _, count = text.partition("/")
+    try:
+        i, n = int(index), int(count)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/N (e.g. 0/4), got {text!r}") from None
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"expected 0 <= I < N, got {text!r}")
+    return i, n
+
+
+def merge_shards(parts: list[dict]) -> dict:
+    """The results of shards 0/N .. N-1/N of one run (``--shard``) as one results dict, prompts in
+    the set's order and the summary taken over all of them, as an unsharded run writes it.
+    ValueError when a shard is missing or twice, or the shards were run with other settings."""
+    shards = sorted(parts, key=lambda r: tuple(r["config"].get("shard") or (0, 1)))
+    count = len(shards)
+    found = [tuple(r["config"].get("shard") or (0, 1)) for r in shards]
+    if found != [(i, count) for i in range(count)]:
+        raise ValueError(f"expected shards 0/{count} .. {count - 1}/{count} once each, found "
+                         f"{', '.join(f'{i}/{n}' for i, n in found)}")
+    settings = [{k: v for k, v in r["config"].items() if k != "shard"} for r in shards]
+    if any(s != settings[0] for s in settings[1:]):
+        diff = sorted({k for s in settings[1:] for k in set(s) | set(settings[0]) if s.get(k) != settings[0].get(k)})
+        raise ValueError(f"the shards were run with different settings: {diff}")
+    prompts = []
+    for k in range(max(len(r["prompts"]) for r in shards)):  # shard i holds prompts i, i + N, ...
+        prompts += [r["prompts"][k] for r in shards if k < len(r["prompts"])]
+    return {"summary": summarise(prompts), "prompts": prompts, "config": {**settings[0], "shard": None}}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m magicvideo.evaluate", description=__doc__.split("\n\n")[0])
     what = ap.add_mutually_exclusive_group(required=True)
     what.add_argument("--ground-truth", action="store_true", help="score the world's own clips (the evaluator's check)")
     what.add_argument("--model", help="a MagicVideo .safetensors file to sample from")
+    what.add_argument("--merge", nargs="+", metavar="JSON",
+                      help="join the results files of one run's shards (--shard) into one, as if run whole")
     ap.add_argument("--n", type=int, default=200, help="prompts in the set (default 200)")
     ap.add_argument("--seed", type=int, default=0, help="prompt-set seed (default 0)")
     ap.add_argument("--frames", type=int, default=world.REFERENCE_FRAMES)
@@ -620,15 +654,32 @@ def main(argv: list[str] | None = None) -> int:
                     help="steer the steps up to this point of the schedule (0 noise .. 1 clean; default 0.3)")
     ap.add_argument("--objects", type=int, choices=(1, 2), default=None,
                     help="score only the set's prompts with this many objects (a quicker look at one part)")
+    ap.add_argument("--shard", type=_shard, default=None, metavar="I/N",
+                    help="score only every N-th prompt from the I-th (0-based), so that N processes share a "
+                         "set; join their files with --merge")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", help="write results JSON here")
     ap.add_argument("--strip", help="write a PNG strip of the first prompts here")
     ap.add_argument("--strip-count", type=int, default=6)
     args = ap.parse_args(argv)
+    if args.merge:
+        if not args.out:
+            ap.error("--merge needs --out")
+        try:
+            results = merge_shards([json.loads(Path(f).read_text()) for f in args.merge])
+        except (OSError, ValueError, KeyError) as err:
+            print(f"cannot merge {args.merge}: {err}", file=sys.stderr)
+            return 2
+        print(format_table(results))
+        Path(args.out).write_text(json.dumps(results, indent=1, default=_json_default, allow_nan=False))
+        return 0
 
     prompts = prompt_set(args.seed, args.n)
     if args.objects:
         prompts = [p for p in prompts if len(p.spec.objects) == args.objects]
+    if args.shard:
+        index, count = args.shard
+        prompts = prompts[index::count]
     if args.ground_truth:
         generate = ground_truth_fn(prompts, args.frames, args.size)
         source = "ground truth"
@@ -658,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\r{i}/{total}", end="\n" if i == total else "", file=sys.stderr, flush=True)
 
     results = evaluate_generator(keep, prompts, progress)
-    results["config"] = {k: v for k, v in vars(args).items() if k not in ("out", "strip", "strip_count")}
+    results["config"] = {k: v for k, v in vars(args).items() if k not in ("out", "strip", "strip_count", "merge")}
     results["config"]["source"] = source
     print(f"{source}: {len(prompts)} prompts (seed {args.seed}), {args.frames} frames at {args.size}px")
     print(format_table(results))

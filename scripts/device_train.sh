@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lent-GPU call: train the bundled default's UNet on for a fixed number of minutes,
-# then hand the model back in parts (and, if time is left, a quick evaluation).
+# then hand the model back in parts and, if time is left, its evaluation on both prompt sets.
 #
 # The CPU sessions' conclusion (docs/TRAINING.md) is that the default needs far more UNet
 # training than 2 cores give; a lent GPU comes with 15 minutes for the whole session, so this
@@ -12,8 +12,9 @@
 #
 #     bash scripts/device_train.sh 6.5 [more train arguments, e.g. --set unet.lr=2e-4]
 #
-# and back here: cat <files_at>/model.part-* > runs/gpu.safetensors, then evaluate it on CPU
-# (python -m magicvideo.evaluate --model runs/gpu.safetensors [--seed 1] --out <json>).
+# and back here: cat <files_at>/model.part-* > runs/gpu.safetensors; eval.json and
+# eval_seed1.json are its scores (else evaluate it here: python -m magicvideo.evaluate --model
+# runs/gpu.safetensors [--seed 1] --out <json>).
 #
 # Dry run on CPU (checks everything but CUDA; a few seconds of training):
 #     OUT=/tmp/dry PYTHON=.venv/bin/python DEVICE=cpu SKIP_WHEELS=1 POOL=64 \
@@ -29,7 +30,7 @@ RUN=${RUN:-runs/gpu}
 POOL=${POOL:-2048}       # latent pool (clips); 4 fresh clips per step at batch 64: each clip
 BATCH=${BATCH:-64}       # is drawn about 16 times before it leaves the pool
 EVAL_SECONDS=${EVAL_SECONDS:-150}
-mkdir -p "$OUT"
+mkdir -p "$OUT" && rm -f "$OUT"/model.part-* "$OUT"/eval*.json  # only what this call writes
 
 if [ -z "${SKIP_WHEELS:-}" ]; then  # the device image has torch, numpy, scipy, einops, safetensors; not diffusers
     ls .whl/*.whl >/dev/null 2>&1 || { echo "no .whl/: run scripts/device_wheels.sh here and carry .whl" >&2; exit 2; }
@@ -52,8 +53,21 @@ export PYTHONPATH=/tmp/mv_pkg:/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFE
 cp "$RUN/config.json" "$RUN/unet.log" "$OUT/"
 split -b 15000000 "$RUN/model.safetensors" "$OUT/model.part-"  # files come back at 16 MiB at most
 
-# With time left: the first 100 prompts of the fixed set, sampled on the GPU (stopped, not
-# waited for, when it runs long; the CPU evaluates the model in full afterwards).
-timeout "$EVAL_SECONDS" "$PYTHON" -m magicvideo.evaluate --model "$RUN/model.safetensors" --device "$DEVICE" \
-    --n 100 --out "$OUT/eval_first100.json" > /dev/null 2>&1 || echo "evaluation stopped or failed (rc $?)" >> "$OUT/machine.txt"
+# With time left: both 200-prompt sets, each in SHARDS processes sharing the GPU, stopped (not
+# waited for) after EVAL_SECONDS; whatever did not finish is evaluated here on CPU afterwards.
+SHARDS=${SHARDS:-4}
+EVAL_N=${EVAL_N:-200}
+rm -rf "$RUN/eval" && mkdir -p "$RUN/eval"
+for seed in 0 1; do
+    for ((i = 0; i < SHARDS; i++)); do
+        OMP_NUM_THREADS=2 timeout "$EVAL_SECONDS" "$PYTHON" -m magicvideo.evaluate --model "$RUN/model.safetensors" \
+            --device "$DEVICE" --n "$EVAL_N" --seed $seed --shard $i/$SHARDS --out "$RUN/eval/s${seed}_$i.json" > /dev/null 2>&1 &
+    done
+done
+wait
+for seed in 0 1; do
+    name=eval.json; if [ $seed = 1 ]; then name=eval_seed1.json; fi
+    "$PYTHON" -m magicvideo.evaluate --merge "$RUN"/eval/s${seed}_*.json --out "$OUT/$name" > /dev/null 2>&1 \
+        || echo "seed $seed: not every shard finished in ${EVAL_SECONDS}s" >> "$OUT/machine.txt"
+done
 ls -la "$OUT"

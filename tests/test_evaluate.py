@@ -256,3 +256,31 @@ def test_window_drift():
     drifting[32:] = world.render(world.ClipSpec((dataclasses.replace(obj, shape="square", colour="blue"),), "black"), frames=16)
     d = ev.window_drift(drifting, window=16)
     assert not d["kept_colour"] and not d["kept_shape"] and d["max_background_drift"] > 0.1
+
+
+def test_shards_merge_into_exactly_the_unsharded_run(tiny_model, tmp_path, capsys):
+    """--shard I/N scores every N-th prompt (N processes share a set, e.g. on a lent GPU);
+    --merge joins their files into what one whole run writes."""
+    common = ["--model", tiny_model, "--n", "5", "--frames", "8", "--size", "16", "--steps", "2",
+              "--motion-guidance", "0.2"]
+    whole = tmp_path / "whole.json"
+    assert ev.main(common + ["--out", str(whole)]) == 0
+    parts = []
+    for i in range(2):
+        parts.append(tmp_path / f"part{i}.json")
+        assert ev.main(common + ["--shard", f"{i}/2", "--out", str(parts[i])]) == 0
+    assert [len(json.loads(p.read_text())["prompts"]) for p in parts] == [3, 2]
+    merged = tmp_path / "merged.json"
+    assert ev.main(["--merge", str(parts[1]), str(parts[0]), "--out", str(merged)]) == 0
+    assert json.loads(merged.read_text()) == json.loads(whole.read_text())
+
+    capsys.readouterr()
+    assert ev.main(["--merge", str(parts[0]), "--out", str(tmp_path / "x.json")]) == 2
+    assert "expected shards 0/1 .. 0/1 once each, found 0/2" in capsys.readouterr().err
+    other = json.loads(parts[1].read_text())
+    other["config"]["cfg"] = 3.0
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    assert ev.main(["--merge", str(parts[0]), str(tmp_path / "other.json"), "--out", str(tmp_path / "x.json")]) == 2
+    assert "the shards were run with different settings: ['cfg']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ev.main(common + ["--shard", "2/2"])

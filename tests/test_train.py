@@ -636,7 +636,8 @@ def test_device_train_script_dry_run_on_cpu_hands_back_the_model_in_parts(tmp_pa
     root = Path(__file__).resolve().parents[1]
     out, run = tmp_path / "out", tmp_path / "run"
     env = {**os.environ, "OUT": str(out), "RUN": str(run), "PYTHON": sys.executable, "DEVICE": "cpu",
-           "SKIP_WHEELS": "1", "POOL": "16", "BATCH": "2", "EVAL_SECONDS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+           "SKIP_WHEELS": "1", "POOL": "16", "BATCH": "2", "EVAL_N": "2", "SHARDS": "2", "EVAL_SECONDS": "300",
+           "OMP_WAIT_POLICY": "PASSIVE"}
     done = subprocess.run(["bash", str(root / "scripts/device_train.sh"), "0.01", "--threads", "1"],
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -648,7 +649,15 @@ def test_device_train_script_dry_run_on_cpu_hands_back_the_model_in_parts(tmp_pa
     recipe = json.loads(checkpoint.load_model(joined).metadata["training_recipe"])
     assert recipe["unet"]["steps"] == 31 and recipe["unet"]["batch_size"] == 2 and recipe["seed"] == 1300
     assert "0.01 minutes fit 31 steps" in (out / "train.txt").read_text()
-    assert "evaluation stopped or failed (rc 124)" in (out / "machine.txt").read_text()
+    for name, seed in (("eval.json", 0), ("eval_seed1.json", 1)):  # two shards each, merged
+        scored = json.loads((out / name).read_text())
+        assert len(scored["prompts"]) == 2 and scored["config"]["seed"] == seed and scored["config"]["shard"] is None
+        assert scored["config"]["model"] == str(run / "model.safetensors")
+    done = subprocess.run(["bash", str(root / "scripts/device_train.sh"), "0.01", "--threads", "1"],
+                          env={**env, "EVAL_SECONDS": "1", "RUN": str(tmp_path / "run2")}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]  # evaluations cut short: the model still comes back
+    assert "seed 0: not every shard finished in 1s" in (out / "machine.txt").read_text()
+    assert not (out / "eval.json").exists() and len(list(out.glob("model.part-*"))) == 2
     with pytest.raises(subprocess.CalledProcessError):  # no OUT: says what it needs
         subprocess.run(["bash", str(root / "scripts/device_train.sh"), "1"], check=True, capture_output=True,
                        env={k: v for k, v in env.items() if k != "OUT"})
