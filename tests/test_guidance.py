@@ -215,11 +215,11 @@ def test_separation_term_scores_overlapping_blobs():
     assert float(guidance.track_loss([same], one, 4, separation_weight=2.0)) == pytest.approx(0.0, abs=1e-9)
 
 
-def _composed_guidance_script():
+def _composed_guidance_script(name="composed_guidance"):
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "composed_guidance.py"
-    spec = importlib.util.spec_from_file_location("composed_guidance", path)
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     return script
@@ -257,3 +257,24 @@ def test_composed_guidance_regions_follow_each_objects_attention():
     shared = composed.regions(4, 8, 8)  # both objects on the same cells share them
     assert float(shared[:, :, 0, 3:5, 3:5].sum(0).min()) == pytest.approx(1.0)
     assert float(shared[0, :, 0, 3:5, 3:5].min()) == pytest.approx(0.5)
+
+
+def test_compose_objects_script_splits_prompts_and_moves_objects_apart():
+    """scripts/compose_objects.py: one caption per object with the prompt's background clause, and
+    the whole-cell move that keeps a second object off the first one's cells."""
+    script = _composed_guidance_script("compose_objects")
+    assert script.object_captions("two objects: a red triangle drifts quickly diagonally up and to the right while "
+                                  "a pink triangle does not move, against a plain black background") == [
+        "a red triangle drifts quickly diagonally up and to the right, against a plain black background",
+        "a pink triangle does not move, against a plain black background"]
+    assert script.object_captions("green ball moves left slowly and orange box gets bigger slowly") == [
+        "a green ball moves left slowly", "an orange box gets bigger slowly"]
+    m = torch.zeros(2, 1, 8, 8)
+    m[..., 2:4, 2:4] = 1
+    assert torch.equal(script.shift(m, 1, 0)[..., 2:4, 3:5], torch.ones(2, 1, 2, 2))
+    assert script.shift(m, -3, -3).sum() == 2  # one cell per frame left inside
+    taken = torch.zeros(2, 1, 8, 8)
+    taken[..., 1:5, 1:5] = 1
+    dx, dy = script.best_shift(taken, m)
+    moved = script.shift(m, dx, dy)
+    assert (moved * taken).sum() == 0 and moved.sum() == m.sum() and dx * dx + dy * dy == 9
