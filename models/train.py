@@ -719,7 +719,7 @@ class TimeBudget:
     The stage's clock starts when this is made (after model loading and the latent pool); the
     rate is measured over steps ``start + 10`` to ``start + 30`` (the first steps warm up
     kernels and caches). ``fit`` then returns, once, the step count that ends the run in time,
-    when that is below the configured one; the cosine schedule is stretched or cut to it.
+    when that is below the configured one; the cosine schedule is then cut to it.
     """
 
     WARM, MEASURE = 10, 20

@@ -17,7 +17,7 @@
 # runs/gpu.safetensors [--seed 1] --out <json>).
 #
 # Dry run on CPU (checks everything but CUDA; a few seconds of training):
-#     OUT=/tmp/dry PYTHON=.venv/bin/python DEVICE=cpu SKIP_WHEELS=1 POOL=64 \
+#     OUT=runs/dry-out PYTHON=.venv/bin/python DEVICE=cpu SKIP_WHEELS=1 POOL=64 \
 #         bash scripts/device_train.sh 0.2 --threads 2
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,14 +30,15 @@ RUN=${RUN:-runs/gpu}
 POOL=${POOL:-2048}       # latent pool (clips); 4 fresh clips per step at batch 64: each clip
 BATCH=${BATCH:-64}       # is drawn about 16 times before it leaves the pool
 EVAL_SECONDS=${EVAL_SECONDS:-150}
+WORK=$(mktemp -d)  # the carried wheels' install and the package link, gone with the machine
 mkdir -p "$OUT" && rm -f "$OUT"/model.part-* "$OUT"/eval*.json  # only what this call writes
 
 if [ -z "${SKIP_WHEELS:-}" ]; then  # the device image has torch, numpy, scipy, einops, safetensors; not diffusers
     ls .whl/*.whl >/dev/null 2>&1 || { echo "no .whl/: run scripts/device_wheels.sh here and carry .whl" >&2; exit 2; }
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" .whl/*.whl
 fi
-mkdir -p /tmp/mv_pkg && ln -sfn "$PWD" /tmp/mv_pkg/magicvideo  # the repo root is the package
-export PYTHONPATH=/tmp/mv_pkg:/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+mkdir -p "$WORK/pkg" && ln -sfn "$PWD" "$WORK/pkg/magicvideo"  # the repo root is the package
+export PYTHONPATH="$WORK/pkg:$WORK/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi";
   "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"; } > "$OUT/machine.txt"
