@@ -103,7 +103,7 @@ def matte(frames: torch.Tensor, m: torch.Tensor, down: int, threshold: float = 0
 def compose(bundle, caption: str, *, seed: int, frames: int = 16, size: int = 64, steps: int = 20, cfg: float = 6.0,
             cfg_end: float = 0.7, motion_guidance: float = 0.2, until: float = 0.3, harmonise: float = 0.0,
             gain: float = 2.0, fps: float = 8.0, move: bool = True, seed_step: int = 7919,
-            pixels: str | None = None, round_trip: bool = False):
+            pixels: str | None = None, round_trip: bool = False, latent_matte: float = 0.0):
     unet, vae, text = prepare(bundle)
     subs = object_captions(caption)
     if len(subs) < 2:
@@ -141,6 +141,9 @@ def compose(bundle, caption: str, *, seed: int, frames: int = 16, size: int = 64
                 mask = (matte(layer, m, down) if pixels == "matte"
                         else torch.nn.functional.interpolate(m, scale_factor=down, mode="bilinear"))
                 frames_out = frames_out * (1 - mask) + layer * mask
+            if latent_matte:  # the matte's share of each latent cell, as the cells' mask
+                cover = torch.nn.functional.avg_pool2d(matte(decode(z), m, down), down)
+                m = (cover / latent_matte).clamp(0, 1)
             composite = composite * (1 - m) + z * m
             taken = torch.maximum(taken, m)
     if pixels and round_trip:  # as a sampler node would have to hand it on: as latents, decoded again
@@ -168,6 +171,9 @@ def main():
     p.add_argument("--pixels", choices=["attention", "matte"], default=None,
                    help="lay each object's decoded pixels over the rest instead of its latents, cut by its "
                         "attention mask upsampled, or by a colour matte inside it")
+    p.add_argument("--latent-matte", type=float, default=0.0, metavar="SHARE",
+                   help="lay latents over each other with each cell's share of the colour matte, full from "
+                        "SHARE up, as the mask (0: the attention region)")
     p.add_argument("--round-trip", action="store_true",
                    help="with --pixels: encode the composite with the VAE and decode it again (what a sampler "
                         "node that outputs latents would hand on)")
@@ -181,7 +187,8 @@ def main():
     res = ev.evaluate_generator(lambda c, s: compose(bundle, c, seed=s, harmonise=args.harmonise, gain=args.gain,
                                                                move=not args.no_move,
                                                                seed_step=0 if args.same_noise else 7919,
-                                                               pixels=args.pixels, round_trip=args.round_trip),
+                                                               pixels=args.pixels, round_trip=args.round_trip,
+                                                               latent_matte=args.latent_matte),
                                 prompts, lambda i, n: print(f"\r{i}/{n}", end="", file=sys.stderr))
     res["config"] = {**vars(args), "sampling": "cfg 6, cfg_end 0.7, 20 euler steps, motion guidance 0.2 to 0.3"}
     print()
