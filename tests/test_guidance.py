@@ -269,6 +269,7 @@ def test_compose_objects_script_splits_prompts_and_moves_objects_apart():
         "a pink triangle does not move, against a plain black background"]
     assert script.object_captions("green ball moves left slowly and orange box gets bigger slowly") == [
         "a green ball moves left slowly", "an orange box gets bigger slowly"]
+    assert script.object_captions("a plain grey background") == []
     m = torch.zeros(2, 1, 8, 8)
     m[..., 2:4, 2:4] = 1
     assert torch.equal(script.shift(m, 1, 0)[..., 2:4, 3:5], torch.ones(2, 1, 2, 2))
@@ -278,3 +279,17 @@ def test_compose_objects_script_splits_prompts_and_moves_objects_apart():
     dx, dy = script.best_shift(taken, m)
     moved = script.shift(m, dx, dy)
     assert (moved * taken).sum() == 0 and moved.sum() == m.sum() and dx * dx + dy * dy == 9
+
+
+def test_compose_objects_matte_cuts_the_object_out_of_its_pass():
+    script = _composed_guidance_script("compose_objects")
+    frames = torch.zeros(2, 3, 32, 32)
+    frames[:, 1] = 0.3  # a dark green background
+    frames[:, 0, 8:14, 9:15] = 1.0  # a red square in cell (1, 1) of a 4x4 grid of 8 px cells
+    frames[:, 1, 8:14, 9:15] = 0.0
+    frames[:, 2, 28:32, 0:4] = 1.0  # a blue blob far from the object's region: not taken
+    region = torch.zeros(2, 1, 4, 4)
+    region[..., 1, 1] = 1.0
+    m = script.matte(frames, region, 8)
+    assert m.shape == (2, 1, 32, 32)
+    assert torch.all(m[:, 0, 9:13, 10:14] == 1) and m[:, 0, 28:, :4].sum() == 0 and m[:, 0, :6].sum() == 0
