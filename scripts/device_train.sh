@@ -10,7 +10,7 @@
 #
 # then through the device tool (carry [".whl"], timeout_s 600):
 #
-#     bash scripts/device_train.sh 6.5 [more train arguments, e.g. --set unet.lr=2e-4]
+#     bash scripts/device_train.sh 5.5 [more train arguments, e.g. --set unet.lr=2e-4]
 #
 # and back here: cat <files_at>/model.part-* > runs/gpu.safetensors; eval.json and
 # eval_seed1.json are its scores (else evaluate it here: python -m magicvideo.evaluate --model
