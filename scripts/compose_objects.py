@@ -151,10 +151,12 @@ def compose(bundle, caption: str, *, seed: int, frames: int = 16, size: int = 64
                 m = (cover / latent_matte).clamp(0, 1)
             composite = composite * (1 - m) + z * m
             taken = torch.maximum(taken, m)
-    if pixels and round_trip:  # as a sampler node would have to hand it on: as latents, decoded again
+    if pixels and (round_trip or harmonise > 0):  # as a sampler node would hand it on: as latents
         with torch.no_grad():
-            frames_out = decode(vae.encode(frames_out * 2 - 1, chunk_size=8))
-    if pixels:
+            composite = vae.encode(frames_out * 2 - 1, chunk_size=8)
+            if harmonise <= 0:
+                return decode(composite).movedim(1, -1).cpu()
+    elif pixels:
         return frames_out.movedim(1, -1).cpu()
     with torch.no_grad():
         if harmonise > 0:
@@ -170,7 +172,9 @@ def main():
     p.add_argument("--seed", type=int, default=0, help="prompt-set seed")
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--objects", type=int, default=2, help="score only prompts with this many objects (0: all)")
-    p.add_argument("--harmonise", type=float, default=0.0)
+    p.add_argument("--harmonise", type=float, default=0.0,
+                   help="re-noise the composite (with --pixels: encoded again) to this strength and denoise it "
+                        "with the whole prompt")
     p.add_argument("--gain", type=float, default=2.0)
     p.add_argument("--no-move", action="store_true", help="keep each object where its pass drew it")
     p.add_argument("--pixels", choices=["attention", "matte"], default=None,
