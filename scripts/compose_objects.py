@@ -158,12 +158,11 @@ def compose(bundle, caption: str, *, seed: int, frames: int = 16, size: int = 64
                 return decode(composite).movedim(1, -1).cpu()
     elif pixels:
         return frames_out.movedim(1, -1).cpu()
-    with torch.no_grad():
-        if harmonise > 0:
+    if harmonise > 0:
+        with torch.no_grad():
             composite = sampling.sample(unet, composite, encode_prompt(text, caption), negative, num_frames=frames,
                                         steps=steps, cfg=cfg, seed=seed, fps=fps, denoise=harmonise, cfg_end=1.0)
-        images = vae.decode(composite, num_frames=frames, chunk_size=8)
-    return ((images.float() + 1) / 2).clamp(0, 1).movedim(1, -1).cpu()
+    return decode(composite).movedim(1, -1).cpu()
 
 
 def main():
