@@ -496,6 +496,11 @@ def save_strip(path, videos, captions=None, every: int = 1, scale: int = 2) -> N
     sheet.save(path)
 
 
+# The main workflow's sampling (workflows/text_to_video.json), the evaluator's defaults
+MAIN_WORKFLOW = {"steps": 20, "cfg": 6.0, "cfg_end": 0.7, "sampler": "euler", "scheduler": "normal",
+                 "motion_guidance": 0.2, "motion_guidance_until": 0.3}
+
+
 # ---------------------------------------------------------------------------------------
 # Glue to the model (kept small: the one place that knows checkpoint and sampler APIs)
 
@@ -520,6 +525,7 @@ def model_generate_fn(
     cfg_end: float = 0.7,
     motion_guidance: float = 0.0,
     motion_guidance_until: float = 0.3,
+    latents_only: bool = False,
 ):
     """generate_fn(caption, seed) running a full MagicVideo file through ``pipeline.text_to_video``
     (its text encoder, the keyframe sampler from pure noise, VideoVAE decode).
@@ -535,6 +541,9 @@ def model_generate_fn(
 
     ``motion_guidance`` > 0 steers each object along its caption's path while sampling
     (``guidance.MotionGuidance``; the frames are still judged alone).
+
+    ``latents_only``: the generator returns the sampled latents, not decoded (to judge several
+    decoders on the same samples, ``pipeline.decode_frames``).
     """
     from .checkpoint import load_model
     from .pipeline import text_to_video
@@ -561,7 +570,8 @@ def model_generate_fn(
         return text_to_video(bundle, caption, frames=frames, width=size, height=size, steps=steps, cfg=cfg,
                              sampler=sampler, scheduler=scheduler, seed=seed, fps=fps, noise_sharing=noise_sharing,
                              image_first=image_first, cfg_start=cfg_start, cfg_end=cfg_end,
-                             motion_guidance=motion_guidance, motion_guidance_until=motion_guidance_until, **init)
+                             motion_guidance=motion_guidance, motion_guidance_until=motion_guidance_until,
+                             latents_only=latents_only, **init)
 
     return generate
 
@@ -625,15 +635,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="prompt-set seed (default 0)")
     ap.add_argument("--frames", type=int, default=world.REFERENCE_FRAMES)
     ap.add_argument("--size", type=int, default=world.REFERENCE_SIZE)
-    ap.add_argument("--steps", type=int, default=20, help="sampling steps (default 20, as the nodes)")
-    ap.add_argument("--cfg", type=float, default=6.0, help="guidance scale (default 6, as the main workflow)")
+    ap.add_argument("--steps", type=int, default=MAIN_WORKFLOW["steps"], help="sampling steps (default 20, as the nodes)")
+    ap.add_argument("--cfg", type=float, default=MAIN_WORKFLOW["cfg"], help="guidance scale (default 6, as the main workflow)")
     ap.add_argument("--cfg-start", type=_fraction, default=0.0,
                     help="guide only from this point of the schedule (0 = pure noise, 1 = clean; default 0)")
-    ap.add_argument("--cfg-end", type=_fraction, default=0.7,
+    ap.add_argument("--cfg-end", type=_fraction, default=MAIN_WORKFLOW["cfg_end"],
                     help="guide only up to this point of the schedule (default 0.7, as the main workflow; "
                          "1 = every step)")
-    ap.add_argument("--sampler", default="euler")
-    ap.add_argument("--scheduler", default="normal")
+    ap.add_argument("--sampler", default=MAIN_WORKFLOW["sampler"])
+    ap.add_argument("--scheduler", default=MAIN_WORKFLOW["scheduler"])
     ap.add_argument("--fps", type=float, default=8.0, help="fps condition (the bundled default trains at 8)")
     ap.add_argument("--noise-sharing", type=float, default=None,
                     help="fraction of the starting noise's variance shared by all frames "
@@ -647,10 +657,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--from-truth", type=_fraction, default=None, metavar="STRENGTH",
                     help="diagnostic: start each prompt from its own world clip noised to STRENGTH (0..1) "
                          "instead of pure noise; 0 = the VAE round trip (the ceiling of any UNet on this VAE)")
-    ap.add_argument("--motion-guidance", type=float, default=0.2, metavar="STRENGTH",
+    ap.add_argument("--motion-guidance", type=float, default=MAIN_WORKFLOW["motion_guidance"], metavar="STRENGTH",
                     help="steer each object's attention along its caption's path on the early steps "
                          "(default 0.2, as the main workflow; 0 = plain sampling; see models/guidance.py)")
-    ap.add_argument("--motion-guidance-until", type=_fraction, default=0.3,
+    ap.add_argument("--motion-guidance-until", type=_fraction, default=MAIN_WORKFLOW["motion_guidance_until"],
                     help="steer the steps up to this point of the schedule (0 noise .. 1 clean; default 0.3)")
     ap.add_argument("--objects", type=int, choices=(1, 2), default=None,
                     help="score only the set's prompts with this many objects (a quicker look at one part)")

@@ -114,6 +114,12 @@ def _encode(vae, frames: torch.Tensor, chunk_size: int) -> torch.Tensor:
     return vae.encode(frames.movedim(-1, 1) * 2 - 1, chunk_size=chunk_size).float().cpu()
 
 
+def decode_frames(vae, latents: torch.Tensor, frames: int, chunk_size: int = 8) -> torch.Tensor:
+    """Sampled latents ``[frames, C, h, w]`` (scaled) -> frames ``[frames, H, W, 3]`` float32 in 0..1 on the CPU."""
+    images = vae.decode(latents.to(next(vae.parameters()).device), num_frames=frames, chunk_size=chunk_size)
+    return ((images.float() + 1) / 2).clamp(0, 1).movedim(1, -1).cpu()
+
+
 def conditioning_to_video(
     bundle,
     positive: torch.Tensor,
@@ -143,6 +149,7 @@ def conditioning_to_video(
     motion_targets: list | None = None,
     motion_guidance: float = 0.0,
     motion_guidance_until: float = 0.3,
+    latents_only: bool = False,
 ) -> torch.Tensor:
     """Text embeddings -> frames ``[frames, height, width, 3]`` float32 in 0..1 on the CPU.
 
@@ -160,6 +167,8 @@ def conditioning_to_video(
     ``motion_targets`` (``guidance.targets_from_caption``) with ``motion_guidance`` > 0 steer
     each object's attention blob along its caption's path on the steps up to
     ``motion_guidance_until`` (``guidance.MotionGuidance``).
+    ``latents_only``: skip the VAE and return the sampled latents ``[frames, channels, h, w]``
+    (scaled, as the UNet sees them) float32 on the CPU.
     """
     unet, vae, _ = prepare(bundle, device=device, dtype=dtype)
     _check_request(vae, frames, width, height, cfg, negative)
@@ -211,8 +220,11 @@ def conditioning_to_video(
                                   given_frames=given, cfg_start=cfg_start, cfg_end=cfg_end, steer=steer)
         _sync(run_device)
         t1 = time.perf_counter()
-        images = vae.decode(latents, num_frames=frames, chunk_size=chunk_size)  # [F, 3, H, W] in about -1..1
-        out = ((images.float() + 1) / 2).clamp(0, 1).movedim(1, -1).cpu()
+        if latents_only:
+            if timings is not None:
+                timings.update(sampling=t1 - t0)
+            return latents.float().cpu()
+        out = decode_frames(vae, latents, frames, chunk_size)
     t2 = time.perf_counter()
     if timings is not None:
         timings.update(sampling=t1 - t0, vae_decode=t2 - t1)
@@ -248,6 +260,7 @@ def text_to_video(
     cfg_end: float = 1.0,
     motion_guidance: float = 0.0,
     motion_guidance_until: float = 0.3,
+    latents_only: bool = False,
 ) -> torch.Tensor:
     """A prompt through the model file's built-in text encoder -> frames ``[frames, height, width, 3]``
     float32 in 0..1 on the CPU.
@@ -259,7 +272,8 @@ def text_to_video(
     sum plus the glue; moving the modules to ``device`` / ``dtype`` is not counted).
     ``init_video`` / ``denoise`` (video-to-video), ``image_first`` and ``first_frames``
     (image-to-video), ``cfg_start`` / ``cfg_end``, ``motion_guidance`` / ``motion_guidance_until``
-    (each object steered along the path its caption asks for): see :func:`conditioning_to_video`.
+    (each object steered along the path its caption asks for), ``latents_only`` (the sampled
+    latents, not decoded): see :func:`conditioning_to_video`.
     """
     _, vae, text = prepare(bundle, device=device, dtype=dtype)
     _check_request(vae, frames, width, height, cfg, negative="")
@@ -275,7 +289,7 @@ def text_to_video(
         noise_sharing=noise_sharing, init_video=init_video, denoise=denoise, image_first=image_first,
         first_frames=first_frames, cfg_start=cfg_start, cfg_end=cfg_end,
         motion_targets=guidance.targets_from_caption(prompt, set(text.word_to_id), frames) if motion_guidance else None,
-        motion_guidance=motion_guidance, motion_guidance_until=motion_guidance_until,
+        motion_guidance=motion_guidance, motion_guidance_until=motion_guidance_until, latents_only=latents_only,
     )
     if timings is not None:
         timings.update(text_encode=t1 - t0, **stages, total=time.perf_counter() - t0)

@@ -270,8 +270,14 @@ def train_vae(cfg: dict, args, run_dir: Path, device: torch.device, decoder_only
     state_path = run_dir / f"{name}_state.pt"
 
     on_unet = int(tc.get("decoder_unet_max_t", 0)) if decoder_only else 0
-    denoiser = _decoder_denoiser(args, run_dir, device) if on_unet else None
+    pairs = load_decoder_pairs(tc.get("decoder_pairs") or []) if decoder_only else None
     if decoder_only:
+        _adopt_model(magicvideo_init(args.init), run_dir)
+    denoiser = _decoder_denoiser(run_dir, device) if on_unet else None
+    if decoder_only:
+        if not out_path.exists():
+            raise SystemExit(f"the decoder stage goes on from {out_path}: run the vae stage there first, "
+                             "or --init a MagicVideo file")
         vae = checkpoint.load_model(out_path).vae
         vae.encoder.requires_grad_(False)
         vae.quant_conv.requires_grad_(False)
@@ -295,11 +301,21 @@ def train_vae(cfg: dict, args, run_dir: Path, device: torch.device, decoder_only
     if sep_weight and (decoder_only or args.data_dir):
         raise SystemExit("vae.separation_weight trains the encoder on the world's shape twins: it needs the "
                          "full vae stage on world clips (not --data-dir, not the decoder stage)")
-    clip_frames = cfg["data"]["frames"] if on_unet else tc["frames"]  # the UNet denoises whole clips
+    # the UNet denoises whole clips; sampled pairs are whole clips
+    clip_frames = cfg["data"]["frames"] if on_unet or pairs else tc["frames"]
+    if pairs and pairs.frames != clip_frames:
+        raise SystemExit(f"vae.decoder_pairs hold {pairs.frames}-frame clips; data.frames is {clip_frames}")
+    if pairs and pairs.size != cfg["data"]["size"]:
+        raise SystemExit(f"vae.decoder_pairs hold {pairs.size}x{pairs.size} clips; data.size is {cfg['data']['size']}")
+    n_pairs = round(tc["batch_size"] * float(tc.get("decoder_pairs_share", 0.5))) if pairs else 0
+    if pairs and not 0 < n_pairs <= tc["batch_size"]:
+        raise SystemExit(f"vae.decoder_pairs_share: expected a share of the batch of {tc['batch_size']} clips "
+                         f"that is at least one clip, found {tc.get('decoder_pairs_share')}")
+    pair_rng = np.random.default_rng(cfg["seed"] + 20 + start)
     source = make_source({"data": {**cfg["data"], "frames": clip_frames}}, args, cfg["seed"] + start)
     log = Logger(run_dir / f"{name}.log", steps, start)
     for step in range(start, steps):
-        videos, captions = (source.batch_with_twins if sep_weight else source.batch)(tc["batch_size"])
+        videos, captions = (source.batch_with_twins if sep_weight else source.batch)(tc["batch_size"] - n_pairs)
         frames = videos.shape[1]
         x = videos.flatten(0, 1).to(device)  # [(b f), 3, H, W]
         with torch.set_grad_enabled(not decoder_only):
@@ -308,12 +324,17 @@ def train_vae(cfg: dict, args, run_dir: Path, device: torch.device, decoder_only
         if denoiser is not None:  # decode what the UNet makes of these latents, not the latents
             scale = vae.config.scaling_factor
             z = denoiser(mean * scale, captions, frames, on_unet) / scale
+        if n_pairs:  # and what the sampler made of other clips, against those clips
+            latents, truth = pairs.batch(pair_rng, n_pairs)
+            z = torch.cat([z, latents.flatten(0, 1).to(device) / vae.config.scaling_factor])
+            x = torch.cat([x, truth.flatten(0, 1).to(device)])
         recon = vae.decode_raw(z, num_frames=frames)
         err = (recon - x).abs() + (recon - x).pow(2)
-        rec = (err * foreground_weights(x, tc.get("foreground_weight", 0.0))).mean()
+        weighted = err * foreground_weights(x, tc.get("foreground_weight", 0.0))
+        rec = weighted.mean()
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
         loss = rec + tc["kl_weight"] * kl
-        extra = {}
+        extra = {"rec_pairs": weighted[-n_pairs * frames:].detach().mean()} if n_pairs else {}
         if sep_weight:
             extra["sep"] = separation_loss(mean, x, sep_margin)
             loss = loss + sep_weight * extra["sep"]
@@ -340,18 +361,24 @@ def train_vae(cfg: dict, args, run_dir: Path, device: torch.device, decoder_only
     return out_path
 
 
-def _decoder_denoiser(args, run_dir: Path, device):
+def _adopt_model(init: checkpoint.MagicVideoBundle | None, run_dir: Path) -> None:
+    """The decoder stage in a fresh run folder started from a MagicVideo file: its VAE is the one
+    to go on training, its UNet and text encoder are what the export stage pairs the new
+    decoder with."""
+    _adopt_vae(init, run_dir)
+    model_path = run_dir / "model.safetensors"
+    if init is not None and init.unet is not None and not model_path.exists():
+        checkpoint.save_model(model_path, unet=init.unet, vae=init.vae, text_encoder=init.text_encoder)
+
+
+def _decoder_denoiser(run_dir: Path, device):
     """For ``vae.decoder_unet_max_t``: a function that noises scaled latents of each clip to a
     random timestep in [0, max_t) (half the clips stay clean) and returns the run's frozen UNet's
     one-step x0 prediction, so the decoder learns to turn the UNet's slightly wrong latents into
     clean frames. The UNet and text encoder come from the run's model.safetensors, which an
     ``--init`` MagicVideo file provides (its VAE too) in a fresh run folder."""
     model_path = run_dir / "model.safetensors"
-    init = magicvideo_init(args.init)
-    _adopt_vae(init, run_dir)
-    if init is not None and not model_path.exists():  # the export stage pairs it with the new decoder
-        checkpoint.save_model(model_path, unet=init.unet, vae=init.vae, text_encoder=init.text_encoder)
-    bundle = init if init is not None else checkpoint.load_model(model_path) if model_path.exists() else None
+    bundle = checkpoint.load_model(model_path) if model_path.exists() else None
     if bundle is None or bundle.unet is None or bundle.text_encoder is None:
         raise SystemExit(f"vae.decoder_unet_max_t needs a UNet with its text encoder: {model_path} or --init <MagicVideo file>")
     unet = bundle.unet.to(device).eval().requires_grad_(False)
@@ -371,6 +398,109 @@ def _decoder_denoiser(args, run_dir: Path, device):
         return torch.where((t == 0).view(-1, 1, 1, 1), z, x0)
 
     return denoise
+
+
+PAIRS_FORMAT, PAIRS_VERSION = "magicvideo-decoder-pairs", "1"
+
+
+def make_decoder_pairs(bundle, n: int, seed: int, strengths: tuple[float, float] = (0.2, 0.6), *,
+                       frames: int = world.REFERENCE_FRAMES, size: int = world.REFERENCE_SIZE,
+                       progress=None, **sample_kwargs) -> dict:
+    """For ``vae.decoder_pairs``: what the sampler makes of ``n`` training clips of the world.
+
+    Each clip (train split, so no held-out triple) is VAE-encoded, noised to a strength drawn
+    uniformly from ``strengths`` and finished by the model with ``sample_kwargs`` (give the
+    main workflow's settings: cfg, cfg_end, steps, motion guidance). The layout stays the
+    clip's, so the clip is the target for decoding the sampled latents: the decoder learns to
+    read the latents the UNet really ends its chains on (full chains, not one-step guesses),
+    which are not the encoder's. -> {"latents": [n, F, C, h, w] float32 (scaled, as the UNet
+    sees them), "strengths": [n], "specs": [ClipSpec], "captions": [str]}; the clips themselves
+    are rendered again from the specs when training."""
+    from .pipeline import text_to_video
+
+    lo, hi = strengths
+    if not 0.0 < lo <= hi <= 1.0:
+        raise ValueError(f"strengths: expected 0 < low <= high <= 1, found {strengths}")
+    rng = np.random.default_rng(seed)
+    latents, strength, specs, captions = [], [], [], []
+    for i in range(n):
+        spec = world.sample_spec(rng, "train")
+        text = world.caption(spec, rng)
+        s = float(rng.uniform(lo, hi))
+        latents.append(text_to_video(bundle, text, frames=frames, width=size, height=size, seed=int(rng.integers(2**31)),
+                                     init_video=world.render(spec, frames, size), denoise=s, latents_only=True,
+                                     **sample_kwargs))
+        strength.append(s)
+        specs.append(spec)
+        captions.append(text)
+        if progress is not None:
+            progress(i + 1, n)
+    return {"latents": torch.stack(latents), "strengths": torch.tensor(strength), "specs": specs, "captions": captions,
+            "size": size}
+
+
+def save_decoder_pairs(path, pairs: dict, settings: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    meta = {"format": PAIRS_FORMAT, "version": PAIRS_VERSION, "captions": json.dumps(pairs["captions"]),
+            "specs": json.dumps([s.to_dict() for s in pairs["specs"]]), "size": str(pairs["size"]),
+            "settings": json.dumps(settings or {})}
+    save_file({"latents": pairs["latents"].contiguous(), "strengths": pairs["strengths"].contiguous()},
+              str(path), metadata=meta)
+
+
+class DecoderPairs:
+    """Sampled latents with the world clips they were sampled from (``vae.decoder_pairs``)."""
+
+    def __init__(self, latents: torch.Tensor, specs: list[world.ClipSpec], size: int):
+        self.latents, self.specs, self.size = latents, specs, size
+        self.frames = latents.shape[1]
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def batch(self, rng: np.random.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> latents [n, F, C, h, w] (scaled), clips [n, F, 3, H, W] in -1..1"""
+        idx = rng.choice(len(self), size=n, replace=False)
+        clips = world.render_batch([self.specs[i] for i in idx], self.frames, self.size)
+        return self.latents[idx], clips.permute(0, 1, 4, 2, 3) * 2 - 1
+
+
+def load_decoder_pairs(paths) -> DecoderPairs | None:
+    """One or more files of :func:`save_decoder_pairs` (a path or a list) as one set; None for
+    none. A file that is not one, or files that do not fit together, stop with what was found."""
+    from safetensors import SafetensorError, safe_open
+
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    if not paths:
+        return None
+    latents, specs, sizes = [], [], set()
+    for path in paths:
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != PAIRS_FORMAT:
+                    raise SystemExit(f"vae.decoder_pairs: {path} is not a decoder-pairs file "
+                                     f"(format {meta.get('format')!r}, expected {PAIRS_FORMAT!r})")
+                if meta.get("version") != PAIRS_VERSION:
+                    raise SystemExit(f"vae.decoder_pairs: {path} is version {meta.get('version')!r}; "
+                                     f"this code reads version {PAIRS_VERSION}")
+                z = f.get_tensor("latents")
+                file_specs = [world.ClipSpec.from_dict(d) for d in json.loads(meta["specs"])]
+                sizes.add(int(meta["size"]))
+        except (OSError, ValueError, KeyError, SafetensorError) as err:  # missing, truncated, not safetensors
+            raise SystemExit(f"vae.decoder_pairs: cannot read {path}: {err}") from None
+        if z.ndim != 5 or z.shape[0] != len(file_specs):
+            raise SystemExit(f"vae.decoder_pairs: {path} holds latents {tuple(z.shape)} for {len(file_specs)} "
+                             "clips; expected [clips, frames, channels, h, w]")
+        if latents and z.shape[1:] != latents[0].shape[1:]:
+            raise SystemExit(f"vae.decoder_pairs: {path} holds latents of shape {tuple(z.shape[1:])} per clip, "
+                             f"{paths[0]} {tuple(latents[0].shape[1:])}")
+        latents.append(z)
+        specs += file_specs
+    if len(sizes) > 1:
+        raise SystemExit(f"vae.decoder_pairs: the files hold clips of different sizes {sorted(sizes)}")
+    return DecoderPairs(torch.cat(latents), specs, size=sizes.pop())
 
 
 # ----------------------------------------------------------------------------- stage 2: keyframe UNet

@@ -284,3 +284,49 @@ def test_shards_merge_into_exactly_the_unsharded_run(tiny_model, tmp_path, capsy
     assert "the shards were run with different settings: ['cfg']" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         ev.main(common + ["--shard", "2/2"])
+
+
+def test_main_workflow_settings_are_the_workflows():
+    """ev.MAIN_WORKFLOW (the evaluator's defaults, the decoder scripts' settings) is what
+    workflows/text_to_video.json's Keyframe Sampler runs with."""
+    from pathlib import Path
+
+    workflow = json.loads((Path(__file__).resolve().parents[1] / "workflows" / "text_to_video.json").read_text())
+    values = next(n for n in workflow["nodes"] if n["type"] == "MagicVideoKeyframeSampler")["widgets_values"]
+    names = ["seed", "control_after_generate", "steps", "cfg", "sampler", "scheduler", "fps", "denoise", "frames",
+             "noise_sharing", "cfg_start", "cfg_end", "motion_guidance", "motion_guidance_until"]  # widget order
+    widgets = dict(zip(names, values, strict=True))
+    assert {k: widgets[k] for k in ev.MAIN_WORKFLOW} == ev.MAIN_WORKFLOW
+    assert widgets["cfg_start"] == 0.0 and widgets["denoise"] == 1
+
+
+def test_decoder_eval_judges_decoders_on_the_same_samples(tmp_path, capsys):
+    """scripts/decoder_eval.py on the bundled default: with the model's own decoder it scores
+    exactly what the evaluator scores; the samples are kept, and another decoder is judged on them."""
+    import importlib.util
+    from pathlib import Path
+
+    from magicvideo.models.checkpoint import load_model, save_model
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("decoder_eval", root / "scripts" / "decoder_eval.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    default = str(root / "weights" / "magicvideo_default.safetensors")
+    direct = ev.evaluate_generator(ev.model_generate_fn(default, **ev.MAIN_WORKFLOW), ev.prompt_set(n=2))
+    cache = tmp_path / "latents.pt"
+    assert script.main([default, "--n", "2", "--latents", str(cache), "--out-dir", str(tmp_path / "a")]) == 0
+    own = json.loads((tmp_path / "a" / "own.json").read_text())
+    assert json.loads(json.dumps(direct["prompts"], default=ev._json_default)) == own["prompts"]
+
+    vae = load_model(default).vae
+    with torch.no_grad():
+        vae.decoder.conv_out.weight.mul_(0.5)  # another decoder: dimmer objects
+    save_model(tmp_path / "half" / "vae.safetensors", vae=vae)
+    capsys.readouterr()
+    assert script.main([default, "--n", "2", "--latents", str(cache), "--no-own", "--decoder",
+                        str(tmp_path / "half" / "vae.safetensors"), "--out-dir", str(tmp_path / "a")]) == 0
+    assert "samples from" in capsys.readouterr().err  # not sampled again
+    half = json.loads((tmp_path / "a" / "half.json").read_text())
+    assert [p["caption"] for p in half["prompts"]] == [p["caption"] for p in own["prompts"]]
+    assert [p["flicker"] for p in half["prompts"]] != [p["flicker"] for p in own["prompts"]]

@@ -408,8 +408,8 @@ def test_decoder_on_unet_outputs(config_file, tmp_path):
                 "--out", str(first)])
     run = tmp_path / "dec"
     run.mkdir()
-    args = argparse.Namespace(init=str(first))
-    denoise = train._decoder_denoiser(args, run, torch.device("cpu"))
+    train._adopt_model(train.magicvideo_init(str(first)), run)
+    denoise = train._decoder_denoiser(run, torch.device("cpu"))
     torch.manual_seed(0)
     z = torch.randn(8 * 4, 4, 4, 4)
     out = denoise(z, ["a red circle moving to the left"] * 8, 4, 300).view(8, 4, 4, 4, 4)
@@ -425,6 +425,65 @@ def test_decoder_on_unet_outputs(config_file, tmp_path):
     with pytest.raises(SystemExit, match="needs a UNet with its text encoder"):
         train.main(["--config", str(config_file), "--stage", "decoder", "--run-dir", str(tmp_path / "empty"),
                     "--threads", "1", "--set", "vae.decoder_unet_max_t=300", "--set", "vae.decoder_steps=2"])
+
+
+def test_decoder_trains_on_sampled_pairs(config_file, tmp_path):
+    """vae.decoder_pairs: the sampler's latents of world clips noised part-way (make_decoder_pairs,
+    scripts/decoder_pairs.py), decoded against those clips; the file says what it is."""
+    first = tmp_path / "first.safetensors"
+    train.main(["--config", str(config_file), "--stage", "all", "--run-dir", str(tmp_path / "a"), "--threads", "1",
+                "--out", str(first)])
+    bundle = checkpoint.load_model(first)
+    settings = {"frames": 4, "size": 32, "steps": 4, "cfg": 2.0}
+    pairs = train.make_decoder_pairs(bundle, 3, 5, (0.3, 0.5), **settings)
+    assert pairs["latents"].shape == (3, 4, 4, 4, 4)
+    assert all(0.3 <= s <= 0.5 for s in pairs["strengths"].tolist())
+    assert not any(s.heldout for s in pairs["specs"])  # training clips only
+    again = train.make_decoder_pairs(bundle, 3, 5, (0.3, 0.5), **settings)
+    assert torch.equal(again["latents"], pairs["latents"]) and again["captions"] == pairs["captions"]
+    with torch.no_grad():  # the sampler's latents, not the encoder's
+        clip = world.render(pairs["specs"][0], 4, 32).permute(0, 3, 1, 2) * 2 - 1
+        encoded = bundle.vae.encode_dist(clip)[0] * bundle.vae.config.scaling_factor
+    assert not torch.allclose(encoded, pairs["latents"][0], atol=1e-3)
+    with pytest.raises(ValueError, match="0 < low <= high <= 1"):
+        train.make_decoder_pairs(bundle, 1, 5, (0.0, 0.5), **settings)
+
+    path = tmp_path / "pairs.safetensors"
+    train.save_decoder_pairs(path, pairs)
+    loaded = train.load_decoder_pairs(str(path))
+    assert (len(loaded), loaded.frames, loaded.size) == (3, 4, 32)
+    z, clips = loaded.batch(np.random.default_rng(0), 2)
+    assert z.shape == (2, 4, 4, 4, 4) and clips.shape == (2, 4, 3, 32, 32)
+    i = next(k for k in range(3) if torch.equal(pairs["latents"][k], z[0]))
+    assert torch.allclose(clips[0], world.render(pairs["specs"][i], 4, 32).permute(0, 3, 1, 2) * 2 - 1)
+
+    run = tmp_path / "dec"
+    train.main(["--config", str(config_file), "--stage", "decoder", "--run-dir", str(run), "--threads", "1",
+                "--init", str(first), "--set", f"vae.decoder_pairs={json.dumps([str(path)])}",
+                "--set", "vae.decoder_steps=2", "--set", "vae.batch_size=2"])
+    logged = [json.loads(line) for line in (run / "decoder.log").read_text().splitlines()]
+    assert all(r["rec_pairs"] > 0 for r in logged)
+    before, after = bundle.vae.state_dict(), checkpoint.load_model(run / "vae.safetensors").vae.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("encoder.", "quant_conv.")))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    train.main(["--config", str(config_file), "--stage", "export", "--run-dir", str(run)])
+    exported = checkpoint.load_model(run / "model.safetensors")  # the init's UNet with the new decoder
+    assert all(torch.equal(v, bundle.unet.state_dict()[k]) for k, v in exported.unet.state_dict().items())
+    assert all(torch.equal(v, after[k]) for k, v in exported.vae.state_dict().items())
+
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(SystemExit, match="cannot read"):
+        train.load_decoder_pairs([truncated])
+    with pytest.raises(SystemExit, match="not a decoder-pairs file"):
+        train.load_decoder_pairs([first])
+    with pytest.raises(SystemExit, match="4-frame clips; data.frames is 8"):
+        train.main(["--config", str(config_file), "--stage", "decoder", "--run-dir", str(run), "--threads", "1",
+                    "--set", f"vae.decoder_pairs={json.dumps([str(path)])}", "--set", "data.frames=8",
+                    "--set", "vae.decoder_steps=1"])
+    with pytest.raises(SystemExit, match="goes on from"):
+        train.main(["--config", str(config_file), "--stage", "decoder", "--run-dir", str(tmp_path / "none"),
+                    "--threads", "1", "--set", "vae.decoder_steps=1"])
 
 
 def _script(name):
