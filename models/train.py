@@ -308,9 +308,10 @@ def train_vae(cfg: dict, args, run_dir: Path, device: torch.device, decoder_only
     if pairs and pairs.size != cfg["data"]["size"]:
         raise SystemExit(f"vae.decoder_pairs hold {pairs.size}x{pairs.size} clips; data.size is {cfg['data']['size']}")
     n_pairs = round(tc["batch_size"] * float(tc.get("decoder_pairs_share", 0.5))) if pairs else 0
-    if pairs and not 0 < n_pairs <= tc["batch_size"]:
+    if pairs and not 0 < n_pairs < tc["batch_size"]:  # round trips keep the decoder right on encoder latents
         raise SystemExit(f"vae.decoder_pairs_share: expected a share of the batch of {tc['batch_size']} clips "
-                         f"that is at least one clip, found {tc.get('decoder_pairs_share')}")
+                         f"that is at least one clip and leaves at least one round trip, "
+                         f"found {tc.get('decoder_pairs_share')}")
     pair_rng = np.random.default_rng(cfg["seed"] + 20 + start)
     source = make_source({"data": {**cfg["data"], "frames": clip_frames}}, args, cfg["seed"] + start)
     log = Logger(run_dir / f"{name}.log", steps, start)

@@ -481,6 +481,10 @@ def test_decoder_trains_on_sampled_pairs(config_file, tmp_path):
         train.main(["--config", str(config_file), "--stage", "decoder", "--run-dir", str(run), "--threads", "1",
                     "--set", f"vae.decoder_pairs={json.dumps([str(path)])}", "--set", "data.frames=8",
                     "--set", "vae.decoder_steps=1"])
+    with pytest.raises(SystemExit, match="leaves at least one round trip"):
+        train.main(["--config", str(config_file), "--stage", "decoder", "--run-dir", str(run), "--threads", "1",
+                    "--set", f"vae.decoder_pairs={json.dumps([str(path)])}", "--set", "vae.decoder_pairs_share=1",
+                    "--set", "vae.batch_size=2", "--set", "vae.decoder_steps=1"])
     with pytest.raises(SystemExit, match="goes on from"):
         train.main(["--config", str(config_file), "--stage", "decoder", "--run-dir", str(tmp_path / "none"),
                     "--threads", "1", "--set", "vae.decoder_steps=1"])
