@@ -26,7 +26,7 @@ from magicvideo.models.checkpoint import load_model
 from magicvideo.models.pipeline import decode_frames
 
 
-def sample_latents(model: str, prompts, cache: Path | None, threads_note: str = "") -> dict[int, torch.Tensor]:
+def sample_latents(model: str, prompts, cache: Path | None) -> dict[int, torch.Tensor]:
     """{prompt seed: sampled latents}, from ``cache`` when it holds this model's samples of these prompts."""
     key = {"model": str(model), "prompts": [[p.caption, p.seed] for p in prompts], "settings": ev.MAIN_WORKFLOW}
     if cache is not None and cache.exists():
