@@ -21,16 +21,17 @@ from pathlib import Path
 
 import torch
 
-from magicvideo.models import evaluate as ev
+from magicvideo.models import evaluate as ev, world
 from magicvideo.models.checkpoint import load_model
 from magicvideo.models.pipeline import decode_frames
 
 
 def sample_latents(model: str, prompts, cache: Path | None) -> dict[int, torch.Tensor]:
     """{prompt seed: sampled latents}, from ``cache`` when it holds this model's samples of these prompts."""
-    key = {"model": str(model), "prompts": [[p.caption, p.seed] for p in prompts], "settings": ev.MAIN_WORKFLOW}
+    stat = Path(model).stat()  # the same path with other weights is other samples
+    key = {"model": [str(model), stat.st_size, stat.st_mtime_ns], "prompts": [[p.caption, p.seed] for p in prompts], "settings": ev.MAIN_WORKFLOW}
     if cache is not None and cache.exists():
-        saved = torch.load(cache)
+        saved = torch.load(cache, weights_only=True)
         if saved["key"] == key:
             print(f"[decoder eval] samples from {cache}", file=sys.stderr)
             return saved["latents"]
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
     for label, vae in decoders.items():
         vae.eval()
         with torch.no_grad():
-            res = ev.evaluate_generator(lambda caption, seed: decode_frames(vae, latents[seed], ev.world.REFERENCE_FRAMES),
+            res = ev.evaluate_generator(lambda caption, seed: decode_frames(vae, latents[seed], world.REFERENCE_FRAMES),
                                         prompts)
         res["config"] = {"model": str(args.model), "decoder": label, "seed": args.seed, "n": args.n, **ev.MAIN_WORKFLOW}
         out = args.out_dir / f"{label}.json"
