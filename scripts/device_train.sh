@@ -16,6 +16,15 @@
 # eval_seed1.json are its scores (else evaluate it here: python -m magicvideo.evaluate --model
 # runs/gpu.safetensors [--seed 1] --out <json>).
 #
+# Measured on the first lent H200 (session 24): the machine started in about 40 s, the wheels,
+# model load and a 4,096-clip pool took about 20 s, and batch-128 steps ran at 4.2-4.9 steps/s
+# (a 5.7 M-parameter UNet leaves the GPU mostly idle; where the step time goes was not profiled).
+# The call that trained the session-24 default, scored here afterwards:
+#
+#     SHARDS=0 BATCH=128 POOL=4096 bash scripts/device_train.sh 7.5 --set unet.pool_refresh=8
+#
+# (timeout_s 590; 471 s of wall time; 1,889 steps).
+#
 # Dry run on CPU (checks everything but CUDA; a few seconds of training):
 #     OUT=runs/dry-out PYTHON=.venv/bin/python DEVICE=cpu SKIP_WHEELS=1 POOL=64 \
 #         bash scripts/device_train.sh 0.2 --threads 2
@@ -56,19 +65,21 @@ split -b 15000000 "$RUN/model.safetensors" "$OUT/model.part-"  # files come back
 
 # With time left: both 200-prompt sets, each in SHARDS processes sharing the GPU, stopped (not
 # waited for) after EVAL_SECONDS; whatever did not finish is evaluated here on CPU afterwards.
-SHARDS=${SHARDS:-4}
+SHARDS=${SHARDS:-4}       # 0: no evaluation there (the 2-core machine here scores both sets in ~7 minutes)
 EVAL_N=${EVAL_N:-200}
-rm -rf "$RUN/eval" && mkdir -p "$RUN/eval"
-for seed in 0 1; do
-    for ((i = 0; i < SHARDS; i++)); do
-        OMP_NUM_THREADS=2 timeout "$EVAL_SECONDS" "$PYTHON" -m magicvideo.evaluate --model "$RUN/model.safetensors" \
-            --device "$DEVICE" --n "$EVAL_N" --seed $seed --shard $i/$SHARDS --out "$RUN/eval/s${seed}_$i.json" > /dev/null 2>&1 &
+if [ "$SHARDS" -gt 0 ]; then
+    rm -rf "$RUN/eval" && mkdir -p "$RUN/eval"
+    for seed in 0 1; do
+        for ((i = 0; i < SHARDS; i++)); do
+            OMP_NUM_THREADS=2 timeout "$EVAL_SECONDS" "$PYTHON" -m magicvideo.evaluate --model "$RUN/model.safetensors" \
+                --device "$DEVICE" --n "$EVAL_N" --seed $seed --shard $i/$SHARDS --out "$RUN/eval/s${seed}_$i.json" > /dev/null 2>&1 &
+        done
     done
-done
-wait
-for seed in 0 1; do
-    name=eval.json; if [ $seed = 1 ]; then name=eval_seed1.json; fi
-    "$PYTHON" -m magicvideo.evaluate --merge "$RUN"/eval/s${seed}_*.json --out "$OUT/$name" > /dev/null 2>&1 \
-        || echo "seed $seed: not every shard finished in ${EVAL_SECONDS}s" >> "$OUT/machine.txt"
-done
+    wait
+    for seed in 0 1; do
+        name=eval.json; if [ $seed = 1 ]; then name=eval_seed1.json; fi
+        "$PYTHON" -m magicvideo.evaluate --merge "$RUN"/eval/s${seed}_*.json --out "$OUT/$name" > /dev/null 2>&1 \
+            || echo "seed $seed: not every shard finished in ${EVAL_SECONDS}s" >> "$OUT/machine.txt"
+    done
+fi
 ls -la "$OUT"

@@ -655,16 +655,32 @@ def test_time_budget_fits_the_schedule_to_the_minutes_measured_after_warm_up(mon
     clock = {"now": 100.0}
     monkeypatch.setattr(train.time, "time", lambda: clock["now"])
     budget = train.TimeBudget(1.0, start=0)  # 60 s from now
-    fitted = []
+    fitted, total = [], 5000
     for step in range(100):
         clock["now"] += 5.0 if step < 10 else 0.1  # slow warm-up steps, then 10 steps/s
-        fitted.append(budget.fit(step, 5000))
+        fitted.append(budget.fit(step, total))
+        total = fitted[-1] or total  # as the training loop does
     done = [(step, f) for step, f in enumerate(fitted) if f is not None]
-    assert len(done) == 1  # fitted once, at the end of the measuring window
+    assert len(done) == 1  # fitted once, at the end of the measuring window; a steady rate is not re-cut
     step, steps = done[0]
     assert step == 30 and budget.rate == pytest.approx(10.0, rel=0.06)
     left = 60.0 - (50.0 + 20 * 0.1 + 0.1)  # the warm-up and measuring steps already spent
     assert steps == pytest.approx(30 + 10 * left, abs=3)
+    # the rate is measured again every RECHECK steps: a run that slows down is cut further
+    clock["now"] = 0.0
+    slowing = train.TimeBudget(1.0, start=0)
+    cuts = []
+    for step in range(400):
+        clock["now"] += 0.1 if step <= 30 else 0.2  # 10 steps/s while measured, then 5
+        total = cuts[-1][1] if cuts else 5000
+        if step >= total:
+            break
+        f = slowing.fit(step, total)
+        if f is not None:
+            cuts.append((step, f))
+    assert cuts[0] == (30, pytest.approx(30 + 10 * (60 - 3.1), abs=3))  # first fit: ~599 steps
+    assert len(cuts) > 1 and cuts[-1][1] < 0.7 * cuts[0][1]
+    assert cuts[-1][1] * 0.2 == pytest.approx(60.0 + 30 * 0.1, rel=0.1)  # ends near 60 s
     # a budget longer than the configured steps need leaves the schedule alone
     clock["now"] = 0.0
     roomy = train.TimeBudget(60.0, start=0)
