@@ -592,7 +592,8 @@ def average_models(paths, out) -> Path:
     either. Every file must be a MagicVideo file of the same kind, with the same configs and
     the same keys, shapes and dtypes; a CheckpointError names the first difference. Floats
     are averaged in float64 and written in their own dtype; any other tensor must be equal in
-    every file. The result's ``training_recipe`` lists the recipes it came from.
+    every file. The result's ``training_recipe`` lists the recipes it came from, and its
+    ``lineage`` (the recipes the legs went on from) is theirs when all the legs share one.
     """
     paths = [Path(p) for p in paths]
     if len(paths) < 2:
@@ -631,4 +632,7 @@ def average_models(paths, out) -> Path:
     recipes = [json.loads(h.metadata["training_recipe"]) if "training_recipe" in h.metadata else None for h in headers]
     meta["training_recipe"] = json.dumps({"average_of": recipes}, sort_keys=True)
     meta["averaged_from"] = json.dumps([f"{p.parent.name}/{p.name}" for p in paths])  # no full paths in files
+    lineages = {h.metadata.get("lineage") for h in headers}
+    if len(lineages) == 1 and None not in lineages:  # legs from one start: the soup keeps their history
+        meta["lineage"] = lineages.pop()
     return _write(out, tensors, meta)

@@ -697,6 +697,9 @@ def train_unet(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
     tc = cfg["unet"]
     torch.manual_seed(cfg["seed"] + 1)
     init = magicvideo_init(args.init)
+    history = lineage(init)
+    if not history and args.resume and (run_dir / "model.safetensors").exists():  # resumed without --init
+        history = json.loads(checkpoint.read_header(run_dir / "model.safetensors").metadata.get("lineage", "[]"))
     if tc.get("grow") and init is None:
         raise SystemExit("unet.grow adds layers to an --init MagicVideo model; for a new model set them in unet.config")
     _adopt_vae(init, run_dir)
@@ -839,9 +842,9 @@ def train_unet(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
             log.log(step, loss=loss.item(), lr=opt.param_groups[0]["lr"], **{k: v.item() for k, v in extra.items()})
         if (step + 1) % tc["save_every"] == 0 or step == end - 1:
             save_state(state_path, step, modules | {f"ema_{k}": e.shadow for k, e in emas.items()}, opt)
-            export(run_dir / "model.safetensors", emas, vae, cfg)
+            export(run_dir / "model.safetensors", emas, vae, cfg, history)
     print(file=sys.stderr)
-    return export(run_dir / "model.safetensors", emas, vae, cfg)
+    return export(run_dir / "model.safetensors", emas, vae, cfg, history)
 
 
 class TimeBudget:
@@ -896,20 +899,37 @@ def export_run(cfg: dict, run_dir: Path) -> Path:
     model = checkpoint.load_model(run_dir / "model.safetensors")
     vae = checkpoint.load_model(run_dir / "vae.safetensors").vae
     path = run_dir / "model.safetensors"
-    checkpoint.save_model(path, unet=model.unet, vae=vae, text_encoder=model.text_encoder,
-                          extra_metadata={"training_recipe": json.dumps(cfg, sort_keys=True)})
+    meta = {"training_recipe": json.dumps(cfg, sort_keys=True)}
+    if "lineage" in model.metadata:
+        meta["lineage"] = model.metadata["lineage"]
+    checkpoint.save_model(path, unet=model.unet, vae=vae, text_encoder=model.text_encoder, extra_metadata=meta)
     return path
 
 
-def export(path: Path, emas: dict, vae: VideoVAE, cfg: dict) -> Path:
-    """The full model file: EMA UNet + text encoder + the trained VAE, with the recipe."""
+def lineage(init: checkpoint.MagicVideoBundle | None) -> list:
+    """The recipes of the files a run went on from, newest first: the ``--init`` file's
+    ``training_recipe`` followed by that file's own ``lineage`` (a weight soup's recipe is its
+    ``average_of`` list). Exported as the ``lineage`` metadata, so that a model trained in legs
+    (on CPU, then on a lent GPU, ...) names every leg, not only its last."""
+    if init is None or "training_recipe" not in init.metadata:
+        return []
+    earlier = json.loads(init.metadata.get("lineage", "[]"))
+    return [json.loads(init.metadata["training_recipe"]), *earlier]
+
+
+def export(path: Path, emas: dict, vae: VideoVAE, cfg: dict, history: list | None = None) -> Path:
+    """The full model file: EMA UNet + text encoder + the trained VAE, with the recipe (and the
+    recipes it went on from, ``lineage``)."""
     text = emas["text"].shadow if "text" in emas else None
+    meta = {"training_recipe": json.dumps(cfg, sort_keys=True)}
+    if history:
+        meta["lineage"] = json.dumps(history, sort_keys=True)
     checkpoint.save_model(
         path,
         unet=copy.deepcopy(emas["unet"].shadow).cpu(),
         vae=copy.deepcopy(vae).cpu(),
         text_encoder=copy.deepcopy(text).cpu() if text is not None else None,
-        extra_metadata={"training_recipe": json.dumps(cfg, sort_keys=True)},
+        extra_metadata=meta,
     )
     return path
 

@@ -138,6 +138,18 @@ def test_init_from_a_magicvideo_file_goes_on_from_its_weights(config_file, tmp_p
     for name in ("unet", "text_encoder", "vae"):
         sa, sb = getattr(a, name).state_dict(), getattr(b, name).state_dict()
         assert all(torch.equal(sa[k], sb[k]) for k in sa), name
+    # each leg records the recipes it went on from, newest first (export and soups keep them)
+    recipe = lambda m: json.loads(m.metadata["training_recipe"])  # noqa: E731
+    assert "lineage" not in a.metadata and json.loads(b.metadata["lineage"]) == [recipe(a)]
+    legs = []
+    for seed in (5, 6):
+        train.main(["--config", str(config_file), "--stage", "unet", "--run-dir", str(tmp_path / f"leg{seed}"),
+                    "--threads", "1", "--init", str(again), "--set", f"seed={seed}", "--set", "unet.steps=1"])
+        legs.append(tmp_path / f"leg{seed}" / "model.safetensors")
+    third = checkpoint.load_model(legs[0])
+    assert recipe(third)["seed"] == 5 and json.loads(third.metadata["lineage"]) == [recipe(b), recipe(a)]
+    soup = checkpoint.load_model(checkpoint.average_models(legs, tmp_path / "soup.safetensors"))
+    assert json.loads(soup.metadata["lineage"]) == [recipe(b), recipe(a)]
 
 
 def test_grow_adds_temporal_conv_to_an_init_model(config_file, tmp_path):
