@@ -132,6 +132,22 @@ for PAIR in "1244 1245" "1246 1247"; do
     done
     for PID in "${PIDS[@]}"; do wait "$PID"; done   # each leg's exit status (set -e stops on a failed one)
 done
-$PY scripts/average_models.py weights/magicvideo_default.safetensors \
+$PY scripts/average_models.py "$RUN-soup.safetensors" \
     "$RUN-leg1244/model.safetensors" "$RUN-leg1245/model.safetensors" \
     "$RUN-leg1246/model.safetensors" "$RUN-leg1247/model.safetensors"
+
+# 12. Two legs on a lent GPU (docs/TRAINING.md, step 13 of the recipe; session 24, one H200):
+#     the soup's UNet at batch 128 from a 4,096-clip pool refreshed 8 clips a step, lr 3e-4 for
+#     1,889 steps (the steps `--minutes 7.5` fitted), then on from that at lr 1.5e-4 for 1,147
+#     steps (`--minutes 3.3`); same losses as the legs above. Session 24 ran them through
+#     scripts/device_train.sh; with the step counts fixed here they need no time budget.
+#     On a CPU, DEVICE=cpu (a batch-64 step took 5.5 s on 2 cores here, so about 9 hours for both).
+DEVICE=${DEVICE:-cuda}
+GPU_LEG=(--config configs/default.json --stage unet --device "$DEVICE" --set unet.batch_size=128
+         --set unet.pool_size=4096 --set unet.pool_refresh=8 --set unet.save_every=1000
+         --set unet.text_aux_weight=0.1 --set unet.binding_weight=1.0 --set unet.binding_words=object
+         --set unet.binding_contrast=true)
+$PY -m magicvideo.train "${GPU_LEG[@]}" --run-dir "$RUN-gpu1" --init "$RUN-soup.safetensors" \
+    --set seed=1300 --set unet.lr=3e-4 --set unet.steps=1889
+$PY -m magicvideo.train "${GPU_LEG[@]}" --run-dir "$RUN-gpu2" --init "$RUN-gpu1/model.safetensors" \
+    --set seed=1301 --set unet.lr=1.5e-4 --set unet.steps=1147 --out weights/magicvideo_default.safetensors
