@@ -19,11 +19,14 @@
 # Measured on the first lent H200 (session 24): the machine started in about 40 s, the wheels,
 # model load and a 4,096-clip pool took about 20 s, and batch-128 steps ran at 4.2-4.9 steps/s
 # (a 5.7 M-parameter UNet leaves the GPU mostly idle; where the step time goes was not profiled).
-# The call that trained the session-24 default, scored here afterwards:
+# The call that trained the session-24 default's first leg, scored here afterwards (the pool
+# and refresh it set explicitly are now BATCH's defaults):
 #
 #     SHARDS=0 BATCH=128 POOL=4096 bash scripts/device_train.sh 7.5 --set unet.pool_refresh=8
 #
-# (timeout_s 590; 471 s of wall time; 1,889 steps).
+# (timeout_s 590; 471 s of wall time; 1,889 steps). Next time, first find the batch that uses
+# the GPU: PROBE_BATCHES="128 256 512" SHARDS=0 bash scripts/device_train.sh 6 (each probe costs
+# a model load, its pool and PROBE_STEPS steps; their rates are written to machine.txt).
 #
 # Dry run on CPU (checks everything but CUDA; a few seconds of training):
 #     OUT=runs/dry-out PYTHON=.venv/bin/python DEVICE=cpu SKIP_WHEELS=1 POOL=64 \
@@ -36,8 +39,10 @@ shift
 PYTHON=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
 RUN=${RUN:-runs/gpu}
-POOL=${POOL:-2048}       # latent pool (clips); 4 fresh clips per step at batch 64: each clip
-BATCH=${BATCH:-64}       # is drawn about 16 times before it leaves the pool
+INIT=${INIT:-weights/magicvideo_default.safetensors}   # the MagicVideo file to train on from
+BATCH=${BATCH:-64}       # clips per step; PROBE_BATCHES="128 256 512" times each first (below)
+POOL=${POOL:-}           # latent pool (clips), default 32 x BATCH; REFRESH fresh clips per step,
+REFRESH=${REFRESH:-}     # default BATCH / 16 (at least 4): each clip is drawn about 16 times
 EVAL_SECONDS=${EVAL_SECONDS:-150}
 WORK=$(mktemp -d)  # the carried wheels' install and the package link, gone with the machine
 mkdir -p "$OUT" && rm -f "$OUT"/model.part-* "$OUT"/eval*.json  # only what this call writes
@@ -52,14 +57,42 @@ export PYTHONPATH="$WORK/pkg:$WORK/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFF
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi";
   "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"; } > "$OUT/machine.txt"
 
-# The settings of the default's legs (recipe step 12), at a GPU's batch; --minutes cuts the
-# cosine schedule to the steps that fit (measured after warm-up) and records it in config.json.
-"$PYTHON" -m magicvideo.train --config configs/default.json --stage unet --run-dir "$RUN" \
-    --init weights/magicvideo_default.safetensors --device "$DEVICE" --minutes "$MINUTES" \
-    --set seed=1300 --set unet.steps=1000000 --set unet.batch_size="$BATCH" --set unet.lr=3e-4 \
-    --set unet.pool_size="$POOL" --set unet.pool_refresh=4 --set unet.save_every=1000 \
-    --set unet.text_aux_weight=0.1 --set unet.binding_weight=1.0 --set unet.binding_words=object \
-    --set unet.binding_contrast=true "$@" 2>&1 | tr '\r' '\n' | grep -v "encoding the latent pool" > "$OUT/train.txt"
+# The settings of the default's legs (recipe step 12), at a GPU's batch (first arguments: the
+# batch, its pool and refresh, then the run's own).
+leg() {
+    local batch=$1 pool=${POOL:-$(($1 * 32))} refresh=${REFRESH:-$(($1 / 16 > 4 ? $1 / 16 : 4))}
+    shift
+    "$PYTHON" -m magicvideo.train --config configs/default.json --stage unet --init "$INIT" --device "$DEVICE" \
+        --set seed=1300 --set unet.steps=1000000 --set unet.batch_size="$batch" --set unet.lr=3e-4 \
+        --set unet.pool_size="$pool" --set unet.pool_refresh="$refresh" --set unet.save_every=1000 \
+        --set unet.text_aux_weight=0.1 --set unet.binding_weight=1.0 --set unet.binding_words=object \
+        --set unet.binding_contrast=true "$@"
+}
+
+# PROBE_BATCHES: time PROBE_STEPS steps at each batch size (before MINUTES start), keep the one
+# that trains the most clips a second. A small UNet on a big GPU may be bound by kernel launches,
+# where a larger batch costs little more per step (session 24: batch 128 ran at 4.4 steps/s).
+if [ -n "${PROBE_BATCHES:-}" ]; then
+    best=0
+    for b in $PROBE_BATCHES; do
+        rm -rf "$RUN-probe$b"
+        leg "$b" --run-dir "$RUN-probe$b" --stop-at "${PROBE_STEPS:-60}" "$@" > "$RUN-probe$b.txt" 2>&1 \
+            || { echo "probe batch $b: failed ($(tail -c 300 "$RUN-probe$b.txt" | tr '\n' ' '))" >> "$OUT/machine.txt"; continue; }
+        rate=$("$PYTHON" -c 'import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1])]
+a, b = rows[1], rows[-1]  # from step 10: past the warm-up
+print(round((b["step"] - a["step"]) / max(b["time"] - a["time"], 1e-6), 3))' "$RUN-probe$b/unet.log")
+        echo "probe batch $b: $rate steps/s, $("$PYTHON" -c "print(round($b * $rate))") clips/s" >> "$OUT/machine.txt"
+        if "$PYTHON" -c "import sys; sys.exit(not $b * $rate > $best)"; then
+            best=$("$PYTHON" -c "print($b * $rate)") BATCH=$b
+        fi
+    done
+    echo "batch $BATCH" >> "$OUT/machine.txt"
+fi
+
+# --minutes cuts the cosine schedule to the steps that fit (measured after warm-up, and again
+# every 50 steps) and records it in config.json.
+leg "$BATCH" --run-dir "$RUN" --minutes "$MINUTES" "$@" 2>&1 | tr '\r' '\n' | grep -v "encoding the latent pool" > "$OUT/train.txt"
 cp "$RUN/config.json" "$RUN/unet.log" "$OUT/"
 split -b 15000000 "$RUN/model.safetensors" "$OUT/model.part-"  # files come back at 16 MiB at most
 

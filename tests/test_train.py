@@ -744,11 +744,19 @@ def test_device_train_script_dry_run_on_cpu_hands_back_the_model_in_parts(tmp_pa
         scored = json.loads((out / name).read_text())
         assert len(scored["prompts"]) == 2 and scored["config"]["seed"] == seed and scored["config"]["shard"] is None
         assert scored["config"]["model"] == str(run / "model.safetensors")
+    # again with a batch probe first, and the evaluations cut short: the model still comes back
     done = subprocess.run(["bash", str(root / "scripts/device_train.sh"), "0.01", "--threads", "1"],
-                          env={**env, "EVAL_SECONDS": "1", "RUN": str(tmp_path / "run2")}, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]  # evaluations cut short: the model still comes back
-    assert "seed 0: not every shard finished in 1s" in (out / "machine.txt").read_text()
+                          env={**env, "EVAL_SECONDS": "1", "RUN": str(tmp_path / "run2"), "PROBE_BATCHES": "2 3",
+                               "PROBE_STEPS": "22"}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    machine = (out / "machine.txt").read_text()
+    assert "seed 0: not every shard finished in 1s" in machine
     assert not (out / "eval.json").exists() and len(list(out.glob("model.part-*"))) == 2
+    rates = {int(b): float(r) for b, r in re.findall(r"probe batch (\d+): ([\d.]+) steps/s", machine)}
+    assert rates.keys() == {2, 3} and all(r > 0 for r in rates.values())
+    chosen = max(rates, key=lambda b: b * rates[b])
+    assert f"batch {chosen}\n" in machine
+    assert json.loads((tmp_path / "run2" / "config.json").read_text())["unet"]["batch_size"] == chosen
     with pytest.raises(subprocess.CalledProcessError):  # no OUT: says what it needs
         subprocess.run(["bash", str(root / "scripts/device_train.sh"), "1"], check=True, capture_output=True,
                        env={k: v for k, v in env.items() if k != "OUT"})
