@@ -784,7 +784,9 @@ def train_unet(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
     log = Logger(run_dir / "unet.log", tc["steps"], start)
     end = min(tc["steps"], args.stop_at) if getattr(args, "stop_at", None) else tc["steps"]
     budget = TimeBudget(getattr(args, "minutes", None), start)
+    profile = StepProfile(getattr(args, "profile", None), start, run_dir / "profile.txt", device)
     for step in range(start, end):
+        profile.at(step)
         fitted = budget.fit(step, tc["steps"])
         if fitted is not None:  # the schedule now ends when the time is up
             print(f"\n[train unet] {args.minutes} minutes fit {fitted} steps at {budget.rate:.2f} steps/s; "
@@ -843,8 +845,59 @@ def train_unet(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
         if (step + 1) % tc["save_every"] == 0 or step == end - 1:
             save_state(state_path, step, modules | {f"ema_{k}": e.shadow for k, e in emas.items()}, opt)
             export(run_dir / "model.safetensors", emas, vae, cfg, history)
+    profile.at(end, final=True)
     print(file=sys.stderr)
     return export(run_dir / "model.safetensors", emas, vae, cfg, history)
+
+
+class StepProfile:
+    """``--profile N``: ``torch.profiler`` over N training steps, from step ``start + 35`` (after
+    ``--minutes``' measuring window, so the fitted schedule is not skewed by it), and the ops'
+    table, sorted by their own time on the device (CPU time on a CPU), written to the run's
+    ``profile.txt`` with the wall time per profiled step (the profiler adds some). It says where
+    a step's time goes: on the first lent GPU a batch-128 step took ~220 ms, far more than its
+    arithmetic needs."""
+
+    FIRST = 35
+
+    def __init__(self, steps: int | None, start: int, path: Path, device: torch.device):
+        if steps is not None and steps < 1:
+            raise SystemExit(f"--profile must be at least 1 step, got {steps}")
+        self.steps, self.begin, self.path, self.device = steps, start + self.FIRST, path, device
+        self.prof, self.t0 = None, 0.0
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def at(self, step: int, final: bool = False):
+        """Call at the top of every step, and after the loop with its end (final=True): a run that
+        ends inside the profiled steps writes what it has."""
+        if not self.steps:
+            return
+        try:  # a profiler that fails (no CUPTI, say) must not cost the training run
+            if step == self.begin and not final:
+                from torch.profiler import ProfilerActivity, profile
+                cuda = self.device.type == "cuda"
+                self._sync()
+                self.prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
+                self.prof.__enter__()
+                self.t0 = time.time()
+            elif self.prof is not None and (final or step == self.begin + self.steps):
+                self._sync()
+                wall = time.time() - self.t0
+                prof, self.prof = self.prof, None
+                prof.__exit__(None, None, None)
+                done = min(step, self.begin + self.steps) - self.begin
+                sort = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+                table = prof.key_averages().table(sort_by=sort, row_limit=40)
+                self.path.write_text(f"{done} steps profiled from step {self.begin} on {self.device}: "
+                                     f"{wall:.3f} s wall, {wall / max(done, 1):.4f} s per step\n{table}\n")
+        except Exception as e:  # noqa: BLE001 - reported in the file and on stderr, training goes on
+            self.prof, self.steps = None, None
+            self.path.write_text(f"profiling failed: {type(e).__name__}: {e}\n")
+            print(f"\n[train unet] --profile: profiling failed ({type(e).__name__}: {e}); training goes on",
+                  file=sys.stderr)
 
 
 class TimeBudget:
@@ -957,6 +1010,9 @@ def main(argv=None):
     p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
                    help="unet stage: stop (and save) before this step; the learning-rate schedule keeps its "
                         "full length, so a run can be split into legs that change other settings")
+    p.add_argument("--profile", type=int, default=None, metavar="N",
+                   help="unet stage: profile N steps (from 35 steps in) with torch.profiler; the table of ops "
+                        "by their own time goes to the run folder's profile.txt")
     p.add_argument("--minutes", type=float, default=None,
                    help="unet stage: fit the run to this many minutes of training (the rate is measured "
                         "on its first steps and the schedule cut to the steps that fit; a lent GPU's time)")
@@ -965,6 +1021,8 @@ def main(argv=None):
 
     if args.minutes is not None:
         TimeBudget(args.minutes, 0)  # a bad value fails before anything loads
+    if args.profile is not None:
+        StepProfile(args.profile, 0, Path("profile.txt"), torch.device("cpu"))  # likewise
     cfg = json.loads(Path(args.config).read_text())
     if args.steps:
         for stage in ("vae", "unet"):

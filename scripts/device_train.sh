@@ -26,7 +26,8 @@
 #
 # (timeout_s 590; 471 s of wall time; 1,889 steps). Next time, first find the batch that uses
 # the GPU: PROBE_BATCHES="128 256 512" SHARDS=0 bash scripts/device_train.sh 6 (each probe costs
-# a model load, its pool and PROBE_STEPS steps; their rates are written to machine.txt).
+# a model load, its pool and PROBE_STEPS steps; their rates are written to machine.txt); the
+# main run's train.txt ends with a profile of 20 of its steps (PROFILE_STEPS).
 #
 # Dry run on CPU (checks everything but CUDA; a few seconds of training):
 #     OUT=runs/dry-out PYTHON=.venv/bin/python DEVICE=cpu SKIP_WHEELS=1 POOL=64 \
@@ -91,8 +92,13 @@ print(round((b["step"] - a["step"]) / max(b["time"] - a["time"], 1e-6), 3))' "$R
 fi
 
 # --minutes cuts the cosine schedule to the steps that fit (measured after warm-up, and again
-# every 50 steps) and records it in config.json.
-leg "$BATCH" --run-dir "$RUN" --minutes "$MINUTES" "$@" 2>&1 | tr '\r' '\n' | grep -v "encoding the latent pool" > "$OUT/train.txt"
+# every 50 steps) and records it in config.json. --profile: PROFILE_STEPS (20; 0 = none) steps
+# from step 35 under torch.profiler, its table of ops by GPU time appended to train.txt.
+PROFILE_STEPS=${PROFILE_STEPS:-20}
+profile=(); if [ "$PROFILE_STEPS" -gt 0 ]; then profile=(--profile "$PROFILE_STEPS"); fi
+leg "$BATCH" --run-dir "$RUN" --minutes "$MINUTES" "${profile[@]}" "$@" 2>&1 | tr '\r' '\n' \
+    | grep -v "encoding the latent pool" > "$OUT/train.txt"
+if [ -f "$RUN/profile.txt" ]; then { echo; cat "$RUN/profile.txt"; } >> "$OUT/train.txt"; fi
 cp "$RUN/config.json" "$RUN/unet.log" "$OUT/"
 split -b 15000000 "$RUN/model.safetensors" "$OUT/model.part-"  # files come back at 16 MiB at most
 

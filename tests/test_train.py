@@ -717,6 +717,19 @@ def test_minutes_and_bf16_autocast_run_the_unet_stage_and_record_the_fitted_sche
         train.main(base + ["--stage", "unet", "--set", "unet.autocast=fp8"])
 
 
+def test_profile_writes_where_the_steps_time_goes(config_file, tmp_path):
+    run = tmp_path / "run"
+    base = ["--config", str(config_file), "--run-dir", str(run), "--threads", "1"]
+    train.main(base + ["--stage", "vae"])
+    train.main(base + ["--stage", "unet", "--set", "unet.steps=38", "--profile", "2"])
+    text = (run / "profile.txt").read_text()
+    first = text.splitlines()[0]
+    assert first.startswith("2 steps profiled from step 35 on cpu:") and float(first.split(", ")[1].split()[0]) > 0
+    assert "Self CPU" in text and "aten::convolution" in text  # the UNet's own ops, by their own time
+    with pytest.raises(SystemExit, match="--profile must be at least 1 step, got 0"):
+        train.main(base + ["--stage", "unet", "--profile", "0"])
+
+
 def test_device_train_script_dry_run_on_cpu_hands_back_the_model_in_parts(tmp_path):
     """scripts/device_train.sh is what a lent GPU's one call runs; on CPU (DEVICE=cpu) the same
     script trains the shipped default on for a few steps and returns the parts and logs."""
