@@ -852,7 +852,8 @@ def train_unet(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
 
 class StepProfile:
     """``--profile N``: ``torch.profiler`` over N training steps, from step ``start + 35`` (after
-    ``--minutes``' measuring window, so the fitted schedule is not skewed by it), and the ops'
+    ``--minutes``' measuring window, so the first fit is not skewed by it; its later re-checks
+    see the profiler's overhead spread over all steps so far), and the ops'
     table, sorted by their own time on the device (CPU time on a CPU), written to the run's
     ``profile.txt`` with the wall time per profiled step (the profiler adds some). It says where
     a step's time goes: on the first lent GPU a batch-128 step took ~220 ms, far more than its

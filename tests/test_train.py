@@ -150,6 +150,11 @@ def test_init_from_a_magicvideo_file_goes_on_from_its_weights(config_file, tmp_p
     assert recipe(third)["seed"] == 5 and json.loads(third.metadata["lineage"]) == [recipe(b), recipe(a)]
     soup = checkpoint.load_model(checkpoint.average_models(legs, tmp_path / "soup.safetensors"))
     assert json.loads(soup.metadata["lineage"]) == [recipe(b), recipe(a)]
+    # a leg resumed without --init keeps the lineage its folder's file has
+    train.main(["--config", str(config_file), "--stage", "unet", "--run-dir", str(tmp_path / "leg5"),
+                "--threads", "1", "--resume", "--set", "seed=5", "--set", "unet.steps=2"])
+    resumed = checkpoint.load_model(legs[0])
+    assert recipe(resumed)["unet"]["steps"] == 2 and json.loads(resumed.metadata["lineage"]) == [recipe(b), recipe(a)]
 
 
 def test_grow_adds_temporal_conv_to_an_init_model(config_file, tmp_path):
