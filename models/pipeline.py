@@ -146,6 +146,7 @@ def conditioning_to_video(
     first_frames: torch.Tensor | None = None,
     cfg_start: float = 0.0,
     cfg_end: float = 1.0,
+    cfg_rescale: float = 0.0,
     motion_targets: list | None = None,
     motion_guidance: float = 0.0,
     motion_guidance_until: float = 0.3,
@@ -163,7 +164,8 @@ def conditioning_to_video(
     ``sampling.sample``).
     ``first_frames`` ``[k, height, width, 3]`` in 0..1 is image-to-video on a model trained
     image-first: they are encoded and kept as the first k frames; the rest follow from them.
-    ``cfg_start`` / ``cfg_end``: guidance only on that part of the schedule (``sampling.sample``).
+    ``cfg_start`` / ``cfg_end``: guidance only on that part of the schedule; ``cfg_rescale``:
+    guided outputs rescaled towards the conditional one's spread (``sampling.sample``).
     ``motion_targets`` (``guidance.targets_from_caption``) with ``motion_guidance`` > 0 steer
     each object's attention blob along its caption's path on the steps up to
     ``motion_guidance_until`` (``guidance.MotionGuidance``).
@@ -174,6 +176,7 @@ def conditioning_to_video(
     _check_request(vae, frames, width, height, cfg, negative)
     try:
         sampling.check_cfg_interval(cfg_start, cfg_end)
+        sampling.check_cfg_rescale(cfg_rescale)
     except ValueError as e:
         raise RequestError(str(e)) from None
     down = vae.config.downscale
@@ -217,7 +220,8 @@ def conditioning_to_video(
         latents = sampling.sample(unet, latents, positive, negative, num_frames=frames, steps=steps, cfg=cfg,
                                   sampler=sampler, scheduler=scheduler, seed=seed, fps=fps, callback=callback,
                                   noise_sharing=noise_sharing, denoise=denoise, image_first=image_first,
-                                  given_frames=given, cfg_start=cfg_start, cfg_end=cfg_end, steer=steer)
+                                  given_frames=given, cfg_start=cfg_start, cfg_end=cfg_end,
+                                  cfg_rescale=cfg_rescale, steer=steer)
         _sync(run_device)
         t1 = time.perf_counter()
         if latents_only:
@@ -258,6 +262,7 @@ def text_to_video(
     first_frames: torch.Tensor | None = None,
     cfg_start: float = 0.0,
     cfg_end: float = 1.0,
+    cfg_rescale: float = 0.0,
     motion_guidance: float = 0.0,
     motion_guidance_until: float = 0.3,
     latents_only: bool = False,
@@ -271,7 +276,7 @@ def text_to_video(
     receives seconds per stage: ``text_encode``, ``sampling``, ``vae_decode`` and ``total`` (their
     sum plus the glue; moving the modules to ``device`` / ``dtype`` is not counted).
     ``init_video`` / ``denoise`` (video-to-video), ``image_first`` and ``first_frames``
-    (image-to-video), ``cfg_start`` / ``cfg_end``, ``motion_guidance`` / ``motion_guidance_until``
+    (image-to-video), ``cfg_start`` / ``cfg_end``, ``cfg_rescale``, ``motion_guidance`` / ``motion_guidance_until``
     (each object steered along the path its caption asks for), ``latents_only`` (the sampled
     latents, not decoded): see :func:`conditioning_to_video`.
     """
@@ -287,7 +292,7 @@ def text_to_video(
         bundle, positive, neg, frames=frames, width=width, height=height, steps=steps, cfg=cfg, sampler=sampler,
         scheduler=scheduler, seed=seed, fps=fps, chunk_size=chunk_size, callback=callback, timings=stages,
         noise_sharing=noise_sharing, init_video=init_video, denoise=denoise, image_first=image_first,
-        first_frames=first_frames, cfg_start=cfg_start, cfg_end=cfg_end,
+        first_frames=first_frames, cfg_start=cfg_start, cfg_end=cfg_end, cfg_rescale=cfg_rescale,
         motion_targets=guidance.targets_from_caption(prompt, set(text.word_to_id), frames) if motion_guidance else None,
         motion_guidance=motion_guidance, motion_guidance_until=motion_guidance_until, latents_only=latents_only,
     )

@@ -258,6 +258,35 @@ def check_cfg_interval(cfg_start: float, cfg_end: float) -> None:
         raise ValueError(f"need 0 <= cfg_start <= cfg_end <= 1, got cfg_start={cfg_start}, cfg_end={cfg_end}")
 
 
+def check_cfg_rescale(cfg_rescale: float) -> None:
+    """ValueError unless 0 <= cfg_rescale <= 1 (see :func:`rescale_guidance`)."""
+    if not 0.0 <= cfg_rescale <= 1.0:
+        raise ValueError(f"cfg_rescale must be between 0 and 1, got {cfg_rescale}")
+
+
+def rescale_guidance(guided: torch.Tensor, cond_out: torch.Tensor, amount: float, *, x_t: torch.Tensor | None = None,
+                     alpha_bar: torch.Tensor | None = None, prediction_type: str = "v_prediction") -> torch.Tensor:
+    """Guidance rescale (Lin et al. 2024, "Common diffusion noise schedules and sample steps
+    are flawed", section 3.4): a large cfg inflates the guided prediction's spread, which
+    over-saturates colours and flattens backgrounds. In v space (as the paper, and ComfyUI's
+    RescaleCFG), each frame's guided output ``[(b f), ...]`` is scaled to the standard deviation
+    of the conditional output, and ``amount`` of that is mixed with the plain guided output
+    (0 = plain cfg; the paper uses 0.7). Epsilon outputs are taken to v and back, which needs
+    the model input ``x_t`` and its ``alpha_bar``."""
+    if amount <= 0:
+        return guided
+    to_v = prediction_type == "epsilon"
+    if to_v:
+        if x_t is None or alpha_bar is None:
+            raise ValueError("rescaling an epsilon prediction needs x_t and alpha_bar")
+        a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+        guided, cond_out = ((e - s * x_t) / a for e in (guided, cond_out))  # v = (eps - s x) / a
+    dims = tuple(range(1, guided.ndim))
+    ratio = cond_out.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True).clamp_min(1e-8)
+    out = amount * guided * ratio + (1 - amount) * guided
+    return a * out + s * x_t if to_v else out  # eps = a v + s x
+
+
 @torch.no_grad()
 def sample(
     unet: torch.nn.Module,
@@ -280,6 +309,7 @@ def sample(
     image_first: bool | None = None,
     cfg_start: float = 0.0,
     cfg_end: float = 1.0,
+    cfg_rescale: float = 0.0,
     steer=None,
 ) -> torch.Tensor:
     """Denoise video latents ``[(b f), c, h, w]`` with a VideoUNet; returns float32 latents.
@@ -306,6 +336,8 @@ def sample(
     step at timestep t is guided when ``cfg_start <= 1 - t / 999 <= cfg_end``; other steps run
     the conditional half alone (cfg 1, half the UNet work). Guidance in a limited interval
     (Kynkaanniemi et al. 2024) keeps its adherence without its cost where it does not help.
+    ``cfg_rescale`` (0..1) rescales each guided step's output towards the conditional one's
+    spread (:func:`rescale_guidance`; 0 = off).
 
     ``steer`` (e.g. ``guidance.MotionGuidance``): on steps where ``steer.applies(progress)``
     (progress as for ``cfg_start``), ``steer(x_in, t, positive_context, num_frames=..., fps=...,
@@ -328,6 +360,7 @@ def sample(
     if not 0.0 <= noise_sharing < 1.0:
         raise ValueError(f"noise_sharing must be at least 0 and below 1, got {noise_sharing}")
     check_cfg_interval(cfg_start, cfg_end)
+    check_cfg_rescale(cfg_rescale)
     videos = latents.shape[0] // num_frames
     if not 0 <= given_frames < num_frames:
         raise ValueError(f"given_frames must be at least 0 and below num_frames={num_frames}, got {given_frames}")
@@ -337,7 +370,7 @@ def sample(
         return _sample_image_first(
             unet, latents, positive, negative, num_frames=num_frames, steps=steps, cfg=cfg, sampler=sampler,
             scheduler=scheduler, seed=seed, fps=fps, cond=cond, callback=callback, noise_sharing=noise_sharing,
-            cfg_start=cfg_start, cfg_end=cfg_end, steer=steer,
+            cfg_start=cfg_start, cfg_end=cfg_end, cfg_rescale=cfg_rescale, steer=steer,
         )
     use_cfg = cfg != 1.0
     if use_cfg and negative is None:
@@ -418,7 +451,9 @@ def sample(
                 num_frames=num_frames, fps=fps, cond=cond_pair,
             ).float()
             uncond, cond_out = out.chunk(2)
-            out = uncond + cfg * (cond_out - uncond)
+            out = rescale_guidance(uncond + cfg * (cond_out - uncond), cond_out, cfg_rescale, x_t=x_in,
+                                   alpha_bar=_alphas_at(alphas_cumprod, t.to(device)),
+                                   prediction_type=config.prediction_type)
         else:  # cfg 1, or outside the guidance interval: the positive half alone
             out = unet(x_in.to(dtype), t_batch, positive_context, num_frames=num_frames, fps=fps, cond=cond).float()
 

@@ -12,6 +12,7 @@ from magicvideo.models.sampling import (
     _alphas_at,
     make_scheduler,
     reference_cond,
+    rescale_guidance,
     sample,
     training_schedule,
     video_noise,
@@ -103,6 +104,42 @@ def test_guidance_interval_guides_only_the_asked_part_of_the_schedule():
     with pytest.raises(ValueError, match="cfg_start <= cfg_end"):
         sample(PointMass(), _latents(), _ctx(0.5), _ctx(0.1), num_frames=3, steps=5, cfg=3.0, cfg_start=0.8,
                cfg_end=0.2)
+
+
+def test_cfg_rescale_matches_each_frames_spread_to_the_conditional_output():
+    g = torch.Generator().manual_seed(0)
+    cond_out = torch.randn(6, 4, 4, 4, generator=g)
+    guided = 3.0 * cond_out + torch.randn(6, 4, 4, 4, generator=g)  # cfg inflates the spread
+    full = rescale_guidance(guided, cond_out, 1.0)
+    assert torch.allclose(full.flatten(1).std(1), cond_out.flatten(1).std(1), rtol=1e-5)  # per frame
+    assert torch.allclose(full / guided, (full / guided)[:, :1, :1, :1].expand_as(full))  # a scale, no new shape
+    assert torch.equal(rescale_guidance(guided, cond_out, 0.0), guided)
+    assert torch.allclose(rescale_guidance(guided, cond_out, 0.7), 0.7 * full + 0.3 * guided, atol=1e-6)
+    # in the sampler: data that is the context's value times a pattern, so cfg 3 overshoots
+    # the pattern's contrast (0.1 + 3 (0.5 - 0.1) = 1.3 times it) and the rescale pulls it
+    # back; in v space for both kinds of model, so both land alike
+    pattern = torch.tensor([[1.0, -1.0], [-1.0, 1.0]]).repeat(2, 2)
+
+    class Patterned(PointMass):
+        def forward(self, x, timesteps, context, num_frames, fps=None, cond=None):
+            target = context[:, 0, 0].view(-1, 1, 1, 1) * pattern
+            a = _alphas_at(self.alphas, timesteps).view(-1, 1, 1, 1)
+            eps = (x - a.sqrt() * target) / (1 - a).sqrt()
+            return a.sqrt() * eps - (1 - a).sqrt() * target if self.config.prediction_type == "v_prediction" else eps
+
+    def contrast(prediction="v_prediction", **kw):
+        out = sample(Patterned(prediction), _latents(), _ctx(0.5), _ctx(0.1), num_frames=3, steps=5, cfg=3.0,
+                     seed=1, **kw)
+        return (out * pattern).mean().item()
+
+    assert contrast() == pytest.approx(1.3, abs=1e-3)
+    assert 0.5 < contrast(cfg_rescale=1.0) < contrast(cfg_rescale=0.5) < 1.29
+    assert contrast("epsilon", cfg_rescale=0.7) == pytest.approx(contrast(cfg_rescale=0.7), abs=1e-4)
+    assert contrast(cfg_rescale=1.0, cfg_end=0.0) == pytest.approx(0.5, abs=1e-3)  # unguided steps left alone
+    with pytest.raises(ValueError, match="needs x_t and alpha_bar"):
+        rescale_guidance(guided, cond_out, 0.7, prediction_type="epsilon")
+    with pytest.raises(ValueError, match="cfg_rescale must be between 0 and 1, got 1.5"):
+        sample(PointMass(), _latents(), _ctx(0.5), _ctx(0.1), num_frames=3, steps=5, cfg=3.0, cfg_rescale=1.5)
 
 
 def test_per_video_conditioning():
