@@ -468,6 +468,44 @@ def sample(
     return x
 
 
+FIT_TIMESTEPS = (100, 300, 500, 700, 900)
+
+
+@torch.no_grad()
+def caption_fit(unet: torch.nn.Module, latents: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor, *,
+                num_frames: int, fps: float | None = None, timesteps=FIT_TIMESTEPS, seed: int = 0) -> dict:
+    """How well the model finds that clean video latents ``[(b f), c, h, w]`` (scaled) fit a
+    caption: each is noised to every timestep in ``timesteps`` (the same seeded noise, so two
+    videos are compared on equal terms) and the UNet's mean squared error in its own
+    prediction space is taken under ``positive`` and under ``negative`` (e.g. the empty
+    prompt). A lower error under the caption, or a larger drop from the negative to it, says
+    the caption explains the video better (the diffusion-classifier principle, Li et al. 2023).
+    Returns ``{"cond": {t: error}, "uncond": {t: error}}`` (one video's mean over its frames)."""
+    param = next(unet.parameters())
+    device, dtype = param.device, param.dtype
+    videos = latents.shape[0] // num_frames
+    width = unet.config.context_dim
+    pos = _context(positive, "positive", videos=videos, frames=num_frames, width=width)
+    neg = _context(negative, "negative", videos=videos, frames=num_frames, width=width)
+    neg, pos = _same_length(neg, pos)
+    context = torch.cat([pos, neg]).to(device, dtype)
+    x0 = latents.to(device, torch.float32)
+    alphas = training_schedule().to(device)
+    generator = torch.Generator("cpu").manual_seed(int(seed))
+    fps_in = None if fps is None else torch.full((2 * x0.shape[0],), float(fps), device=device)
+    out = {"cond": {}, "uncond": {}}
+    for t in timesteps:
+        noise = video_noise(x0.shape, num_frames, float(getattr(unet.config, "noise_sharing", 0.0)), generator).to(device)
+        a = alphas[int(t)]
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        target = noise if unet.config.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
+        t_in = torch.full((2 * x0.shape[0],), float(t), device=device)
+        pred = unet(torch.cat([x_t, x_t]).to(dtype), t_in, context, num_frames=num_frames, fps=fps_in).float()
+        cond_err, uncond_err = ((p - target).pow(2).mean().item() for p in pred.chunk(2))
+        out["cond"][str(int(t))], out["uncond"][str(int(t))] = cond_err, uncond_err
+    return out
+
+
 def _sample_image_first(unet, latents, positive, negative, *, num_frames: int, steps: int, callback, cond, **kwargs):
     """Text-to-video in two passes: frame 0 of every video alone, then the others given it."""
     steer = kwargs.pop("steer", None)  # a path over the video's frames: the second pass only

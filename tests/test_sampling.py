@@ -8,6 +8,7 @@ import torch
 
 from magicvideo.models.sampling import (
     SAMPLERS,
+    caption_fit,
     VideoModel,
     _alphas_at,
     make_scheduler,
@@ -140,6 +141,19 @@ def test_cfg_rescale_matches_each_frames_spread_to_the_conditional_output():
         rescale_guidance(guided, cond_out, 0.7, prediction_type="epsilon")
     with pytest.raises(ValueError, match="cfg_rescale must be between 0 and 1, got 1.5"):
         sample(PointMass(), _latents(), _ctx(0.5), _ctx(0.1), num_frames=3, steps=5, cfg=3.0, cfg_rescale=1.5)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_caption_fit_is_lowest_under_the_caption_that_made_the_video(prediction):
+    model = PointMass(prediction)
+    video = torch.full((3, 4, 4, 4), 0.5)  # the point the caption 0.5 names
+    fit = caption_fit(model, video, _ctx(0.5), _ctx(0.1), num_frames=3, timesteps=(100, 500, 900))
+    assert set(fit["cond"]) == {"100", "500", "900"}
+    assert all(fit["cond"][t] < 1e-8 < fit["uncond"][t] for t in fit["cond"])  # an exact denoiser of the caption
+    other = caption_fit(model, torch.full((3, 4, 4, 4), 0.3), _ctx(0.5), _ctx(0.1), num_frames=3,
+                        timesteps=(100, 500, 900))
+    assert all(other["cond"][t] > fit["cond"][t] for t in fit["cond"])
+    assert caption_fit(model, video, _ctx(0.5), _ctx(0.1), num_frames=3, timesteps=(100, 500, 900)) == fit  # seeded
 
 
 def test_per_video_conditioning():
