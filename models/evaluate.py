@@ -571,7 +571,8 @@ def model_generate_fn(
         return text_to_video(bundle, caption, frames=frames, width=size, height=size, steps=steps, cfg=cfg,
                              sampler=sampler, scheduler=scheduler, seed=seed, fps=fps, noise_sharing=noise_sharing,
                              image_first=image_first, cfg_start=cfg_start, cfg_end=cfg_end,
-                             cfg_rescale=cfg_rescale, motion_guidance=motion_guidance, motion_guidance_until=motion_guidance_until,
+                             cfg_rescale=cfg_rescale, motion_guidance=motion_guidance,
+                             motion_guidance_until=motion_guidance_until,
                              latents_only=latents_only, **init)
 
     return generate

@@ -495,7 +495,8 @@ def caption_fit(unet: torch.nn.Module, latents: torch.Tensor, positive: torch.Te
     fps_in = None if fps is None else torch.full((2 * x0.shape[0],), float(fps), device=device)
     out = {"cond": {}, "uncond": {}}
     for t in timesteps:
-        noise = video_noise(x0.shape, num_frames, float(getattr(unet.config, "noise_sharing", 0.0)), generator).to(device)
+        sharing = float(getattr(unet.config, "noise_sharing", 0.0))
+        noise = video_noise(x0.shape, num_frames, sharing, generator).to(device)
         a = alphas[int(t)]
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
         target = noise if unet.config.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0

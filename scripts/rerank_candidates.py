@@ -61,15 +61,15 @@ def main(argv=None) -> int:
     bundle = load_model(args.model)
     unet, vae, text = bundle.unet, bundle.vae, bundle.text_encoder
     empty = encode_prompt(text, "")
-    settings = {k: v for k, v in ev.MAIN_WORKFLOW.items()}
+    settings = dict(ev.MAIN_WORKFLOW)
     rows = []
     prompts = ev.prompt_set(args.seed, args.n)
     for i, prompt in enumerate(prompts):
         positive = encode_prompt(text, prompt.caption)
         row = {"caption": prompt.caption, "seed": prompt.seed, "heldout": prompt.heldout, "candidates": []}
         for k in range(args.candidates):
-            latents = text_to_video(bundle, prompt.caption, frames=16, width=64, height=64, seed=prompt.seed + k * SEED_STRIDE,
-                                    fps=8.0, latents_only=True, **settings)
+            latents = text_to_video(bundle, prompt.caption, frames=16, width=64, height=64,
+                                    seed=prompt.seed + k * SEED_STRIDE, fps=8.0, latents_only=True, **settings)
             fit = caption_fit(unet, latents, positive, empty, num_frames=16, fps=8.0)
             scored = ev.score_clip(decode_frames(vae, latents, 16), prompt.spec)
             row["candidates"].append({"all_ok": bool(scored["all_ok"]), "fit": fit, "scored": scored})
