@@ -330,3 +330,35 @@ def test_decoder_eval_judges_decoders_on_the_same_samples(tmp_path, capsys):
     half = json.loads((tmp_path / "a" / "half.json").read_text())
     assert [p["caption"] for p in half["prompts"]] == [p["caption"] for p in own["prompts"]]
     assert [p["flicker"] for p in half["prompts"]] != [p["flicker"] for p in own["prompts"]]
+
+
+def test_rerank_candidates_scores_every_candidate_and_each_pick(tmp_path):
+    """scripts/rerank_candidates.py on the bundled default: candidate 0 is exactly the evaluator's
+    sample, the second one another seed's; every candidate carries the model's fit scores and
+    the summary counts each way of picking."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("rerank_candidates", root / "scripts" / "rerank_candidates.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    default = str(root / "weights" / "magicvideo_default.safetensors")
+    direct = ev.evaluate_generator(ev.model_generate_fn(default, **ev.MAIN_WORKFLOW), ev.prompt_set(n=1))
+    out = tmp_path / "rerank.json"
+    assert script.main([default, "--n", "1", "--candidates", "2", "--out", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    first, second = saved["prompts"][0]["candidates"]
+    expected = json.loads(json.dumps(direct["prompts"][0], default=ev._json_default))
+    assert first["scored"] == {k: v for k, v in expected.items() if k not in ("caption", "seed", "heldout")}
+    assert first["scored"]["flicker"] != second["scored"]["flicker"]  # another seed, another video
+    assert set(first["fit"]["cond"]) == set(first["fit"]["uncond"]) == {"100", "300", "500", "700", "900"}
+    assert saved["summary"]["plain"] == int(direct["prompts"][0]["all_ok"])
+
+    def row(*candidates):  # (all_ok, error under the caption, under the empty prompt) per candidate
+        return {"candidates": [{"all_ok": ok, "fit": {"cond": {"100": c}, "uncond": {"100": u}}}
+                               for ok, c, u in candidates]}
+
+    rows = [row((False, 0.2, 0.3), (True, 0.1, 0.5)), row((True, 0.3, 0.4), (False, 0.2, 0.2))]
+    summary = script.report(rows)
+    assert (summary["plain"], summary["oracle"], summary["by_cond"], summary["by_gap"]) == (1, 2, 1, 2)
