@@ -1,7 +1,9 @@
 """The evaluator: exact on the world's own clips, robust to blur and noise, strict when wrong."""
 
 import dataclasses
+import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -300,19 +302,24 @@ def test_main_workflow_settings_are_the_workflows():
     assert widgets["cfg_start"] == 0.0 and widgets["denoise"] == 1
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(name: str):
+    """One of scripts/*.py, imported as a module."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_decoder_eval_judges_decoders_on_the_same_samples(tmp_path, capsys):
     """scripts/decoder_eval.py on the bundled default: with the model's own decoder it scores
     exactly what the evaluator scores; the samples are kept, and another decoder is judged on them."""
-    import importlib.util
-    from pathlib import Path
-
     from magicvideo.models.checkpoint import load_model, save_model
 
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("decoder_eval", root / "scripts" / "decoder_eval.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    default = str(root / "weights" / "magicvideo_default.safetensors")
+    script = _script("decoder_eval")
+    default = str(ROOT / "weights" / "magicvideo_default.safetensors")
     direct = ev.evaluate_generator(ev.model_generate_fn(default, **ev.MAIN_WORKFLOW), ev.prompt_set(n=2))
     cache = tmp_path / "latents.pt"
     assert script.main([default, "--n", "2", "--latents", str(cache), "--out-dir", str(tmp_path / "a")]) == 0
@@ -336,14 +343,8 @@ def test_rerank_candidates_scores_every_candidate_and_each_pick(tmp_path):
     """scripts/rerank_candidates.py on the bundled default: candidate 0 is exactly the evaluator's
     sample, the second one another seed's; every candidate carries the model's fit scores and
     the summary counts each way of picking."""
-    import importlib.util
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("rerank_candidates", root / "scripts" / "rerank_candidates.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    default = str(root / "weights" / "magicvideo_default.safetensors")
+    script = _script("rerank_candidates")
+    default = str(ROOT / "weights" / "magicvideo_default.safetensors")
     direct = ev.evaluate_generator(ev.model_generate_fn(default, **ev.MAIN_WORKFLOW), ev.prompt_set(n=1))
     out = tmp_path / "rerank.json"
     assert script.main([default, "--n", "1", "--candidates", "2", "--out", str(out)]) == 0
