@@ -480,7 +480,8 @@ def caption_fit(unet: torch.nn.Module, latents: torch.Tensor, positive: torch.Te
     prediction space is taken under ``positive`` and under ``negative`` (e.g. the empty
     prompt). A lower error under the caption, or a larger drop from the negative to it, says
     the caption explains the video better (the diffusion-classifier principle, Li et al. 2023).
-    Returns ``{"cond": {t: error}, "uncond": {t: error}}`` (one video's mean over its frames)."""
+    Returns ``{"cond": {t: error}, "uncond": {t: error}}``, each the mean over all the frames
+    given: pass one video at a time to compare videos."""
     param = next(unet.parameters())
     device, dtype = param.device, param.dtype
     videos = latents.shape[0] // num_frames
@@ -493,9 +494,9 @@ def caption_fit(unet: torch.nn.Module, latents: torch.Tensor, positive: torch.Te
     alphas = training_schedule().to(device)
     generator = torch.Generator("cpu").manual_seed(int(seed))
     fps_in = None if fps is None else torch.full((2 * x0.shape[0],), float(fps), device=device)
+    sharing = float(getattr(unet.config, "noise_sharing", 0.0))  # noise as the model was trained on
     out = {"cond": {}, "uncond": {}}
     for t in timesteps:
-        sharing = float(getattr(unet.config, "noise_sharing", 0.0))
         noise = video_noise(x0.shape, num_frames, sharing, generator).to(device)
         a = alphas[int(t)]
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise

@@ -20,8 +20,6 @@ import argparse
 import json
 import sys
 
-import torch
-
 from magicvideo.models import evaluate as ev
 from magicvideo.models.checkpoint import load_model
 from magicvideo.models.pipeline import decode_frames, encode_prompt, text_to_video
