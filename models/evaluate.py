@@ -524,6 +524,7 @@ def model_generate_fn(
     cfg_start: float = 0.0,
     cfg_end: float = 0.7,
     cfg_rescale: float = 0.0,
+    pag: float = 0.0,
     motion_guidance: float = 0.0,
     motion_guidance_until: float = 0.3,
     latents_only: bool = False,
@@ -571,7 +572,7 @@ def model_generate_fn(
         return text_to_video(bundle, caption, frames=frames, width=size, height=size, steps=steps, cfg=cfg,
                              sampler=sampler, scheduler=scheduler, seed=seed, fps=fps, noise_sharing=noise_sharing,
                              image_first=image_first, cfg_start=cfg_start, cfg_end=cfg_end,
-                             cfg_rescale=cfg_rescale, motion_guidance=motion_guidance,
+                             cfg_rescale=cfg_rescale, pag=pag, motion_guidance=motion_guidance,
                              motion_guidance_until=motion_guidance_until,
                              latents_only=latents_only, **init)
 
@@ -646,6 +647,8 @@ def main(argv: list[str] | None = None) -> int:
                          "1 = every step)")
     ap.add_argument("--cfg-rescale", type=_fraction, default=0.0,
                     help="rescale guided outputs towards the conditional one's spread (0..1, default 0 = off)")
+    ap.add_argument("--pag", type=float, default=0.0, metavar="SCALE",
+                    help="perturbed-attention guidance on the guided part of the schedule (default 0 = off)")
     ap.add_argument("--sampler", default=MAIN_WORKFLOW["sampler"])
     ap.add_argument("--scheduler", default=MAIN_WORKFLOW["scheduler"])
     ap.add_argument("--fps", type=float, default=8.0, help="fps condition (the bundled default trains at 8)")
@@ -703,7 +706,7 @@ def main(argv: list[str] | None = None) -> int:
             sampler=args.sampler, scheduler=args.scheduler, fps=args.fps, device=args.device,
             noise_sharing=args.noise_sharing, from_truth=args.from_truth, prompts=prompts,
             image_first=args.image_first, given_frames=args.given_frames, cfg_start=args.cfg_start,
-            cfg_end=args.cfg_end, cfg_rescale=args.cfg_rescale, motion_guidance=args.motion_guidance,
+            cfg_end=args.cfg_end, cfg_rescale=args.cfg_rescale, pag=args.pag, motion_guidance=args.motion_guidance,
             motion_guidance_until=args.motion_guidance_until,
         )
         source = args.model if args.from_truth is None else f"{args.model} from the truth at {args.from_truth}"

@@ -147,6 +147,7 @@ def conditioning_to_video(
     cfg_start: float = 0.0,
     cfg_end: float = 1.0,
     cfg_rescale: float = 0.0,
+    pag: float = 0.0,
     motion_targets: list | None = None,
     motion_guidance: float = 0.0,
     motion_guidance_until: float = 0.3,
@@ -165,7 +166,8 @@ def conditioning_to_video(
     ``first_frames`` ``[k, height, width, 3]`` in 0..1 is image-to-video on a model trained
     image-first: they are encoded and kept as the first k frames; the rest follow from them.
     ``cfg_start`` / ``cfg_end``: guidance only on that part of the schedule; ``cfg_rescale``:
-    guided outputs rescaled towards the conditional one's spread (``sampling.sample``).
+    guided outputs rescaled towards the conditional one's spread; ``pag``: perturbed-attention
+    guidance on the same part (``sampling.sample``).
     ``motion_targets`` (``guidance.targets_from_caption``) with ``motion_guidance`` > 0 steer
     each object's attention blob along its caption's path on the steps up to
     ``motion_guidance_until`` (``guidance.MotionGuidance``).
@@ -177,6 +179,7 @@ def conditioning_to_video(
     try:
         sampling.check_cfg_interval(cfg_start, cfg_end)
         sampling.check_cfg_rescale(cfg_rescale)
+        sampling.check_pag(pag)
     except ValueError as e:
         raise RequestError(str(e)) from None
     down = vae.config.downscale
@@ -221,7 +224,7 @@ def conditioning_to_video(
                                   sampler=sampler, scheduler=scheduler, seed=seed, fps=fps, callback=callback,
                                   noise_sharing=noise_sharing, denoise=denoise, image_first=image_first,
                                   given_frames=given, cfg_start=cfg_start, cfg_end=cfg_end,
-                                  cfg_rescale=cfg_rescale, steer=steer)
+                                  cfg_rescale=cfg_rescale, pag=pag, steer=steer)
         _sync(run_device)
         t1 = time.perf_counter()
         if latents_only:
@@ -263,6 +266,7 @@ def text_to_video(
     cfg_start: float = 0.0,
     cfg_end: float = 1.0,
     cfg_rescale: float = 0.0,
+    pag: float = 0.0,
     motion_guidance: float = 0.0,
     motion_guidance_until: float = 0.3,
     latents_only: bool = False,
@@ -276,7 +280,7 @@ def text_to_video(
     receives seconds per stage: ``text_encode``, ``sampling``, ``vae_decode`` and ``total`` (their
     sum plus the glue; moving the modules to ``device`` / ``dtype`` is not counted).
     ``init_video`` / ``denoise`` (video-to-video), ``image_first`` and ``first_frames``
-    (image-to-video), ``cfg_start`` / ``cfg_end``, ``cfg_rescale``, ``motion_guidance`` / ``motion_guidance_until``
+    (image-to-video), ``cfg_start`` / ``cfg_end``, ``cfg_rescale``, ``pag``, ``motion_guidance`` / ``motion_guidance_until``
     (each object steered along the path its caption asks for), ``latents_only`` (the sampled
     latents, not decoded): see :func:`conditioning_to_video`.
     """
@@ -292,7 +296,7 @@ def text_to_video(
         bundle, positive, neg, frames=frames, width=width, height=height, steps=steps, cfg=cfg, sampler=sampler,
         scheduler=scheduler, seed=seed, fps=fps, chunk_size=chunk_size, callback=callback, timings=stages,
         noise_sharing=noise_sharing, init_video=init_video, denoise=denoise, image_first=image_first,
-        first_frames=first_frames, cfg_start=cfg_start, cfg_end=cfg_end, cfg_rescale=cfg_rescale,
+        first_frames=first_frames, cfg_start=cfg_start, cfg_end=cfg_end, cfg_rescale=cfg_rescale, pag=pag,
         motion_targets=guidance.targets_from_caption(prompt, set(text.word_to_id), frames) if motion_guidance else None,
         motion_guidance=motion_guidance, motion_guidance_until=motion_guidance_until, latents_only=latents_only,
     )

@@ -264,6 +264,12 @@ def check_cfg_rescale(cfg_rescale: float) -> None:
         raise ValueError(f"cfg_rescale must be between 0 and 1, got {cfg_rescale}")
 
 
+def check_pag(pag: float) -> None:
+    """ValueError unless pag >= 0 (perturbed-attention guidance's scale; 0 = off)."""
+    if not pag >= 0.0:
+        raise ValueError(f"pag (perturbed-attention guidance) must be at least 0, got {pag}")
+
+
 def rescale_guidance(guided: torch.Tensor, cond_out: torch.Tensor, amount: float, *, x_t: torch.Tensor | None = None,
                      alpha_bar: torch.Tensor | None = None, prediction_type: str = "v_prediction") -> torch.Tensor:
     """Guidance rescale (Lin et al. 2024, "Common diffusion noise schedules and sample steps
@@ -310,6 +316,7 @@ def sample(
     cfg_start: float = 0.0,
     cfg_end: float = 1.0,
     cfg_rescale: float = 0.0,
+    pag: float = 0.0,
     steer=None,
 ) -> torch.Tensor:
     """Denoise video latents ``[(b f), c, h, w]`` with a VideoUNet; returns float32 latents.
@@ -338,6 +345,10 @@ def sample(
     (Kynkaanniemi et al. 2024) keeps its adherence without its cost where it does not help.
     ``cfg_rescale`` (0..1) rescales each guided step's output towards the conditional one's
     spread (:func:`rescale_guidance`; 0 = off).
+    ``pag`` > 0: perturbed-attention guidance (Ahn et al. 2024) on the steps of that interval,
+    with or without cfg: the output moves ``pag`` times further from what the model predicts
+    with its spatial self-attention maps made the identity
+    (``VideoUNet.perturbed_self_attention``), one more UNet pass on each such step.
 
     ``steer`` (e.g. ``guidance.MotionGuidance``): on steps where ``steer.applies(progress)``
     (progress as for ``cfg_start``), ``steer(x_in, t, positive_context, num_frames=..., fps=...,
@@ -361,6 +372,7 @@ def sample(
         raise ValueError(f"noise_sharing must be at least 0 and below 1, got {noise_sharing}")
     check_cfg_interval(cfg_start, cfg_end)
     check_cfg_rescale(cfg_rescale)
+    check_pag(pag)
     videos = latents.shape[0] // num_frames
     if not 0 <= given_frames < num_frames:
         raise ValueError(f"given_frames must be at least 0 and below num_frames={num_frames}, got {given_frames}")
@@ -370,7 +382,7 @@ def sample(
         return _sample_image_first(
             unet, latents, positive, negative, num_frames=num_frames, steps=steps, cfg=cfg, sampler=sampler,
             scheduler=scheduler, seed=seed, fps=fps, cond=cond, callback=callback, noise_sharing=noise_sharing,
-            cfg_start=cfg_start, cfg_end=cfg_end, cfg_rescale=cfg_rescale, steer=steer,
+            cfg_start=cfg_start, cfg_end=cfg_end, cfg_rescale=cfg_rescale, pag=pag, steer=steer,
         )
     use_cfg = cfg != 1.0
     if use_cfg and negative is None:
@@ -416,6 +428,7 @@ def sample(
     # which steps are guided, decided once: progress 1 - t / 999 within [cfg_start, cfg_end]
     progress = [1.0 - float(t) / (TRAIN_TIMESTEPS - 1) for t in timesteps]
     guided = [use_cfg and cfg_start <= p <= cfg_end for p in progress]
+    perturbed = [pag > 0 and cfg_start <= p <= cfg_end for p in progress]
     cond_pair = torch.cat([cond, cond]) if cond is not None and any(guided) else cond
 
     generator = torch.Generator("cpu").manual_seed(int(seed))
@@ -451,11 +464,18 @@ def sample(
                 num_frames=num_frames, fps=fps, cond=cond_pair,
             ).float()
             uncond, cond_out = out.chunk(2)
-            out = rescale_guidance(uncond + cfg * (cond_out - uncond), cond_out, cfg_rescale, x_t=x_in,
-                                   alpha_bar=_alphas_at(alphas_cumprod, t.to(device)),
-                                   prediction_type=config.prediction_type)
+            out = uncond + cfg * (cond_out - uncond)
         else:  # cfg 1, or outside the guidance interval: the positive half alone
-            out = unet(x_in.to(dtype), t_batch, positive_context, num_frames=num_frames, fps=fps, cond=cond).float()
+            out = cond_out = unet(x_in.to(dtype), t_batch, positive_context, num_frames=num_frames, fps=fps,
+                                  cond=cond).float()
+        if perturbed[i]:
+            with unet.perturbed_self_attention():
+                weak = unet(x_in.to(dtype), t_batch, positive_context, num_frames=num_frames, fps=fps,
+                            cond=cond).float()
+            out = out + pag * (cond_out - weak)
+        if guided[i] or perturbed[i]:
+            out = rescale_guidance(out, cond_out, cfg_rescale, x_t=x_in, alpha_bar=_alphas_at(alphas_cumprod, t.to(device)),
+                                   prediction_type=config.prediction_type)
 
         x0 = predict_x0(out, x_in, _alphas_at(alphas_cumprod, t.to(device)), config.prediction_type)
 

@@ -44,6 +44,7 @@ indexes frames receives ``num_frames`` explicitly.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -338,7 +339,10 @@ class CrossAttention(nn.Module):
 
     With ``record_probs`` set, the attention is computed explicitly (not by the fused
     kernel) and its probabilities [n, heads, lq, lk] are kept in ``probs``, with their
-    gradient: the training aid ``unet.binding_weight`` scores where each word looks."""
+    gradient: the training aid ``unet.binding_weight`` scores where each word looks.
+    With ``identity_map`` set, a self-attention's map is the identity (each token reads only
+    its own value): the perturbed model of perturbed-attention guidance
+    (``VideoUNet.perturbed_self_attention``)."""
 
     def __init__(self, dim: int, heads: int, context_dim: int | None = None):
         super().__init__()
@@ -350,8 +354,11 @@ class CrossAttention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(0.0))
         self.record_probs = False
         self.probs: torch.Tensor | None = None
+        self.identity_map = False
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        if self.identity_map and context is None:
+            return self.to_out(self.to_v(x))
         context = x if context is None else context
         if self.record_probs:
             q, k, v = (rearrange(t, "n l (h d) -> n h l d", h=self.heads)
@@ -720,6 +727,20 @@ class VideoUNet(nn.Module):
 
     def motion_parameters(self):
         return [p for n, p in self.named_parameters() if is_motion_key(n)]
+
+    @contextmanager
+    def perturbed_self_attention(self):
+        """Within: every spatial self-attention's map is the identity (``CrossAttention.identity_map``),
+        the weakened model whose prediction perturbed-attention guidance (Ahn et al. 2024) steers
+        away from (``sampling.sample(pag=...)``). Temporal and cross-attention are left as they are."""
+        blocks = [m.attn1 for m in self.modules() if isinstance(m, TransformerBlock)]
+        for a in blocks:
+            a.identity_map = True
+        try:
+            yield self
+        finally:
+            for a in blocks:
+                a.identity_map = False
 
     # -- forward
 

@@ -1,6 +1,7 @@
 """The sampler loop: every sampler/scheduler/prediction type against an exact denoiser, CFG,
 seeds, img2img denoise, callbacks, validation; and a tiny real VideoUNet end to end."""
 
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import pytest
@@ -141,6 +142,38 @@ def test_cfg_rescale_matches_each_frames_spread_to_the_conditional_output():
         rescale_guidance(guided, cond_out, 0.7, prediction_type="epsilon")
     with pytest.raises(ValueError, match="cfg_rescale must be between 0 and 1, got 1.5"):
         sample(PointMass(), _latents(), _ctx(0.5), _ctx(0.1), num_frames=3, steps=5, cfg=3.0, cfg_rescale=1.5)
+
+
+def test_pag_moves_away_from_the_perturbed_prediction_on_the_asked_steps():
+    """A model whose perturbed self-attention halves its point: with ``pag`` s the output moves
+    s times further from that half-point, with or without cfg, only on the interval's steps
+    (the last step decides the point an exact denoiser lands on)."""
+
+    class Perturbable(PointMass):
+        weak = False
+
+        @contextmanager
+        def perturbed_self_attention(self):
+            self.weak = True
+            try:
+                yield self
+            finally:
+                self.weak = False
+
+        def forward(self, x, timesteps, context, num_frames, fps=None, cond=None):
+            return super().forward(x, timesteps, context * (0.5 if self.weak else 1.0), num_frames, fps, cond)
+
+    def land(cfg=1.0, **kw):
+        model = Perturbable("v_prediction")
+        out = sample(model, _latents(), _ctx(0.5), _ctx(0.1), num_frames=3, steps=4, cfg=cfg, seed=1, **kw)
+        return out.mean().item(), len(model.calls), model.weak
+
+    assert land() == (pytest.approx(0.5, abs=1e-4), 4, False)
+    assert land(pag=2.0) == (pytest.approx(0.5 + 2 * 0.25, abs=1e-4), 8, False)  # one more pass a step
+    assert land(cfg=3.0, pag=2.0)[0] == pytest.approx(0.1 + 3 * 0.4 + 2 * 0.25, abs=1e-4)
+    assert land(pag=2.0, cfg_end=0.5)[:2] == (pytest.approx(0.5, abs=1e-4), 6)  # the later steps plain
+    with pytest.raises(ValueError, match="pag .* must be at least 0, got -1"):
+        land(pag=-1.0)
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
