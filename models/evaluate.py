@@ -525,6 +525,7 @@ def model_generate_fn(
     cfg_end: float = 0.7,
     cfg_rescale: float = 0.0,
     pag: float = 0.0,
+    pag_parts: tuple[str, ...] = ("self",),
     motion_guidance: float = 0.0,
     motion_guidance_until: float = 0.3,
     latents_only: bool = False,
@@ -572,7 +573,8 @@ def model_generate_fn(
         return text_to_video(bundle, caption, frames=frames, width=size, height=size, steps=steps, cfg=cfg,
                              sampler=sampler, scheduler=scheduler, seed=seed, fps=fps, noise_sharing=noise_sharing,
                              image_first=image_first, cfg_start=cfg_start, cfg_end=cfg_end,
-                             cfg_rescale=cfg_rescale, pag=pag, motion_guidance=motion_guidance,
+                             cfg_rescale=cfg_rescale, pag=pag, pag_parts=pag_parts,
+                             motion_guidance=motion_guidance,
                              motion_guidance_until=motion_guidance_until,
                              latents_only=latents_only, **init)
 
@@ -649,6 +651,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="rescale guided outputs towards the conditional one's spread (0..1, default 0 = off)")
     ap.add_argument("--pag", type=float, default=0.0, metavar="SCALE",
                     help="perturbed-attention guidance on the guided part of the schedule (default 0 = off)")
+    ap.add_argument("--pag-parts", type=lambda s: tuple(s.split(",")), default=("self",), metavar="PARTS",
+                    help="what --pag weakens, comma-separated: self (spatial self-attention maps made the "
+                         "identity, the default), temporal, spatiotemporal, temporal_conv (those branches skipped)")
     ap.add_argument("--sampler", default=MAIN_WORKFLOW["sampler"])
     ap.add_argument("--scheduler", default=MAIN_WORKFLOW["scheduler"])
     ap.add_argument("--fps", type=float, default=8.0, help="fps condition (the bundled default trains at 8)")
@@ -706,7 +711,8 @@ def main(argv: list[str] | None = None) -> int:
             sampler=args.sampler, scheduler=args.scheduler, fps=args.fps, device=args.device,
             noise_sharing=args.noise_sharing, from_truth=args.from_truth, prompts=prompts,
             image_first=args.image_first, given_frames=args.given_frames, cfg_start=args.cfg_start,
-            cfg_end=args.cfg_end, cfg_rescale=args.cfg_rescale, pag=args.pag, motion_guidance=args.motion_guidance,
+            cfg_end=args.cfg_end, cfg_rescale=args.cfg_rescale, pag=args.pag, pag_parts=args.pag_parts,
+            motion_guidance=args.motion_guidance,
             motion_guidance_until=args.motion_guidance_until,
         )
         source = args.model if args.from_truth is None else f"{args.model} from the truth at {args.from_truth}"

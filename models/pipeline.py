@@ -148,6 +148,7 @@ def conditioning_to_video(
     cfg_end: float = 1.0,
     cfg_rescale: float = 0.0,
     pag: float = 0.0,
+    pag_parts: tuple[str, ...] = ("self",),
     motion_targets: list | None = None,
     motion_guidance: float = 0.0,
     motion_guidance_until: float = 0.3,
@@ -167,7 +168,7 @@ def conditioning_to_video(
     image-first: they are encoded and kept as the first k frames; the rest follow from them.
     ``cfg_start`` / ``cfg_end``: guidance only on that part of the schedule; ``cfg_rescale``:
     guided outputs rescaled towards the conditional one's spread; ``pag``: perturbed-attention
-    guidance on the same part (``sampling.sample``).
+    guidance on the same part, weakening ``pag_parts`` (``sampling.sample``).
     ``motion_targets`` (``guidance.targets_from_caption``) with ``motion_guidance`` > 0 steer
     each object's attention blob along its caption's path on the steps up to
     ``motion_guidance_until`` (``guidance.MotionGuidance``).
@@ -179,7 +180,7 @@ def conditioning_to_video(
     try:
         sampling.check_cfg_interval(cfg_start, cfg_end)
         sampling.check_cfg_rescale(cfg_rescale)
-        sampling.check_pag(pag)
+        sampling.check_pag(pag, pag_parts)
     except ValueError as e:
         raise RequestError(str(e)) from None
     down = vae.config.downscale
@@ -224,7 +225,8 @@ def conditioning_to_video(
                                   sampler=sampler, scheduler=scheduler, seed=seed, fps=fps, callback=callback,
                                   noise_sharing=noise_sharing, denoise=denoise, image_first=image_first,
                                   given_frames=given, cfg_start=cfg_start, cfg_end=cfg_end,
-                                  cfg_rescale=cfg_rescale, pag=pag, steer=steer)
+                                  cfg_rescale=cfg_rescale, pag=pag, pag_parts=pag_parts,
+                                  steer=steer)
         _sync(run_device)
         t1 = time.perf_counter()
         if latents_only:
@@ -267,6 +269,7 @@ def text_to_video(
     cfg_end: float = 1.0,
     cfg_rescale: float = 0.0,
     pag: float = 0.0,
+    pag_parts: tuple[str, ...] = ("self",),
     motion_guidance: float = 0.0,
     motion_guidance_until: float = 0.3,
     latents_only: bool = False,
@@ -280,7 +283,7 @@ def text_to_video(
     receives seconds per stage: ``text_encode``, ``sampling``, ``vae_decode`` and ``total`` (their
     sum plus the glue; moving the modules to ``device`` / ``dtype`` is not counted).
     ``init_video`` / ``denoise`` (video-to-video), ``image_first`` and ``first_frames``
-    (image-to-video), ``cfg_start`` / ``cfg_end``, ``cfg_rescale``, ``pag``, ``motion_guidance`` / ``motion_guidance_until``
+    (image-to-video), ``cfg_start`` / ``cfg_end``, ``cfg_rescale``, ``pag`` / ``pag_parts``, ``motion_guidance`` / ``motion_guidance_until``
     (each object steered along the path its caption asks for), ``latents_only`` (the sampled
     latents, not decoded): see :func:`conditioning_to_video`.
     """
@@ -297,6 +300,7 @@ def text_to_video(
         scheduler=scheduler, seed=seed, fps=fps, chunk_size=chunk_size, callback=callback, timings=stages,
         noise_sharing=noise_sharing, init_video=init_video, denoise=denoise, image_first=image_first,
         first_frames=first_frames, cfg_start=cfg_start, cfg_end=cfg_end, cfg_rescale=cfg_rescale, pag=pag,
+        pag_parts=pag_parts,
         motion_targets=guidance.targets_from_caption(prompt, set(text.word_to_id), frames) if motion_guidance else None,
         motion_guidance=motion_guidance, motion_guidance_until=motion_guidance_until, latents_only=latents_only,
     )

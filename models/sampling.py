@@ -264,10 +264,15 @@ def check_cfg_rescale(cfg_rescale: float) -> None:
         raise ValueError(f"cfg_rescale must be between 0 and 1, got {cfg_rescale}")
 
 
-def check_pag(pag: float) -> None:
-    """ValueError unless pag >= 0 (perturbed-attention guidance's scale; 0 = off)."""
+def check_pag(pag: float, parts=("self",)) -> None:
+    """ValueError unless pag >= 0 (perturbed-attention guidance's scale; 0 = off) and ``parts``
+    are some of what ``VideoUNet.perturbed`` can weaken."""
+    from .unet import PERTURBABLE
+
     if not pag >= 0.0:
         raise ValueError(f"pag (perturbed-attention guidance) must be at least 0, got {pag}")
+    if not parts or set(parts) - set(PERTURBABLE):
+        raise ValueError(f"pag_parts must be some of {list(PERTURBABLE)}; got {list(parts)}")
 
 
 def rescale_guidance(guided: torch.Tensor, cond_out: torch.Tensor, amount: float, *, x_t: torch.Tensor | None = None,
@@ -317,6 +322,7 @@ def sample(
     cfg_end: float = 1.0,
     cfg_rescale: float = 0.0,
     pag: float = 0.0,
+    pag_parts: tuple[str, ...] = ("self",),
     steer=None,
 ) -> torch.Tensor:
     """Denoise video latents ``[(b f), c, h, w]`` with a VideoUNet; returns float32 latents.
@@ -347,8 +353,9 @@ def sample(
     spread (:func:`rescale_guidance`; 0 = off).
     ``pag`` > 0: perturbed-attention guidance (Ahn et al. 2024) on the steps of that interval,
     with or without cfg: the output moves ``pag`` times further from what the model predicts
-    with its spatial self-attention maps made the identity
-    (``VideoUNet.perturbed_self_attention``), one more UNet pass on each such step.
+    with ``pag_parts`` weakened (``VideoUNet.perturbed``: by default its spatial self-attention
+    maps made the identity; its temporal branches skipped is spatiotemporal skip guidance), one
+    more UNet pass on each such step.
 
     ``steer`` (e.g. ``guidance.MotionGuidance``): on steps where ``steer.applies(progress)``
     (progress as for ``cfg_start``), ``steer(x_in, t, positive_context, num_frames=..., fps=...,
@@ -372,7 +379,7 @@ def sample(
         raise ValueError(f"noise_sharing must be at least 0 and below 1, got {noise_sharing}")
     check_cfg_interval(cfg_start, cfg_end)
     check_cfg_rescale(cfg_rescale)
-    check_pag(pag)
+    check_pag(pag, pag_parts)
     videos = latents.shape[0] // num_frames
     if not 0 <= given_frames < num_frames:
         raise ValueError(f"given_frames must be at least 0 and below num_frames={num_frames}, got {given_frames}")
@@ -382,7 +389,8 @@ def sample(
         return _sample_image_first(
             unet, latents, positive, negative, num_frames=num_frames, steps=steps, cfg=cfg, sampler=sampler,
             scheduler=scheduler, seed=seed, fps=fps, cond=cond, callback=callback, noise_sharing=noise_sharing,
-            cfg_start=cfg_start, cfg_end=cfg_end, cfg_rescale=cfg_rescale, pag=pag, steer=steer,
+            cfg_start=cfg_start, cfg_end=cfg_end, cfg_rescale=cfg_rescale, pag=pag, pag_parts=pag_parts,
+            steer=steer,
         )
     use_cfg = cfg != 1.0
     if use_cfg and negative is None:
@@ -469,7 +477,7 @@ def sample(
             out = cond_out = unet(x_in.to(dtype), t_batch, positive_context, num_frames=num_frames, fps=fps,
                                   cond=cond).float()
         if perturbed[i]:
-            with unet.perturbed_self_attention():
+            with unet.perturbed(pag_parts):
                 weak = unet(x_in.to(dtype), t_batch, positive_context, num_frames=num_frames, fps=fps,
                             cond=cond).float()
             out = out + pag * (cond_out - weak)

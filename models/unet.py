@@ -252,6 +252,7 @@ class TemporalConv(nn.Module):
         super().__init__()
         self.norm = nn.GroupNorm(norm_groups, channels)
         self.conv = nn.Conv1d(channels, channels, 3, padding=1)
+        self.skip = False
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -260,6 +261,8 @@ class TemporalConv(nn.Module):
         nn.init.zeros_(self.conv.bias)
 
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+        if self.skip:  # VideoUNet.perturbed
+            return x
         height, width = x.shape[-2:]
         h = F.silu(self.norm(x))
         h = rearrange(h, "(b f) c h w -> (b h w) c f", f=num_frames)
@@ -390,6 +393,7 @@ class DirectedTemporalAttention(nn.Module):
         self.to_k = nn.Linear(dim, dim, bias=False)
         self.to_v = nn.Linear(dim, dim, bias=False)
         self.to_out = nn.Linear(dim, dim)
+        self.skip = False  # VideoUNet.perturbed: the block leaves this branch out
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -566,8 +570,11 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, num_frames: int, size: tuple[int, int]) -> torch.Tensor:
-        h = x + self.attn1(self.norm1(x)) + self.temporal_attn(x, num_frames)  # z + S-Attn(z) + T-Attn(z)
-        x = h if self.spatiotemporal_attn is None else h + self.spatiotemporal_attn(x, num_frames, size, context)
+        h = x + self.attn1(self.norm1(x))  # z + S-Attn(z) + T-Attn(z)
+        if not self.temporal_attn.skip:
+            h = h + self.temporal_attn(x, num_frames)
+        st = self.spatiotemporal_attn
+        x = h if st is None or st.skip else h + st(x, num_frames, size, context)
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -605,6 +612,9 @@ class UNetBlock(nn.ModuleList):
 
 
 # ----------------------------------------------------------------------------- the UNet
+
+# What VideoUNet.perturbed can weaken for perturbed-attention guidance.
+PERTURBABLE = ("self", "temporal", "spatiotemporal", "temporal_conv")
 
 
 class VideoUNet(nn.Module):
@@ -729,18 +739,31 @@ class VideoUNet(nn.Module):
         return [p for n, p in self.named_parameters() if is_motion_key(n)]
 
     @contextmanager
-    def perturbed_self_attention(self):
-        """Within: every spatial self-attention's map is the identity (``CrossAttention.identity_map``),
-        the weakened model whose prediction perturbed-attention guidance (Ahn et al. 2024) steers
-        away from (``sampling.sample(pag=...)``). Temporal and cross-attention are left as they are."""
-        blocks = [m.attn1 for m in self.modules() if isinstance(m, TransformerBlock)]
-        for a in blocks:
-            a.identity_map = True
+    def perturbed(self, parts=("self",)):
+        """Within: the weakened model whose prediction perturbed-attention guidance steers away from
+        (``sampling.sample(pag=...)``). ``parts`` (``PERTURBABLE``): ``self``, every spatial
+        self-attention's map is the identity (``CrossAttention.identity_map``; PAG, Ahn et al. 2024);
+        ``temporal``, ``spatiotemporal``, ``temporal_conv``: those branches are skipped (their residual
+        adds nothing; spatiotemporal skip guidance, Hyung et al. 2025). Cross-attention is left as it is."""
+        bad = sorted(set(parts) - set(PERTURBABLE))
+        if bad or not parts:
+            raise ValueError(f"perturbed parts must be some of {list(PERTURBABLE)}; got {list(parts)}")
+        flags = []
+        for m in self.modules():
+            if isinstance(m, TransformerBlock):
+                flags += [(m.attn1, "identity_map")] if "self" in parts else []
+                flags += [(m.temporal_attn, "skip")] if "temporal" in parts else []
+                if m.spatiotemporal_attn is not None and "spatiotemporal" in parts:
+                    flags.append((m.spatiotemporal_attn, "skip"))
+            elif isinstance(m, TemporalConv) and "temporal_conv" in parts:
+                flags.append((m, "skip"))
+        for m, name in flags:
+            setattr(m, name, True)
         try:
             yield self
         finally:
-            for a in blocks:
-                a.identity_map = False
+            for m, name in flags:
+                setattr(m, name, False)
 
     # -- forward
 
