@@ -283,7 +283,8 @@ def text_to_video(
     receives seconds per stage: ``text_encode``, ``sampling``, ``vae_decode`` and ``total`` (their
     sum plus the glue; moving the modules to ``device`` / ``dtype`` is not counted).
     ``init_video`` / ``denoise`` (video-to-video), ``image_first`` and ``first_frames``
-    (image-to-video), ``cfg_start`` / ``cfg_end``, ``cfg_rescale``, ``pag`` / ``pag_parts``, ``motion_guidance`` / ``motion_guidance_until``
+    (image-to-video), ``cfg_start`` / ``cfg_end``, ``cfg_rescale``, ``pag`` / ``pag_parts``,
+    ``motion_guidance`` / ``motion_guidance_until``
     (each object steered along the path its caption asks for), ``latents_only`` (the sampled
     latents, not decoded): see :func:`conditioning_to_video`.
     """

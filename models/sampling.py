@@ -354,8 +354,8 @@ def sample(
     ``pag`` > 0: perturbed-attention guidance (Ahn et al. 2024) on the steps of that interval,
     with or without cfg: the output moves ``pag`` times further from what the model predicts
     with ``pag_parts`` weakened (``VideoUNet.perturbed``: by default its spatial self-attention
-    maps made the identity; its temporal branches skipped is spatiotemporal skip guidance), one
-    more UNet pass on each such step.
+    maps made the identity; skipping its temporal branches instead is spatiotemporal skip
+    guidance), one more UNet pass on each such step.
 
     ``steer`` (e.g. ``guidance.MotionGuidance``): on steps where ``steer.applies(progress)``
     (progress as for ``cfg_start``), ``steer(x_in, t, positive_context, num_frames=..., fps=...,
@@ -482,7 +482,8 @@ def sample(
                             cond=cond).float()
             out = out + pag * (cond_out - weak)
         if guided[i] or perturbed[i]:
-            out = rescale_guidance(out, cond_out, cfg_rescale, x_t=x_in, alpha_bar=_alphas_at(alphas_cumprod, t.to(device)),
+            out = rescale_guidance(out, cond_out, cfg_rescale, x_t=x_in,
+                                   alpha_bar=_alphas_at(alphas_cumprod, t.to(device)),
                                    prediction_type=config.prediction_type)
 
         x0 = predict_x0(out, x_in, _alphas_at(alphas_cumprod, t.to(device)), config.prediction_type)

@@ -345,7 +345,7 @@ class CrossAttention(nn.Module):
     gradient: the training aid ``unet.binding_weight`` scores where each word looks.
     With ``identity_map`` set, a self-attention's map is the identity (each token reads only
     its own value): the perturbed model of perturbed-attention guidance
-    (``VideoUNet.perturbed_self_attention``)."""
+    (``VideoUNet.perturbed``)."""
 
     def __init__(self, dim: int, heads: int, context_dim: int | None = None):
         super().__init__()
@@ -570,7 +570,7 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, num_frames: int, size: tuple[int, int]) -> torch.Tensor:
-        h = x + self.attn1(self.norm1(x))  # z + S-Attn(z) + T-Attn(z)
+        h = x + self.attn1(self.norm1(x))  # z + S-Attn(z) + T-Attn(z), T skipped only by VideoUNet.perturbed
         if not self.temporal_attn.skip:
             h = h + self.temporal_attn(x, num_frames)
         st = self.spatiotemporal_attn

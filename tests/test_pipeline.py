@@ -53,14 +53,19 @@ def test_frames_in_the_host_layout_and_seeded(bundle):
 def test_same_as_the_library_calls_it_glues(bundle):
     """text encoder -> sampling.sample from zero latents -> VideoVAE.decode -> [F, H, W, 3] in 0..1."""
     kwargs = dict(steps=2, cfg=3.0, sampler="dpmpp_2m", scheduler="karras", seed=7, fps=6.0)
-    frames = pipeline.text_to_video(bundle, "a green triangle growing", negative="a red square", frames=4,
-                                    width=16, height=16, chunk_size=3, **kwargs)
-    with torch.no_grad():
-        positive, _ = bundle.text_encoder.encode(["a green triangle growing"])
-        negative, _ = bundle.text_encoder.encode(["a red square"])
-        latents = sampling.sample(bundle.unet, torch.zeros(4, 4, 2, 2), positive, negative, num_frames=4, **kwargs)
-        images = bundle.vae.decode(latents, num_frames=4, chunk_size=3)
-    assert torch.equal(frames, ((images + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1))
+    made = []
+    for extra in ({}, {"pag": 1.5, "pag_parts": ("self", "temporal")}):
+        frames = pipeline.text_to_video(bundle, "a green triangle growing", negative="a red square", frames=4,
+                                        width=16, height=16, chunk_size=3, **kwargs, **extra)
+        with torch.no_grad():
+            positive, _ = bundle.text_encoder.encode(["a green triangle growing"])
+            negative, _ = bundle.text_encoder.encode(["a red square"])
+            latents = sampling.sample(bundle.unet, torch.zeros(4, 4, 2, 2), positive, negative, num_frames=4,
+                                      **kwargs, **extra)
+            images = bundle.vae.decode(latents, num_frames=4, chunk_size=3)
+        assert torch.equal(frames, ((images + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1))
+        made.append(frames)
+    assert not torch.equal(*made)  # pag reached the sampler
 
 
 def test_conditioning_to_video_is_the_lower_level(bundle):
@@ -98,6 +103,8 @@ def test_request_errors(bundle, files):
         pipeline.text_to_video(checkpoint.load_model(files[1]), "a red circle", **SMALL)
     with pytest.raises(pipeline.RequestError, match="has no VAE"):
         pipeline.text_to_video(checkpoint.MagicVideoBundle(bundle.unet, None, bundle.text_encoder), "a red circle")
+    with pytest.raises(pipeline.RequestError, match=r"pag_parts must be some of .*got \['temporal', 'ff'\]"):
+        pipeline.text_to_video(bundle, "a red circle", pag=1.0, pag_parts=("temporal", "ff"), **SMALL)
     with pytest.raises(ValueError, match="width 16.*got 768"):  # the library's own errors pass through
         pipeline.conditioning_to_video(bundle, torch.zeros(1, 77, 768), torch.zeros(1, 77, 768), **SMALL)
 
