@@ -375,7 +375,7 @@ def test_cross_attention_recording_its_probabilities_gives_the_fused_output():
 
 def test_perturbed_self_attention_makes_only_the_spatial_self_attention_maps_the_identity():
     """PAG's weak model: a self-attention reads only each token's own value; cross-attention
-    and the temporal branches are untouched, and the model is itself again afterwards."""
+    is untouched, and the model is itself again afterwards."""
     torch.manual_seed(0)
     attn, cross = CrossAttention(16, 2), CrossAttention(16, 2, context_dim=8)
     x, context = torch.randn(3, 10, 16), torch.randn(3, 5, 8)
