@@ -45,6 +45,8 @@ from diffusers import (
 )
 from einops import rearrange, repeat
 
+from .unet import check_perturbed_parts
+
 __all__ = [
     "TRAIN_TIMESTEPS", "BETA_START", "BETA_END", "BETA_SCHEDULE", "SAMPLERS", "SCHEDULERS",
     "VideoModel", "schedule_config", "training_schedule", "make_scheduler", "reference_cond", "check_cfg_interval",
@@ -267,12 +269,9 @@ def check_cfg_rescale(cfg_rescale: float) -> None:
 def check_pag(pag: float, parts=("self",)) -> None:
     """ValueError unless pag >= 0 (perturbed-attention guidance's scale; 0 = off) and ``parts``
     are some of what ``VideoUNet.perturbed`` can weaken."""
-    from .unet import PERTURBABLE
-
     if not pag >= 0.0:
         raise ValueError(f"pag (perturbed-attention guidance) must be at least 0, got {pag}")
-    if not parts or set(parts) - set(PERTURBABLE):
-        raise ValueError(f"pag_parts must be some of {list(PERTURBABLE)}; got {list(parts)}")
+    check_perturbed_parts(parts)
 
 
 def rescale_guidance(guided: torch.Tensor, cond_out: torch.Tensor, amount: float, *, x_t: torch.Tensor | None = None,

@@ -617,6 +617,12 @@ class UNetBlock(nn.ModuleList):
 PERTURBABLE = ("self", "temporal", "spatiotemporal", "temporal_conv")
 
 
+def check_perturbed_parts(parts) -> None:
+    """ValueError unless ``parts`` are one or more of ``PERTURBABLE``."""
+    if not parts or set(parts) - set(PERTURBABLE):
+        raise ValueError(f"perturbed parts must be some of {list(PERTURBABLE)}; got {list(parts)}")
+
+
 class VideoUNet(nn.Module):
     def __init__(self, config: UNetConfig | None = None):
         super().__init__()
@@ -745,9 +751,7 @@ class VideoUNet(nn.Module):
         self-attention's map is the identity (``CrossAttention.identity_map``; PAG, Ahn et al. 2024);
         ``temporal``, ``spatiotemporal``, ``temporal_conv``: those branches are skipped (their residual
         adds nothing; spatiotemporal skip guidance, Hyung et al. 2025). Cross-attention is left as it is."""
-        bad = sorted(set(parts) - set(PERTURBABLE))
-        if bad or not parts:
-            raise ValueError(f"perturbed parts must be some of {list(PERTURBABLE)}; got {list(parts)}")
+        check_perturbed_parts(parts)
         flags = []
         for m in self.modules():
             if isinstance(m, TransformerBlock):

@@ -103,7 +103,7 @@ def test_request_errors(bundle, files):
         pipeline.text_to_video(checkpoint.load_model(files[1]), "a red circle", **SMALL)
     with pytest.raises(pipeline.RequestError, match="has no VAE"):
         pipeline.text_to_video(checkpoint.MagicVideoBundle(bundle.unet, None, bundle.text_encoder), "a red circle")
-    with pytest.raises(pipeline.RequestError, match=r"pag_parts must be some of .*got \['temporal', 'ff'\]"):
+    with pytest.raises(pipeline.RequestError, match=r"perturbed parts must be some of .*got \['temporal', 'ff'\]"):
         pipeline.text_to_video(bundle, "a red circle", pag=1.0, pag_parts=("temporal", "ff"), **SMALL)
     with pytest.raises(ValueError, match="width 16.*got 768"):  # the library's own errors pass through
         pipeline.conditioning_to_video(bundle, torch.zeros(1, 77, 768), torch.zeros(1, 77, 768), **SMALL)

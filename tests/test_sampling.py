@@ -175,7 +175,7 @@ def test_pag_moves_away_from_the_perturbed_prediction_on_the_asked_steps():
     assert land(pag=2.0, cfg_end=0.5)[:2] == (pytest.approx(0.5, abs=1e-4), 6)  # the later steps plain
     with pytest.raises(ValueError, match="pag .* must be at least 0, got -1"):
         land(pag=-1.0)
-    with pytest.raises(ValueError, match=r"pag_parts must be some of \['self', .*got \['cross'\]"):
+    with pytest.raises(ValueError, match=r"perturbed parts must be some of \['self', .*got \['cross'\]"):
         land(pag=1.0, pag_parts=("cross",))
 
 
