@@ -434,8 +434,9 @@ def sample(
 
     # which steps are guided, decided once: progress 1 - t / 999 within [cfg_start, cfg_end]
     progress = [1.0 - float(t) / (TRAIN_TIMESTEPS - 1) for t in timesteps]
-    guided = [use_cfg and cfg_start <= p <= cfg_end for p in progress]
-    perturbed = [pag > 0 and cfg_start <= p <= cfg_end for p in progress]
+    in_interval = [cfg_start <= p <= cfg_end for p in progress]
+    guided = [use_cfg and inside for inside in in_interval]
+    perturbed = [pag > 0 and inside for inside in in_interval]
     cond_pair = torch.cat([cond, cond]) if cond is not None and any(guided) else cond
 
     generator = torch.Generator("cpu").manual_seed(int(seed))

@@ -755,8 +755,10 @@ class VideoUNet(nn.Module):
         flags = []
         for m in self.modules():
             if isinstance(m, TransformerBlock):
-                flags += [(m.attn1, "identity_map")] if "self" in parts else []
-                flags += [(m.temporal_attn, "skip")] if "temporal" in parts else []
+                if "self" in parts:
+                    flags.append((m.attn1, "identity_map"))
+                if "temporal" in parts:
+                    flags.append((m.temporal_attn, "skip"))
                 if m.spatiotemporal_attn is not None and "spatiotemporal" in parts:
                     flags.append((m.spatiotemporal_attn, "skip"))
             elif isinstance(m, TemporalConv) and "temporal_conv" in parts:
