@@ -11,6 +11,8 @@ PY=.venv/bin/python
 RUN=${RUN:-runs/default}
 export OMP_WAIT_POLICY=PASSIVE
 
+if [ -z "${FROM_SOUP:-}" ]; then  # steps 1-11 on CPU; FROM_SOUP=1 starts at step 12 (below)
+
 # 1. VideoVAE: 1500 steps of plain reconstruction ...
 $PY -m magicvideo.train --config configs/default.json --stage vae --run-dir "$RUN" --threads 1 \
     --set vae.steps=1500 --set vae.foreground_weight=0
@@ -47,7 +49,7 @@ $PY -m magicvideo.train --config configs/default.json --stage unet --run-dir "$R
 $PY -m magicvideo.train --config configs/default.json --stage unet --run-dir "$RUN" --threads 2 --resume \
     --set unet.steps=17000
 
-# 3. One file: EMA UNet + text encoder + the fine-tuned VAE (the default until session 5).
+# 3. One file: EMA UNet + text encoder + the fine-tuned VAE (an earlier default).
 $PY -m magicvideo.train --config configs/default.json --stage export --run-dir "$RUN"
 
 # 4. Motion (docs/TRAINING.md, "Motion steering"): three fine-tunes on that file, each adding
@@ -119,8 +121,8 @@ $PY -m magicvideo.train --config configs/default.json --stage unet --run-dir "$R
     --set unet.binding_words=object --set unet.binding_contrast=true
 
 # 11. A weight soup (docs/TRAINING.md, step 12 of the recipe): four legs from that UNet, two at a time
-#     (seeds 1244 and 1245 in session 16, 1246 and 1247 in session 17), each a full 1500-step schedule
-#     in a fresh folder (same VAE, same losses, 1 thread each), and the mean of their EMA weights
+#     (seeds 1244 and 1245, then 1246 and 1247), each a full 1500-step schedule in a fresh folder
+#     (same VAE, same losses, 1 thread each), and the mean of their EMA weights
 for PAIR in "1244 1245" "1246 1247"; do
     PIDS=()
     for SEED in $PAIR; do
@@ -132,16 +134,18 @@ for PAIR in "1244 1245" "1246 1247"; do
     done
     for PID in "${PIDS[@]}"; do wait "$PID"; done   # each leg's exit status (set -e stops on a failed one)
 done
-$PY scripts/average_models.py "$RUN-soup.safetensors" \
-    "$RUN-leg1244/model.safetensors" "$RUN-leg1245/model.safetensors" \
+$PY -c 'import sys; from magicvideo.models import checkpoint; checkpoint.average_models(sys.argv[2:], sys.argv[1])' \
+    "$RUN-soup.safetensors" "$RUN-leg1244/model.safetensors" "$RUN-leg1245/model.safetensors" \
     "$RUN-leg1246/model.safetensors" "$RUN-leg1247/model.safetensors"
 
-# 12. Two legs on a lent GPU (docs/TRAINING.md, step 13 of the recipe; session 24, one H200):
+fi  # FROM_SOUP
+
+# 12. Two legs on a CUDA GPU (docs/TRAINING.md, step 13 of the recipe; about 11 minutes on one H200):
 #     the soup's UNet at batch 128 from a 4,096-clip pool refreshed 8 clips a step, lr 3e-4 for
-#     1,889 steps (the steps `--minutes 7.5` fitted), then on from that at lr 1.5e-4 for 1,147
-#     steps (`--minutes 3.3`); same losses as the legs above. Session 24 ran them through
-#     scripts/device_train.sh; with the step counts fixed here they need no time budget.
-#     On a CPU, DEVICE=cpu (a batch-64 step took 5.5 s on 2 cores here, so about 9 hours for both).
+#     1,889 steps, then on from that at lr 1.5e-4 for 1,147 steps; same losses as the legs above.
+#     To run only these legs on a GPU machine, copy "$RUN-soup.safetensors" there and run
+#     `FROM_SOUP=1 bash scripts/train_default.sh`. On a CPU, DEVICE=cpu (a batch-64 step took
+#     5.5 s on 2 cores, so about 9 hours for both).
 DEVICE=${DEVICE:-cuda}
 GPU_LEG=(--config configs/default.json --stage unet --device "$DEVICE" --set unet.batch_size=128
          --set unet.pool_size=4096 --set unet.pool_refresh=8 --set unet.save_every=1000

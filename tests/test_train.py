@@ -2,15 +2,13 @@
 
 import argparse
 import json
-import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from magicvideo.models import checkpoint, train, world
-from magicvideo.models.unet import CrossAttention, UNetConfig, VideoUNet
+from magicvideo.models.unet import CrossAttention
 
 TINY = {
     "seed": 3,
@@ -446,7 +444,7 @@ def test_decoder_on_unet_outputs(config_file, tmp_path):
 
 def test_decoder_trains_on_sampled_pairs(config_file, tmp_path):
     """vae.decoder_pairs: the sampler's latents of world clips noised part-way (make_decoder_pairs,
-    scripts/decoder_pairs.py), decoded against those clips; the file says what it is."""
+    experiments/decoder_pairs.py), decoded against those clips; the file says what it is."""
     first = tmp_path / "first.safetensors"
     train.main(["--config", str(config_file), "--stage", "all", "--run-dir", str(tmp_path / "a"), "--threads", "1",
                 "--out", str(first)])
@@ -505,145 +503,6 @@ def test_decoder_trains_on_sampled_pairs(config_file, tmp_path):
     with pytest.raises(SystemExit, match="goes on from"):
         train.main(["--config", str(config_file), "--stage", "decoder", "--run-dir", str(tmp_path / "none"),
                     "--threads", "1", "--set", "vae.decoder_steps=1"])
-
-
-def _script(name):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_latent_separation_script_measures_shape_pairs_in_latent_stds(config_file, tmp_path):
-    """scripts/latent_separation.py: per shape pair (and a colour pair for scale) the latent
-    difference of the same placement in units of the latent std, and the last timestep at
-    which that difference stands above the noise; a file without a VAE is refused."""
-    sep = _script("latent_separation")
-    alphas = train.training_schedule()
-    assert sep.last_visible_timestep(100.0, alphas) == 999  # always above the noise
-    assert sep.last_visible_timestep(1e-4, alphas) == -1  # never, not even at t = 0
-    assert sep.last_visible_timestep(0.2, alphas) < sep.last_visible_timestep(0.7, alphas)
-    train.main(["--config", str(config_file), "--stage", "vae", "--run-dir", str(tmp_path / "r"), "--threads", "1"])
-    res = sep.separation(str(tmp_path / "r" / "vae.safetensors"), placements=2, size=32)
-    assert set(res) == {"latent_std", "circle vs square", "circle vs triangle", "square vs triangle",
-                        "colour neighbours (circle)"}
-    for name, r in res.items():
-        if name != "latent_std":
-            assert 0 < r["rms"] <= r["max"] and -1 <= r["last_visible_t"] <= 999
-    text_only = checkpoint.save_model(tmp_path / "text.safetensors", text_encoder=train.TextEncoder(train.TextConfig()))
-    with pytest.raises(SystemExit, match="expected a MagicVideo file with a VAE, found none"):
-        sep.separation(str(text_only), placements=1, size=32)
-
-
-def test_conditioning_probe_script_reads_a_text_encoder(config_file, tmp_path):
-    """scripts/conditioning_probe.py's text probe runs on any MagicVideo file with a text
-    encoder and reports a rate per object attribute (its UNet parts need a 16-frame model)."""
-    probe = _script("conditioning_probe")
-    model = tmp_path / "m.safetensors"
-    train.main(["--config", str(config_file), "--stage", "all", "--run-dir", str(tmp_path / "r"), "--threads", "1",
-                "--out", str(model)])
-    rates = probe.text_probe(str(model), steps=3)
-    assert list(rates) == [f"object {i} {a}" for i in (1, 2) for a in ("colour", "shape", "motion", "speed")]
-    assert all(0.0 <= r <= 1.0 for r in rates.values())
-    vae_only = tmp_path / "vae.safetensors"
-    checkpoint.save_model(vae_only, vae=checkpoint.load_model(model).vae)
-    with pytest.raises(SystemExit, match="no built-in text encoder"):
-        probe.text_probe(str(vae_only), steps=1)
-
-    # part 4: one line per steered block; a velocity that turns with the direction word
-    with pytest.raises(SystemExit, match="no motion steering"):
-        probe.main([str(model), "--steering", "--threads", "1"])
-    bundle = checkpoint.load_model(model)
-    unet = bundle.unet.grown(spatiotemporal_resolutions=[2]).grown(motion_steering=True)
-    steered = [m for m in unet.modules() if getattr(m, "steer", None) is not None]
-    torch.manual_seed(0)
-    for m in steered:
-        torch.nn.init.normal_(m.steer.weight)
-    checkpoint.save_model(model, unet=unet, vae=bundle.vae, text_encoder=bundle.text_encoder)
-    rows = probe.steering_velocities(str(model))
-    assert len(rows) == len(steered) > 0
-    assert all(row.count("left: (") == 1 and row.count(")  right: (") == 1 for row in rows)
-    left, right = (rows[0].split(f"{a}: ")[1].split("  ")[0] for a in ("left", "right"))
-    assert left != right
-
-
-def test_conditioning_probe_object_velocities_split_field_and_token_parts(tmp_path):
-    """Part 5 on the bundled default (steering with a motion field): one line per steered
-    block; with the word-keyed velocity off (absent, or its Linear zeroed) the token part is
-    exactly zero while the field part is not zero everywhere, and with the field zeroed it is
-    zero too. A model whose steering has no per-query part prints nothing."""
-    probe = _script("conditioning_probe")
-    src = str(Path(__file__).resolve().parents[1] / "weights" / "magicvideo_default.safetensors")
-    bundle = checkpoint.load_model(src)
-
-    def parts(unet):
-        path = tmp_path / "m.safetensors"
-        checkpoint.save_model(path, unet=unet, vae=bundle.vae, text_encoder=bundle.text_encoder)
-        rows = probe.object_velocities(str(path), clips=1)
-        return [(float(r.split("field ")[1].split()[0]), float(r.split("tokens ")[1].split()[0])) for r in rows]
-
-    steered = [m for m in bundle.unet.modules() if getattr(m, "steer", None) is not None]
-    with torch.no_grad():
-        for m in steered:
-            if m.token_v is not None:
-                m.token_v.weight.zero_()
-                m.token_v.bias.zero_()
-    with_field = parts(bundle.unet)
-    assert len(with_field) == len(steered) > 0
-    assert all(tokens == 0.0 for _, tokens in with_field) and any(abs(field) >= 0.001 for field, _ in with_field)
-    with torch.no_grad():
-        for m in steered:
-            m.field.weight.zero_()
-            m.field.bias.zero_()
-    assert all(field == 0.0 for field, _ in parts(bundle.unet))
-    plain = VideoUNet(UNetConfig.from_dict({**bundle.unet.config.to_dict(), "motion_field": False,
-                                            "motion_tokens": False}))
-    assert parts(plain) == []
-
-
-def test_conditioning_probe_binding_reads_each_objects_attention_on_its_own_words():
-    """Part 6 on the bundled default: one line per cross-attention block, each with the share
-    of attention on the object's own words and on the other's (colour and shape; motion and
-    speed), shares of one softmax; on every block the object looks at its own words more."""
-    probe = _script("conditioning_probe")
-    src = str(Path(__file__).resolve().parents[1] / "weights" / "magicvideo_default.safetensors")
-    rows = probe.binding(src, clips=1)
-    unet = checkpoint.load_model(src).unet
-    assert len(rows) == sum(1 for m in unet.modules() if hasattr(m, "attn2")) > 0
-    bound = 0
-    for row in rows:
-        own = float(row.split("own words")[1].split("%")[0])
-        other = float(row.split("other object's")[1].split("%")[0])
-        motion, motion_other = (float(x) for x in re.findall(r"motion words: own\s*([\d.]+)%\s*other's\s*([\d.]+)%", row)[0])
-        assert 0.0 < own < 100.0 and 0.0 <= other < 100.0 and 0.0 < motion < 100.0 and 0.0 <= motion_other < 100.0
-        assert own + other + motion + motion_other <= 100.0
-        bound += own > other and motion > motion_other
-    assert bound == len(rows)  # the shipped default binds (session 10): each block, both word groups
-
-
-def test_zero_layers_script_switches_off_exactly_the_named_layers(tmp_path):
-    """scripts/zero_layers.py on the bundled default: the motion field and the caption-time
-    output layer become zero, every other weight is kept; a name that matches nothing is an
-    error rather than a silent no-op."""
-    zl = _script("zero_layers")
-    src = str(Path(__file__).resolve().parents[1] / "weights" / "magicvideo_default.safetensors")
-    out = tmp_path / "ablated.safetensors"
-    assert zl.main([src, str(out), "temporal_caption_embed.2.", ".field."]) == 0
-    before, after = checkpoint.load_model(src).unet, checkpoint.load_model(str(out)).unet
-    zeroed = 0
-    for (name, a), b in zip(before.named_parameters(), after.parameters()):
-        if "temporal_caption_embed.2." in name or ".field." in name:
-            assert a.abs().sum() > 0 and b.abs().sum() == 0, name  # trained, now off
-            zeroed += 1
-        else:
-            assert torch.equal(a, b), name
-    assert zeroed > 2
-    with pytest.raises(SystemExit, match=r"matches \['no_such_layer'\]"):
-        zl.main([src, str(tmp_path / "x.safetensors"), "no_such_layer"])
 
 
 def test_data_two_object_prob_reaches_the_world_source():
@@ -734,47 +593,3 @@ def test_profile_writes_where_the_steps_time_goes(config_file, tmp_path):
     with pytest.raises(SystemExit, match="--profile must be at least 1 step, got 0"):
         train.main(base + ["--stage", "unet", "--profile", "0"])
 
-
-def test_device_train_script_dry_run_on_cpu_hands_back_the_model_in_parts(tmp_path):
-    """scripts/device_train.sh is what a lent GPU's one call runs; on CPU (DEVICE=cpu) the same
-    script trains the shipped default on for a few steps and returns the parts and logs."""
-    import os
-    import subprocess
-    import sys
-
-    root = Path(__file__).resolve().parents[1]
-    out, run = tmp_path / "out", tmp_path / "run"
-    env = {**os.environ, "OUT": str(out), "RUN": str(run), "PYTHON": sys.executable, "DEVICE": "cpu",
-           "SKIP_WHEELS": "1", "POOL": "16", "BATCH": "2", "EVAL_N": "2", "SHARDS": "2", "EVAL_SECONDS": "300",
-           "OMP_WAIT_POLICY": "PASSIVE"}
-    done = subprocess.run(["bash", str(root / "scripts/device_train.sh"), "0.01", "--threads", "1"],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    parts = sorted(out.glob("model.part-*"))
-    assert len(parts) == 2 and all(p.stat().st_size <= 16 * 2**20 for p in parts)
-    joined = tmp_path / "joined.safetensors"
-    joined.write_bytes(b"".join(p.read_bytes() for p in parts))
-    assert joined.read_bytes() == (run / "model.safetensors").read_bytes()
-    recipe = json.loads(checkpoint.load_model(joined).metadata["training_recipe"])
-    assert recipe["unet"]["steps"] == 31 and recipe["unet"]["batch_size"] == 2 and recipe["seed"] == 1300
-    assert "0.01 minutes fit 31 steps" in (out / "train.txt").read_text()
-    for name, seed in (("eval.json", 0), ("eval_seed1.json", 1)):  # two shards each, merged
-        scored = json.loads((out / name).read_text())
-        assert len(scored["prompts"]) == 2 and scored["config"]["seed"] == seed and scored["config"]["shard"] is None
-        assert scored["config"]["model"] == str(run / "model.safetensors")
-    # again with a batch probe first, and the evaluations cut short: the model still comes back
-    done = subprocess.run(["bash", str(root / "scripts/device_train.sh"), "0.01", "--threads", "1"],
-                          env={**env, "EVAL_SECONDS": "1", "RUN": str(tmp_path / "run2"), "PROBE_BATCHES": "2 3",
-                               "PROBE_STEPS": "22"}, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    machine = (out / "machine.txt").read_text()
-    assert "seed 0: not every shard finished in 1s" in machine
-    assert not (out / "eval.json").exists() and len(list(out.glob("model.part-*"))) == 2
-    rates = {int(b): float(r) for b, r in re.findall(r"probe batch (\d+): ([\d.]+) steps/s", machine)}
-    assert rates.keys() == {2, 3} and all(r > 0 for r in rates.values())
-    chosen = max(rates, key=lambda b: b * rates[b])
-    assert f"batch {chosen}\n" in machine
-    assert json.loads((tmp_path / "run2" / "config.json").read_text())["unet"]["batch_size"] == chosen
-    with pytest.raises(subprocess.CalledProcessError):  # no OUT: says what it needs
-        subprocess.run(["bash", str(root / "scripts/device_train.sh"), "1"], check=True, capture_output=True,
-                       env={k: v for k, v in env.items() if k != "OUT"})

@@ -3,7 +3,7 @@ with a model (the main workflow's settings, as ``python -m magicvideo.evaluate``
 decoder decodes those latents and is scored (see docs/TRAINING.md, "A decoder for the
 sampler's latents"). With the model's own decoder the results equal the evaluator's.
 
-    python scripts/decoder_eval.py weights/magicvideo_default.safetensors \
+    python experiments/decoder_eval.py weights/magicvideo_default.safetensors \
         --decoder runs/dec/vae.safetensors [--decoder ...] [--seed 1] [--n 200] \
         --latents runs/eval-latents-seed0.pt --out-dir results/<name>
 

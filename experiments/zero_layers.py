@@ -1,6 +1,6 @@
 """Ablate trained layers: a copy of a MagicVideo file with some UNet parameters set to zero.
 
-    python scripts/zero_layers.py weights/magicvideo_default.safetensors ablated.safetensors \
+    python experiments/zero_layers.py weights/magicvideo_default.safetensors ablated.safetensors \
         temporal_caption_embed.2. .field.
 
 Every UNet parameter whose name contains one of the given substrings becomes zero; the rest,

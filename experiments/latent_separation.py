@@ -1,7 +1,7 @@
 """How far apart a VAE puts the world's shapes (and colours) in latent space: a diagnostic for
 the VAE a UNet is trained on.
 
-    python scripts/latent_separation.py weights/magicvideo_default.safetensors
+    python experiments/latent_separation.py weights/magicvideo_default.safetensors
 
 Renders the same object (same colour, place, size and orientation) as each shape, VAE-encodes
 the clips and compares the latents: the RMS and largest difference, in units of the latents'

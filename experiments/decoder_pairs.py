@@ -7,7 +7,7 @@ and finished by the model with the main workflow's settings (cfg 6 up to 0.7 of 
 clips' specs (the clips are rendered again when training). Deterministic by ``--seed``; run two
 with different seeds side by side on two cores and give the decoder stage both files.
 
-    python scripts/decoder_pairs.py weights/magicvideo_default.safetensors --n 600 --seed 1 \
+    python experiments/decoder_pairs.py weights/magicvideo_default.safetensors --n 600 --seed 1 \
         --threads 1 --out runs/pairs-1.safetensors
 """
 

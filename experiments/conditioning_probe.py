@@ -1,6 +1,6 @@
 """Does a model's text conditioning say what the prompt says, and does its UNet listen?
 
-    python scripts/conditioning_probe.py weights/magicvideo_default.safetensors
+    python experiments/conditioning_probe.py weights/magicvideo_default.safetensors
 
 1. Text: fits a fresh ``TextAttributeProbe`` (the training aid of ``unet.text_aux_weight``)
    on the model's frozen text encoder and reports, on 2,000 fresh world captions, how often

@@ -1,7 +1,7 @@
 """How well a model's UNet predicts clean latents, by noise level: a diagnostic for training.
 
-    python scripts/denoise_error.py weights/magicvideo_default.safetensors
-    python scripts/denoise_error.py runs/x/model.safetensors --given-first-frame
+    python experiments/denoise_error.py weights/magicvideo_default.safetensors
+    python experiments/denoise_error.py runs/x/model.safetensors --given-first-frame
 
 On a seeded batch of world clips (training split), noised as in training (the model's own
 noise prior), prints the mean squared error of the UNet's x0 prediction on frames 1.. at a
