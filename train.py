@@ -1,6 +1,6 @@
-"""`python -m magicvideo.train`: see models/train.py."""
+"""`python -m magicvideo.train`: see training/cli.py."""
 
-from .models.train import main
+from .training.cli import main
 
 if __name__ == "__main__":
     main()

@@ -44,7 +44,7 @@ import torch
 from magicvideo.models import checkpoint, world
 from magicvideo.models import evaluate as ev
 from magicvideo.models.sampling import predict_x0, training_schedule, video_noise
-from magicvideo.models.train import TextAttributeProbe
+from magicvideo.training import TextAttributeProbe
 
 DIRECTIONS = ("left", "right", "up", "down")
 

@@ -21,7 +21,7 @@ import torch
 
 from magicvideo.models.checkpoint import load_model
 from magicvideo.models.evaluate import MAIN_WORKFLOW
-from magicvideo.models.train import make_decoder_pairs, save_decoder_pairs
+from magicvideo.training import make_decoder_pairs, save_decoder_pairs
 
 
 def main(argv=None) -> int:

@@ -12,7 +12,7 @@ from einops import repeat
 
 from magicvideo.models import evaluate as ev, guidance, world
 from magicvideo.models.sampling import sample
-from magicvideo.models.train import binding_targets
+from magicvideo.training import binding_targets
 from magicvideo.models.unet import UNetConfig, VideoUNet
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "magicvideo_default.safetensors"

@@ -7,7 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from magicvideo.models import checkpoint, train, world
+from magicvideo.models import checkpoint, world
+from magicvideo.models.text import TextConfig, TextEncoder
+from magicvideo.training import cli, data, export, loop
+from magicvideo.training import unet as unet_stage
+from magicvideo.training import vae as vae_stage
 from magicvideo.models.unet import CrossAttention
 
 TINY = {
@@ -41,8 +45,8 @@ def config_file(tmp_path):
 def test_both_stages_write_a_full_model_with_its_recipe(config_file, tmp_path):
     run = tmp_path / "run"
     out = tmp_path / "model.safetensors"
-    train.main(["--config", str(config_file), "--stage", "all", "--run-dir", str(run), "--threads", "1",
-                "--out", str(out)])
+    cli.main(["--config", str(config_file), "--stage", "all", "--run-dir", str(run), "--threads", "1",
+              "--out", str(out)])
 
     bundle = checkpoint.load_model(out)
     assert bundle.unet is not None and bundle.vae is not None and bundle.text_encoder is not None
@@ -62,37 +66,37 @@ def test_both_stages_write_a_full_model_with_its_recipe(config_file, tmp_path):
 def test_resume_carries_on_from_the_saved_step(config_file, tmp_path):
     run = tmp_path / "run"
     args = ["--config", str(config_file), "--stage", "vae", "--run-dir", str(run), "--threads", "1"]
-    train.main(args + ["--set", "vae.steps=2"])
-    train.main(args + ["--resume", "--set", "vae.steps=4"])
+    cli.main(args + ["--set", "vae.steps=2"])
+    cli.main(args + ["--resume", "--set", "vae.steps=4"])
     steps = [json.loads(line)["step"] for line in (run / "vae.log").read_text().splitlines()]
     assert steps == [0, 1, 3]  # the second run started at step 2 (logged: every 10th and the last)
 
 
 def test_set_rejects_unknown_sections(config_file, tmp_path):
     with pytest.raises(SystemExit, match="no 'vea' in the config"):
-        train.main(["--config", str(config_file), "--run-dir", str(tmp_path), "--set", "vea.steps=1"])
+        cli.main(["--config", str(config_file), "--run-dir", str(tmp_path), "--set", "vea.steps=1"])
 
 
 def test_foreground_weights_emphasise_pixels_unlike_the_frame_median():
     x = -torch.ones(1, 3, 8, 8)
     x[..., 2:4, 2:4] = 1.0  # a small bright object on a dark background
-    w = train.foreground_weights(x, 8.0)
+    w = data.foreground_weights(x, 8.0)
     assert w[0, 0, 2, 2] == 9.0 and w[0, 0, 0, 0] == 1.0
-    assert torch.equal(train.foreground_weights(x, 0.0), torch.ones_like(w))
+    assert torch.equal(data.foreground_weights(x, 0.0), torch.ones_like(w))
 
 
 def test_decoder_stage_keeps_the_encoder_and_export_takes_the_new_decoder(config_file, tmp_path):
     run = tmp_path / "run"
     base = ["--config", str(config_file), "--run-dir", str(run), "--threads", "1"]
-    train.main(base + ["--stage", "all"])
+    cli.main(base + ["--stage", "all"])
     before = checkpoint.load_model(run / "vae.safetensors").vae.state_dict()
-    train.main(base + ["--stage", "decoder", "--set", "vae.decoder_steps=2"])
+    cli.main(base + ["--stage", "decoder", "--set", "vae.decoder_steps=2"])
     after = checkpoint.load_model(run / "vae.safetensors").vae.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("encoder.", "quant_conv.")))
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
 
     out = tmp_path / "final.safetensors"
-    train.main(base + ["--stage", "export", "--out", str(out)])
+    cli.main(base + ["--stage", "export", "--out", str(out)])
     exported = checkpoint.load_model(out)
     assert torch.equal(exported.vae.state_dict()["decoder.conv_out.weight"], after["decoder.conv_out.weight"])
     assert exported.unet is not None and exported.text_encoder is not None
@@ -103,35 +107,35 @@ def test_latent_weights_cover_still_and_moving_objects_only():
     x[:, 0, 2:6, 2:6] = 1  # a still red square in the top-left cell
     for f in range(4):  # a short bar moving right along the bottom
         x[f, 1, 28:30, 4 * f + 8: 4 * f + 10] = 1
-    w = train.latent_weights(x, (4, 4), 4, 3.0)
+    w = data.latent_weights(x, (4, 4), 4, 3.0)
     assert w.shape == (4, 1, 4, 4)
     assert torch.all(w[:, 0, 0, 0] == 4)  # the still square's cell, in every frame
     assert w[0, 0, 3, 1] == 4 and w[3, 0, 3, 2] == 4  # the moving line where it is
     assert w[:, 0, 1:3, 1:3].eq(1).all()  # empty background
-    assert torch.equal(train.latent_weights(x, (4, 4), 4, 0.0), torch.ones(4, 1, 4, 4))
+    assert torch.equal(data.latent_weights(x, (4, 4), 4, 0.0), torch.ones(4, 1, 4, 4))
 
 
 def test_stop_at_splits_the_unet_run_without_changing_its_schedule(config_file, tmp_path):
     run = tmp_path / "run"
     base = ["--config", str(config_file), "--run-dir", str(run), "--threads", "1", "--set", "unet.steps=5"]
-    train.main(base + ["--stage", "all", "--stop-at", "2"])
+    cli.main(base + ["--stage", "all", "--stop-at", "2"])
     first = [json.loads(line) for line in (run / "unet.log").read_text().splitlines()]
     assert [r["step"] for r in first] == [0, 1]  # stopped, and saved, before step 2
-    train.main(base + ["--stage", "unet", "--resume", "--set", "unet.config.noise_sharing=0"])
+    cli.main(base + ["--stage", "unet", "--resume", "--set", "unet.config.noise_sharing=0"])
     logged = [json.loads(line) for line in (run / "unet.log").read_text().splitlines()]
     assert [r["step"] for r in logged] == [0, 1, 4]  # the second leg started at step 2
-    assert logged[-1]["lr"] == pytest.approx(train.cosine_lr(4, 5, TINY["unet"]["lr"]))
+    assert logged[-1]["lr"] == pytest.approx(loop.cosine_lr(4, 5, TINY["unet"]["lr"]))
 
 
 def test_init_from_a_magicvideo_file_goes_on_from_its_weights(config_file, tmp_path):
     first = tmp_path / "first.safetensors"
-    train.main(["--config", str(config_file), "--stage", "all", "--run-dir", str(tmp_path / "a"), "--threads", "1",
-                "--out", str(first)])
+    cli.main(["--config", str(config_file), "--stage", "all", "--run-dir", str(tmp_path / "a"), "--threads", "1",
+              "--out", str(first)])
     again = tmp_path / "again.safetensors"
     # a fresh run folder, learning rate 0: the exported EMA weights are the file's own
-    train.main(["--config", str(config_file), "--stage", "unet", "--run-dir", str(tmp_path / "b"), "--threads", "1",
-                "--init", str(first), "--set", "unet.lr=0", "--set", "unet.steps=2"])
-    train.main(["--config", str(config_file), "--stage", "export", "--run-dir", str(tmp_path / "b"), "--out", str(again)])
+    cli.main(["--config", str(config_file), "--stage", "unet", "--run-dir", str(tmp_path / "b"), "--threads", "1",
+              "--init", str(first), "--set", "unet.lr=0", "--set", "unet.steps=2"])
+    cli.main(["--config", str(config_file), "--stage", "export", "--run-dir", str(tmp_path / "b"), "--out", str(again)])
     a, b = checkpoint.load_model(first), checkpoint.load_model(again)
     for name in ("unet", "text_encoder", "vae"):
         sa, sb = getattr(a, name).state_dict(), getattr(b, name).state_dict()
@@ -141,16 +145,16 @@ def test_init_from_a_magicvideo_file_goes_on_from_its_weights(config_file, tmp_p
     assert "lineage" not in a.metadata and json.loads(b.metadata["lineage"]) == [recipe(a)]
     legs = []
     for seed in (5, 6):
-        train.main(["--config", str(config_file), "--stage", "unet", "--run-dir", str(tmp_path / f"leg{seed}"),
-                    "--threads", "1", "--init", str(again), "--set", f"seed={seed}", "--set", "unet.steps=1"])
+        cli.main(["--config", str(config_file), "--stage", "unet", "--run-dir", str(tmp_path / f"leg{seed}"),
+                  "--threads", "1", "--init", str(again), "--set", f"seed={seed}", "--set", "unet.steps=1"])
         legs.append(tmp_path / f"leg{seed}" / "model.safetensors")
     third = checkpoint.load_model(legs[0])
     assert recipe(third)["seed"] == 5 and json.loads(third.metadata["lineage"]) == [recipe(b), recipe(a)]
     soup = checkpoint.load_model(checkpoint.average_models(legs, tmp_path / "soup.safetensors"))
     assert json.loads(soup.metadata["lineage"]) == [recipe(b), recipe(a)]
     # a leg resumed without --init keeps the lineage its folder's file has
-    train.main(["--config", str(config_file), "--stage", "unet", "--run-dir", str(tmp_path / "leg5"),
-                "--threads", "1", "--resume", "--set", "seed=5", "--set", "unet.steps=2"])
+    cli.main(["--config", str(config_file), "--stage", "unet", "--run-dir", str(tmp_path / "leg5"),
+              "--threads", "1", "--resume", "--set", "seed=5", "--set", "unet.steps=2"])
     resumed = checkpoint.load_model(legs[0])
     assert recipe(resumed)["unet"]["steps"] == 2 and json.loads(resumed.metadata["lineage"]) == [recipe(b), recipe(a)]
 
@@ -159,20 +163,20 @@ def test_grow_adds_temporal_conv_to_an_init_model(config_file, tmp_path):
     """unet.grow: a MagicVideo file gains identity-initialised temporal convs and trains on;
     its other weights start as they were (learning rate 0 keeps them)."""
     first = tmp_path / "first.safetensors"
-    train.main(["--config", str(config_file), "--stage", "all", "--run-dir", str(tmp_path / "a"), "--threads", "1",
-                "--out", str(first)])
+    cli.main(["--config", str(config_file), "--stage", "all", "--run-dir", str(tmp_path / "a"), "--threads", "1",
+              "--out", str(first)])
     grown = tmp_path / "grown.safetensors"
-    train.main(["--config", str(config_file), "--stage", "unet", "--run-dir", str(tmp_path / "b"), "--threads", "1",
-                "--init", str(first), "--set", 'unet.grow={"temporal_conv": true}', "--set", "unet.lr=0",
-                "--set", "unet.steps=2", "--out", str(grown)])
+    cli.main(["--config", str(config_file), "--stage", "unet", "--run-dir", str(tmp_path / "b"), "--threads", "1",
+              "--init", str(first), "--set", 'unet.grow={"temporal_conv": true}', "--set", "unet.lr=0",
+              "--set", "unet.steps=2", "--out", str(grown)])
     a, b = checkpoint.load_model(first).unet, checkpoint.load_model(grown).unet
     assert b.config.temporal_conv and not a.config.temporal_conv
     sa, sb = a.state_dict(), b.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert any("temporal_conv" in k for k in set(sb) - set(sa))
     with pytest.raises(SystemExit, match="unet.grow adds layers to an --init MagicVideo model"):
-        train.main(["--config", str(config_file), "--stage", "unet", "--run-dir", str(tmp_path / "c"), "--threads", "1",
-                    "--set", 'unet.grow={"temporal_conv": true}'])
+        cli.main(["--config", str(config_file), "--stage", "unet", "--run-dir", str(tmp_path / "c"), "--threads", "1",
+                  "--set", 'unet.grow={"temporal_conv": true}'])
 
 
 def test_attribute_labels_follow_the_caption_order():
@@ -194,7 +198,7 @@ def test_text_attribute_probe_reads_only_what_the_conditioning_holds():
     """The probe learns to read labels the conditioning carries; absent labels are ignored
     (a batch with none gives a finite loss, not NaN)."""
     torch.manual_seed(0)
-    probe = train.TextAttributeProbe(16)
+    probe = unet_stage.TextAttributeProbe(16)
     labels = torch.stack([torch.randint(0, n, (256,)) for n in probe.sizes], 1)
     labels[:128, 4:] = -100  # one-object clips
     informative = torch.zeros(256, 3, 16)
@@ -218,14 +222,14 @@ def _refuses_user_clips(config_file, tmp_path, run, setting: str):
     clips = tmp_path / "clips"
     clips.mkdir(exist_ok=True)
     with pytest.raises(SystemExit, match=f"{setting} needs the world's clips"):
-        train.main(["--config", str(config_file), "--stage", "unet", "--run-dir", str(run),
-                    "--threads", "1", "--data-dir", str(clips), "--set", f"unet.{setting}=0.5"])
+        cli.main(["--config", str(config_file), "--stage", "unet", "--run-dir", str(run),
+                  "--threads", "1", "--data-dir", str(clips), "--set", f"unet.{setting}=0.5"])
 
 
 def test_text_aux_weight_trains_the_probe_on_world_clips_only(config_file, tmp_path):
     run = tmp_path / "aux"
-    train.main(["--config", str(config_file), "--stage", "all", "--run-dir", str(run), "--threads", "1",
-                "--set", "unet.text_aux_weight=0.5"])
+    cli.main(["--config", str(config_file), "--stage", "all", "--run-dir", str(run), "--threads", "1",
+              "--set", "unet.text_aux_weight=0.5"])
     rows = [json.loads(line) for line in (run / "unet.log").read_text().splitlines()]
     assert all(r["text_aux"] > 0 for r in rows)
     assert "probe" in torch.load(run / "unet_state.pt", weights_only=True)
@@ -247,30 +251,30 @@ def test_binding_loss_scores_where_each_objects_words_look_and_can_be_learned():
     bound[:, :, 0, [1, 2]] = 1.0  # words 1, 2 only from cell 0; 3, 4 only from cell 3
     bound[:, :, 3, [3, 4]] = 1.0
     bound[:, :, 1:3, 0] = 1.0
-    assert train.binding_loss([bound], coverage, words).item() == 0.0
+    assert unet_stage.binding_loss([bound], coverage, words).item() == 0.0
     uniform = torch.full((b * f, 1, cells, tokens), 1.0 / tokens)
-    assert abs(train.binding_loss([uniform], coverage, words).item() - 0.75) < 1e-6
+    assert abs(unet_stage.binding_loss([uniform], coverage, words).item() - 0.75) < 1e-6
     swapped = bound[:, :, [3, 1, 2, 0]]  # each object's words look at the other object
-    assert train.binding_loss([swapped], coverage, words).item() == 1.0
+    assert unet_stage.binding_loss([swapped], coverage, words).item() == 1.0
     one = torch.tensor([[[1, 2], [-1, -1]]])  # a second object absent: only object 0 counts
-    assert train.binding_loss([swapped], coverage, one).item() == 1.0
-    assert train.binding_loss([bound, swapped], coverage, words).item() == 0.5
+    assert unet_stage.binding_loss([swapped], coverage, one).item() == 1.0
+    assert unet_stage.binding_loss([bound, swapped], coverage, words).item() == 0.5
     padded = torch.tensor([[[1, 2, -1], [3, 4, -1]]])  # more word slots (binding_words "object"), unused
-    assert train.binding_loss([swapped], coverage, padded).item() == 1.0
+    assert unet_stage.binding_loss([swapped], coverage, padded).item() == 1.0
     mixed = torch.tensor([[[1, 2, 4], [3, -1, -1]]])  # object 0's third word looks at object 1
-    assert abs(train.binding_loss([bound], coverage, mixed).item() - 0.25) < 1e-6
+    assert abs(unet_stage.binding_loss([bound], coverage, mixed).item() - 0.25) < 1e-6
     # contrast: the share among the objects' cells only, so looking at the background costs nothing
     objects = torch.zeros(b * f, 1, cells, tokens)
     objects[:, :, [0, 3], 1:5] = 0.25  # every object's words from both objects' cells alike
     objects[:, :, 1:3, 0] = 1.0
-    assert abs(train.binding_loss([objects], coverage, words).item() - 0.5) < 1e-6
-    assert abs(train.binding_loss([objects], coverage, words, contrast=True).item() - 0.5) < 1e-6
-    assert abs(train.binding_loss([uniform], coverage, words, contrast=True).item() - 0.5) < 1e-6
-    assert train.binding_loss([bound], coverage, words, contrast=True).item() == 0.0
-    assert train.binding_loss([swapped], coverage, words, contrast=True).item() == 1.0
+    assert abs(unet_stage.binding_loss([objects], coverage, words).item() - 0.5) < 1e-6
+    assert abs(unet_stage.binding_loss([objects], coverage, words, contrast=True).item() - 0.5) < 1e-6
+    assert abs(unet_stage.binding_loss([uniform], coverage, words, contrast=True).item() - 0.5) < 1e-6
+    assert unet_stage.binding_loss([bound], coverage, words, contrast=True).item() == 0.0
+    assert unet_stage.binding_loss([swapped], coverage, words, contrast=True).item() == 1.0
     alone = coverage.clone()
     alone[:, :, 1] = 0  # one object in the clip: nothing to tell apart, no loss
-    assert train.binding_loss([swapped], alone, one, contrast=True).item() == 0.0
+    assert unet_stage.binding_loss([swapped], alone, one, contrast=True).item() == 0.0
 
     for contrast in (False, True):
         torch.manual_seed(0)
@@ -284,7 +288,7 @@ def test_binding_loss_scores_where_each_objects_words_look_and_can_be_learned():
         losses = []
         for _ in range(150):
             attn(x, context)
-            loss = train.binding_loss([attn.probs], coverage, words, contrast)
+            loss = unet_stage.binding_loss([attn.probs], coverage, words, contrast)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -297,75 +301,75 @@ def test_binding_weight_trains_on_world_clips_only(config_file, tmp_path):
     and word indices, the log has the binding loss (a share, so in 0..1); user clips have no
     specs and are refused."""
     run = tmp_path / "bind"
-    train.main(["--config", str(config_file), "--stage", "all", "--run-dir", str(run), "--threads", "1",
-                "--set", "unet.binding_weight=0.5", "--set", "unet.cond_drop=0.0"])
+    cli.main(["--config", str(config_file), "--stage", "all", "--run-dir", str(run), "--threads", "1",
+              "--set", "unet.binding_weight=0.5", "--set", "unet.cond_drop=0.0"])
     rows = [json.loads(line) for line in (run / "unet.log").read_text().splitlines()]
     assert rows and all(0.0 < r["binding"] <= 1.0 for r in rows)
     _refuses_user_clips(config_file, tmp_path, run, "binding_weight")
     objects = tmp_path / "bind-object"  # all of each object's words, its motion's too; between objects only
-    train.main(["--config", str(config_file), "--stage", "unet", "--run-dir", str(objects), "--threads", "1",
-                "--init", str(run / "model.safetensors"), "--set", "unet.binding_weight=0.5",
-                "--set", "unet.binding_words=object", "--set", "unet.binding_contrast=true",
-                "--set", "unet.cond_drop=0.0"])
+    cli.main(["--config", str(config_file), "--stage", "unet", "--run-dir", str(objects), "--threads", "1",
+              "--init", str(run / "model.safetensors"), "--set", "unet.binding_weight=0.5",
+              "--set", "unet.binding_words=object", "--set", "unet.binding_contrast=true",
+              "--set", "unet.cond_drop=0.0"])
     rows = [json.loads(line) for line in (objects / "unet.log").read_text().splitlines()]
     assert rows and all(0.0 <= r["binding"] <= 1.0 for r in rows)  # 0 in a batch of single objects
     for setting, error in (("binding_words=verbs", "unet.binding_words: expected one of"),
                            ('binding_contrast="yes"', "unet.binding_contrast: expected true or false"),
                            ("binding_contrast=True", "booleans are true / false")):  # not the string "True"
         with pytest.raises(SystemExit, match=error):
-            train.main(["--config", str(config_file), "--stage", "unet", "--run-dir", str(objects), "--threads", "1",
-                        "--set", "unet.binding_weight=0.5", "--set", f"unet.{setting}"])
+            cli.main(["--config", str(config_file), "--stage", "unet", "--run-dir", str(objects), "--threads", "1",
+                      "--set", "unet.binding_weight=0.5", "--set", f"unet.{setting}"])
 
 
 def test_binding_targets_index_the_text_encoders_tokens():
     """Word i of a caption is token i + 1 of the built-in text encoder (<bos> first)."""
     spec = world.ClipSpec((world.ObjectSpec("red", "circle", "left", "slow", .3, .5, .1),))
-    text = train.TextEncoder(train.TextConfig())
+    text = TextEncoder(TextConfig())
     caption = "a red ball moving left slowly"
     ids, _, _ = text.tokenize(caption)
-    targets = train.binding_targets(spec, caption)
+    targets = data.binding_targets(spec, caption)
     assert targets == [[2, 3], [-1, -1]]
     assert ids[0, 2].item() == text.word_to_id["red"] and ids[0, 3].item() == text.word_to_id["ball"]
-    assert train.binding_targets(spec, caption, "object") == [[2, 3, 4, 5, 6, -1, -1, -1], [-1] * 8]
+    assert data.binding_targets(spec, caption, "object") == [[2, 3, 4, 5, 6, -1, -1, -1], [-1] * 8]
     with pytest.raises(ValueError, match="unet.binding_words: expected one of"):
-        train.binding_targets(spec, caption, "verbs")
+        data.binding_targets(spec, caption, "verbs")
 
 
 def test_first_frame_prob_trains_image_to_video_and_the_file_says_so(config_file, tmp_path):
     """unet.first_frame_prob: frame 0 of that share of clips is given clean at timestep 0 and
     not scored; the exported UNet config has image_first, so sampling goes image, then video."""
     torch.manual_seed(0)
-    mask = train.given_first_frames(2000, 4, 0.7).view(2000, 4)
+    mask = unet_stage.given_first_frames(2000, 4, 0.7).view(2000, 4)
     assert not mask[:, 1:].any() and 0.65 < mask[:, 0].float().mean() < 0.75
-    assert not train.given_first_frames(3, 4, 0.0).any() and train.given_first_frames(3, 4, 1.0).view(3, 4)[:, 0].all()
+    assert not unet_stage.given_first_frames(3, 4, 0.0).any() and unet_stage.given_first_frames(3, 4, 1.0).view(3, 4)[:, 0].all()
 
     out = tmp_path / "i2v.safetensors"
-    train.main(["--config", str(config_file), "--stage", "all", "--run-dir", str(tmp_path / "r"), "--threads", "1",
-                "--set", "unet.first_frame_prob=1.0", "--out", str(out)])
+    cli.main(["--config", str(config_file), "--stage", "all", "--run-dir", str(tmp_path / "r"), "--threads", "1",
+              "--set", "unet.first_frame_prob=1.0", "--out", str(out)])
     bundle = checkpoint.load_model(out)
     assert bundle.unet.config.image_first is True
     with pytest.raises(SystemExit, match="first_frame_prob must be between 0 and 1, got 2"):
-        train.main(["--config", str(config_file), "--stage", "unet", "--run-dir", str(tmp_path / "r"), "--threads", "1",
-                    "--set", "unet.first_frame_prob=2"])
+        cli.main(["--config", str(config_file), "--stage", "unet", "--run-dir", str(tmp_path / "r"), "--threads", "1",
+                  "--set", "unet.first_frame_prob=2"])
 
 
 def test_low_t_fraction_draws_that_share_of_timesteps_from_the_low_noise_end(config_file, tmp_path):
     """unet.low_t_fraction / low_t_max: that share of clips trains on timesteps below low_t_max,
     the rest stay uniform over the schedule; out-of-range values are refused before training."""
     torch.manual_seed(0)
-    uniform = train.sample_timesteps(20000, 1000)
+    uniform = unet_stage.sample_timesteps(20000, 1000)
     assert uniform.min() >= 0 and uniform.max() == 999 and 0.27 < (uniform < 300).float().mean() < 0.33
-    tilted = train.sample_timesteps(20000, 1000, 0.5, 300)
+    tilted = unet_stage.sample_timesteps(20000, 1000, 0.5, 300)
     # half below 300 for sure, plus 30% of the uniform half: 0.65
     assert tilted.max() > 900 and 0.62 < (tilted < 300).float().mean() < 0.68
-    assert train.sample_timesteps(500, 1000, 1.0, 50).max() < 50
-    train.main(["--config", str(config_file), "--stage", "all", "--run-dir", str(tmp_path / "r"), "--threads", "1",
-                "--set", "unet.low_t_fraction=0.5", "--set", "unet.low_t_max=100"])
+    assert unet_stage.sample_timesteps(500, 1000, 1.0, 50).max() < 50
+    cli.main(["--config", str(config_file), "--stage", "all", "--run-dir", str(tmp_path / "r"), "--threads", "1",
+              "--set", "unet.low_t_fraction=0.5", "--set", "unet.low_t_max=100"])
     assert (tmp_path / "r" / "model.safetensors").exists()
     for bad, found in (("unet.low_t_fraction=1.5", "1.5 and 300"), ("unet.low_t_max=0", "0.0 and 0")):
         with pytest.raises(SystemExit, match=f"low_t_fraction must be in \\[0, 1\\].*got {found}"):
-            train.main(["--config", str(config_file), "--stage", "unet", "--run-dir", str(tmp_path / "r"),
-                        "--threads", "1", "--set", bad])
+            cli.main(["--config", str(config_file), "--stage", "unet", "--run-dir", str(tmp_path / "r"),
+                      "--threads", "1", "--set", bad])
 
 
 def test_separation_loss_pushes_shape_twins_apart_in_latent_stds(config_file, tmp_path):
@@ -376,25 +380,25 @@ def test_separation_loss_pushes_shape_twins_apart_in_latent_stds(config_file, tm
     x = torch.rand(4, 3, 8, 8)
     x[3] = x[1]  # the second pair: pixels alike, so no pair
     z = torch.randn(4, 4, 2, 2)
-    loss = train.separation_loss(z, x, margin=100.0)
+    loss = vae_stage.separation_loss(z, x, margin=100.0)
     d2 = (z[0] - z[2]).pow(2).sum() / z.var()
     assert torch.isclose(loss, 1 - d2 / 100.0**2)
-    assert torch.isclose(train.separation_loss(z * 7, x, 100.0), loss)
-    assert train.separation_loss(z, x, margin=1e-3) == 0  # far enough apart already
+    assert torch.isclose(vae_stage.separation_loss(z * 7, x, 100.0), loss)
+    assert vae_stage.separation_loss(z, x, margin=1e-3) == 0  # far enough apart already
     far = z.clone()
     far[2] = z[0] + 0.01  # twins almost alike: the whole unit cost
-    assert train.separation_loss(far, x, 3.0) > 0.99
+    assert vae_stage.separation_loss(far, x, 3.0) > 0.99
 
     run = tmp_path / "r"
-    train.main(["--config", str(config_file), "--stage", "vae", "--run-dir", str(run), "--threads", "1",
-                "--set", "vae.separation_weight=0.5"])
+    cli.main(["--config", str(config_file), "--stage", "vae", "--run-dir", str(run), "--threads", "1",
+              "--set", "vae.separation_weight=0.5"])
     logged = [json.loads(line) for line in (run / "vae.log").read_text().splitlines()]
     assert all(0 <= entry["sep"] <= 1 for entry in logged)
     clips = tmp_path / "clips"
     clips.mkdir()
     with pytest.raises(SystemExit, match="separation_weight trains the encoder on the world's shape twins"):
-        train.main(["--config", str(config_file), "--stage", "vae", "--run-dir", str(tmp_path / "f"), "--threads", "1",
-                    "--data-dir", str(clips), "--set", "vae.separation_weight=0.5"])
+        cli.main(["--config", str(config_file), "--stage", "vae", "--run-dir", str(tmp_path / "f"), "--threads", "1",
+                  "--data-dir", str(clips), "--set", "vae.separation_weight=0.5"])
 
 
 def test_a_retrained_vae_under_a_trained_unet(config_file, tmp_path):
@@ -402,12 +406,12 @@ def test_a_retrained_vae_under_a_trained_unet(config_file, tmp_path):
     then the unet stage from the same file in the same folder keeps that new VAE (not the
     file's) and exports the UNet trained on its latents with it."""
     first = tmp_path / "first.safetensors"
-    train.main(["--config", str(config_file), "--stage", "all", "--run-dir", str(tmp_path / "a"), "--threads", "1",
-                "--out", str(first)])
+    cli.main(["--config", str(config_file), "--stage", "all", "--run-dir", str(tmp_path / "a"), "--threads", "1",
+              "--out", str(first)])
     run = tmp_path / "sep"
     common = ["--config", str(config_file), "--run-dir", str(run), "--threads", "1", "--init", str(first)]
-    train.main(common + ["--stage", "vae", "--set", "vae.separation_weight=0.5"])
-    train.main(common + ["--stage", "unet"])
+    cli.main(common + ["--stage", "vae", "--set", "vae.separation_weight=0.5"])
+    cli.main(common + ["--stage", "unet"])
     old, new = checkpoint.load_model(first), checkpoint.load_model(run / "model.safetensors")
     retrained = checkpoint.load_model(run / "vae.safetensors").vae.state_dict()
     assert all(torch.equal(v, retrained[k]) for k, v in new.vae.state_dict().items())
@@ -419,53 +423,53 @@ def test_decoder_on_unet_outputs(config_file, tmp_path):
     """vae.decoder_unet_max_t: the decoder stage decodes the frozen UNet's one-step x0 predictions
     of noised clips (half of them left clean), starting from a MagicVideo file in a fresh folder."""
     first = tmp_path / "first.safetensors"
-    train.main(["--config", str(config_file), "--stage", "all", "--run-dir", str(tmp_path / "a"), "--threads", "1",
-                "--out", str(first)])
+    cli.main(["--config", str(config_file), "--stage", "all", "--run-dir", str(tmp_path / "a"), "--threads", "1",
+              "--out", str(first)])
     run = tmp_path / "dec"
     run.mkdir()
-    train._adopt_model(train.magicvideo_init(str(first)), run)
-    denoise = train._decoder_denoiser(run, torch.device("cpu"))
+    export.adopt_model(export.magicvideo_init(str(first)), run)
+    denoise = vae_stage._decoder_denoiser(run, torch.device("cpu"))
     torch.manual_seed(0)
     z = torch.randn(8 * 4, 4, 4, 4)
     out = denoise(z, ["a red circle moving to the left"] * 8, 4, 300).view(8, 4, 4, 4, 4)
     kept = [torch.equal(out[i], z.view(8, 4, 4, 4, 4)[i]) for i in range(8)]
     assert any(kept) and not all(kept)  # some clips clean, the others the UNet's x0
 
-    train.main(["--config", str(config_file), "--stage", "decoder", "--run-dir", str(run), "--threads", "1",
-                "--init", str(first), "--set", "vae.decoder_unet_max_t=300", "--set", "vae.decoder_steps=2"])
+    cli.main(["--config", str(config_file), "--stage", "decoder", "--run-dir", str(run), "--threads", "1",
+              "--init", str(first), "--set", "vae.decoder_unet_max_t=300", "--set", "vae.decoder_steps=2"])
     before, after = checkpoint.load_model(first).vae.state_dict(), checkpoint.load_model(run / "vae.safetensors").vae.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("encoder.", "quant_conv.")))
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
 
     with pytest.raises(SystemExit, match="needs a UNet with its text encoder"):
-        train.main(["--config", str(config_file), "--stage", "decoder", "--run-dir", str(tmp_path / "empty"),
-                    "--threads", "1", "--set", "vae.decoder_unet_max_t=300", "--set", "vae.decoder_steps=2"])
+        cli.main(["--config", str(config_file), "--stage", "decoder", "--run-dir", str(tmp_path / "empty"),
+                  "--threads", "1", "--set", "vae.decoder_unet_max_t=300", "--set", "vae.decoder_steps=2"])
 
 
 def test_decoder_trains_on_sampled_pairs(config_file, tmp_path):
     """vae.decoder_pairs: the sampler's latents of world clips noised part-way (make_decoder_pairs,
     experiments/decoder_pairs.py), decoded against those clips; the file says what it is."""
     first = tmp_path / "first.safetensors"
-    train.main(["--config", str(config_file), "--stage", "all", "--run-dir", str(tmp_path / "a"), "--threads", "1",
-                "--out", str(first)])
+    cli.main(["--config", str(config_file), "--stage", "all", "--run-dir", str(tmp_path / "a"), "--threads", "1",
+              "--out", str(first)])
     bundle = checkpoint.load_model(first)
     settings = {"frames": 4, "size": 32, "steps": 4, "cfg": 2.0}
-    pairs = train.make_decoder_pairs(bundle, 3, 5, (0.3, 0.5), **settings)
+    pairs = data.make_decoder_pairs(bundle, 3, 5, (0.3, 0.5), **settings)
     assert pairs["latents"].shape == (3, 4, 4, 4, 4)
     assert all(0.3 <= s <= 0.5 for s in pairs["strengths"].tolist())
     assert not any(s.heldout for s in pairs["specs"])  # training clips only
-    again = train.make_decoder_pairs(bundle, 3, 5, (0.3, 0.5), **settings)
+    again = data.make_decoder_pairs(bundle, 3, 5, (0.3, 0.5), **settings)
     assert torch.equal(again["latents"], pairs["latents"]) and again["captions"] == pairs["captions"]
     with torch.no_grad():  # the sampler's latents, not the encoder's
         clip = world.render(pairs["specs"][0], 4, 32).permute(0, 3, 1, 2) * 2 - 1
         encoded = bundle.vae.encode_dist(clip)[0] * bundle.vae.config.scaling_factor
     assert not torch.allclose(encoded, pairs["latents"][0], atol=1e-3)
     with pytest.raises(ValueError, match="0 < low <= high <= 1"):
-        train.make_decoder_pairs(bundle, 1, 5, (0.0, 0.5), **settings)
+        data.make_decoder_pairs(bundle, 1, 5, (0.0, 0.5), **settings)
 
     path = tmp_path / "pairs.safetensors"
-    train.save_decoder_pairs(path, pairs)
-    loaded = train.load_decoder_pairs(str(path))
+    data.save_decoder_pairs(path, pairs)
+    loaded = data.load_decoder_pairs(str(path))
     assert (len(loaded), loaded.frames, loaded.size) == (3, 4, 32)
     z, clips = loaded.batch(np.random.default_rng(0), 2)
     assert z.shape == (2, 4, 4, 4, 4) and clips.shape == (2, 4, 3, 32, 32)
@@ -473,15 +477,15 @@ def test_decoder_trains_on_sampled_pairs(config_file, tmp_path):
     assert torch.allclose(clips[0], world.render(pairs["specs"][i], 4, 32).permute(0, 3, 1, 2) * 2 - 1)
 
     run = tmp_path / "dec"
-    train.main(["--config", str(config_file), "--stage", "decoder", "--run-dir", str(run), "--threads", "1",
-                "--init", str(first), "--set", f"vae.decoder_pairs={json.dumps([str(path)])}",
-                "--set", "vae.decoder_steps=2", "--set", "vae.batch_size=2"])
+    cli.main(["--config", str(config_file), "--stage", "decoder", "--run-dir", str(run), "--threads", "1",
+              "--init", str(first), "--set", f"vae.decoder_pairs={json.dumps([str(path)])}",
+              "--set", "vae.decoder_steps=2", "--set", "vae.batch_size=2"])
     logged = [json.loads(line) for line in (run / "decoder.log").read_text().splitlines()]
     assert all(r["rec_pairs"] > 0 for r in logged)
     before, after = bundle.vae.state_dict(), checkpoint.load_model(run / "vae.safetensors").vae.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("encoder.", "quant_conv.")))
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
-    train.main(["--config", str(config_file), "--stage", "export", "--run-dir", str(run)])
+    cli.main(["--config", str(config_file), "--stage", "export", "--run-dir", str(run)])
     exported = checkpoint.load_model(run / "model.safetensors")  # the init's UNet with the new decoder
     assert all(torch.equal(v, bundle.unet.state_dict()[k]) for k, v in exported.unet.state_dict().items())
     assert all(torch.equal(v, after[k]) for k, v in exported.vae.state_dict().items())
@@ -489,48 +493,48 @@ def test_decoder_trains_on_sampled_pairs(config_file, tmp_path):
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(path.read_bytes()[:200])
     with pytest.raises(SystemExit, match="cannot read"):
-        train.load_decoder_pairs([truncated])
+        data.load_decoder_pairs([truncated])
     with pytest.raises(SystemExit, match="not a decoder-pairs file"):
-        train.load_decoder_pairs([first])
+        data.load_decoder_pairs([first])
     with pytest.raises(SystemExit, match="4-frame clips; data.frames is 8"):
-        train.main(["--config", str(config_file), "--stage", "decoder", "--run-dir", str(run), "--threads", "1",
-                    "--set", f"vae.decoder_pairs={json.dumps([str(path)])}", "--set", "data.frames=8",
-                    "--set", "vae.decoder_steps=1"])
+        cli.main(["--config", str(config_file), "--stage", "decoder", "--run-dir", str(run), "--threads", "1",
+                  "--set", f"vae.decoder_pairs={json.dumps([str(path)])}", "--set", "data.frames=8",
+                  "--set", "vae.decoder_steps=1"])
     with pytest.raises(SystemExit, match="leaves at least one round trip"):
-        train.main(["--config", str(config_file), "--stage", "decoder", "--run-dir", str(run), "--threads", "1",
-                    "--set", f"vae.decoder_pairs={json.dumps([str(path)])}", "--set", "vae.decoder_pairs_share=1",
-                    "--set", "vae.batch_size=2", "--set", "vae.decoder_steps=1"])
+        cli.main(["--config", str(config_file), "--stage", "decoder", "--run-dir", str(run), "--threads", "1",
+                  "--set", f"vae.decoder_pairs={json.dumps([str(path)])}", "--set", "vae.decoder_pairs_share=1",
+                  "--set", "vae.batch_size=2", "--set", "vae.decoder_steps=1"])
     with pytest.raises(SystemExit, match="goes on from"):
-        train.main(["--config", str(config_file), "--stage", "decoder", "--run-dir", str(tmp_path / "none"),
-                    "--threads", "1", "--set", "vae.decoder_steps=1"])
+        cli.main(["--config", str(config_file), "--stage", "decoder", "--run-dir", str(tmp_path / "none"),
+                  "--threads", "1", "--set", "vae.decoder_steps=1"])
 
 
 def test_data_two_object_prob_reaches_the_world_source():
     args = argparse.Namespace(data_dir=None)
-    data = {"frames": 4, "size": 32, "fps": 8}
+    cfg = {"frames": 4, "size": 32, "fps": 8}
     counts = {}
     for p in (0.0, 1.0):
-        source = train.make_source({"data": {**data, "two_object_prob": p}}, args, seed=3)
+        source = data.make_source({"data": {**cfg, "two_object_prob": p}}, args, seed=3)
         _, _, specs = source.batch_with_specs(12)
         counts[p] = sum(len(s.objects) for s in specs)
     assert counts[0.0] == 12 and counts[1.0] > 20
-    assert train.make_source({"data": data}, args, seed=3).two_object_prob == 0.3
+    assert data.make_source({"data": cfg}, args, seed=3).two_object_prob == 0.3
 
 
 def test_data_motion_weights_reach_the_world_source_and_bad_ones_fail_at_start():
     args = argparse.Namespace(data_dir=None)
-    data = {"frames": 4, "size": 32, "fps": 8, "two_object_prob": 0.0}
-    source = train.make_source({"data": {**data, "motion_weights": {"rotate": 1000.0}}}, args, seed=3)
+    cfg = {"frames": 4, "size": 32, "fps": 8, "two_object_prob": 0.0}
+    source = data.make_source({"data": {**cfg, "motion_weights": {"rotate": 1000.0}}}, args, seed=3)
     _, _, specs = source.batch_with_specs(8)
     assert sum(s.objects[0].motion == "rotate" for s in specs) >= 7
     with pytest.raises(ValueError, match=r"unknown motion\(s\) \['sideways'\]"):
-        train.make_source({"data": {**data, "motion_weights": {"sideways": 2}}}, args, seed=3)
+        data.make_source({"data": {**cfg, "motion_weights": {"sideways": 2}}}, args, seed=3)
 
 
 def test_time_budget_fits_the_schedule_to_the_minutes_measured_after_warm_up(monkeypatch):
     clock = {"now": 100.0}
-    monkeypatch.setattr(train.time, "time", lambda: clock["now"])
-    budget = train.TimeBudget(1.0, start=0)  # 60 s from now
+    monkeypatch.setattr(loop.time, "time", lambda: clock["now"])
+    budget = loop.TimeBudget(1.0, start=0)  # 60 s from now
     fitted, total = [], 5000
     for step in range(100):
         clock["now"] += 5.0 if step < 10 else 0.1  # slow warm-up steps, then 10 steps/s
@@ -544,7 +548,7 @@ def test_time_budget_fits_the_schedule_to_the_minutes_measured_after_warm_up(mon
     assert steps == pytest.approx(30 + 10 * left, abs=3)
     # the rate is measured again every RECHECK steps: a run that slows down is cut further
     clock["now"] = 0.0
-    slowing = train.TimeBudget(1.0, start=0)
+    slowing = loop.TimeBudget(1.0, start=0)
     cuts = []
     for step in range(400):
         clock["now"] += 0.1 if step <= 30 else 0.2  # 10 steps/s while measured, then 5
@@ -559,37 +563,37 @@ def test_time_budget_fits_the_schedule_to_the_minutes_measured_after_warm_up(mon
     assert cuts[-1][1] * 0.2 == pytest.approx(60.0 + 30 * 0.1, rel=0.1)  # ends near 60 s
     # a budget longer than the configured steps need leaves the schedule alone
     clock["now"] = 0.0
-    roomy = train.TimeBudget(60.0, start=0)
+    roomy = loop.TimeBudget(60.0, start=0)
     assert all(roomy.fit(s, 200) is None for s in range(60))
     with pytest.raises(SystemExit, match="--minutes must be more than 0"):
-        train.TimeBudget(0.0, start=0)
+        loop.TimeBudget(0.0, start=0)
 
 
 def test_minutes_and_bf16_autocast_run_the_unet_stage_and_record_the_fitted_schedule(config_file, tmp_path):
     run = tmp_path / "run"
     base = ["--config", str(config_file), "--run-dir", str(run), "--threads", "1"]
-    train.main(base + ["--stage", "vae"])
-    train.main(base + ["--stage", "unet", "--minutes", "0.001", "--set", "unet.steps=5000",
-                       "--set", "unet.autocast=bf16"])
+    cli.main(base + ["--stage", "vae"])
+    cli.main(base + ["--stage", "unet", "--minutes", "0.001", "--set", "unet.steps=5000",
+                     "--set", "unet.autocast=bf16"])
     recorded = json.loads((run / "config.json").read_text())["unet"]
     assert recorded["steps"] == 31 and recorded["autocast"] == "bf16"  # no time left after measuring
     logged = [json.loads(line) for line in (run / "unet.log").read_text().splitlines()]
     assert logged[-1]["step"] == 30 and np.isfinite(logged[-1]["loss"])
-    assert logged[-1]["lr"] == pytest.approx(train.cosine_lr(30, 31, TINY["unet"]["lr"]))
+    assert logged[-1]["lr"] == pytest.approx(loop.cosine_lr(30, 31, TINY["unet"]["lr"]))
     assert json.loads(checkpoint.load_model(run / "model.safetensors").metadata["training_recipe"])["unet"]["steps"] == 31
     with pytest.raises(SystemExit, match="unet.autocast: expected none or bf16, found 'fp8'"):
-        train.main(base + ["--stage", "unet", "--set", "unet.autocast=fp8"])
+        cli.main(base + ["--stage", "unet", "--set", "unet.autocast=fp8"])
 
 
 def test_profile_writes_where_the_steps_time_goes(config_file, tmp_path):
     run = tmp_path / "run"
     base = ["--config", str(config_file), "--run-dir", str(run), "--threads", "1"]
-    train.main(base + ["--stage", "vae"])
-    train.main(base + ["--stage", "unet", "--set", "unet.steps=38", "--profile", "2"])
+    cli.main(base + ["--stage", "vae"])
+    cli.main(base + ["--stage", "unet", "--set", "unet.steps=38", "--profile", "2"])
     text = (run / "profile.txt").read_text()
     first = text.splitlines()[0]
     assert first.startswith("2 steps profiled from step 35 on cpu:") and float(first.split(", ")[1].split()[0]) > 0
     assert "Self CPU" in text and "aten::convolution" in text  # the UNet's own ops, by their own time
     with pytest.raises(SystemExit, match="--profile must be at least 1 step, got 0"):
-        train.main(base + ["--stage", "unet", "--profile", "0"])
+        cli.main(base + ["--stage", "unet", "--profile", "0"])
 

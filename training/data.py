@@ -1,0 +1,331 @@
+"""What training learns from: clips, the weights and word targets made from them, and pools.
+
+Clips come from the procedural world (``WorldSource``, the bundled default) or from a folder
+of the user's clips with a caption beside each (``FolderSource``); ``make_source`` picks one
+from the config and the command line. The UNet stage sees them through a ``LatentPool`` of
+VAE latents, each with its loss weights (object cells up) and, for the binding loss, the
+token indices of each object's words in its caption (``binding_targets``). The decoder stage
+can also learn from ``DecoderPairs``: what the sampler made of world clips, against the clips.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..models import world
+from ..models.vae import VideoVAE
+
+
+class WorldSource:
+    """Clips of the procedural world, made on the fly (deterministic by seed)."""
+
+    def __init__(self, seed: int, frames: int, size: int, split: str = "train",
+                 two_object_prob: float = world.TWO_OBJECT_PROB, motion_weights: dict[str, float] | None = None):
+        self.rng = np.random.default_rng(seed)
+        self.frames, self.size, self.split = frames, size, split
+        self.two_object_prob = two_object_prob
+        self.motion_weights = motion_weights
+        world.motion_probs(world.split_triples(split), motion_weights)  # a bad setting fails here, not mid-run
+
+    def batch(self, batch_size: int):
+        """-> videos [B, F, 3, H, W] in -1..1, captions list[str]"""
+        videos, captions, _ = self.batch_with_specs(batch_size)
+        return videos, captions
+
+    def batch_with_specs(self, batch_size: int):
+        """-> videos, captions, the clips' specs (for the training aids that need them)"""
+        return world.batch(self.rng, batch_size, self.frames, self.size, self.split, self.two_object_prob,
+                           self.motion_weights)
+
+    def batch_with_twins(self, batch_size: int):
+        """-> videos [2B, F, 3, H, W]: B clips, then each clip's shape twin (world.shape_twin)."""
+        videos, captions, specs = self.batch_with_specs(batch_size)
+        twins = world.render_batch([world.shape_twin(s, self.rng) for s in specs], self.frames, self.size)
+        return torch.cat([videos, twins.permute(0, 1, 4, 2, 3) * 2 - 1]), captions
+
+
+class FolderSource:
+    """The user's own clips: every video in a folder, captions from a .txt beside each.
+
+    Clips are decoded once with PyAV (at most ``frames`` frames from a random start), centre
+    cropped to a square and resized to ``size``. A clip without a caption file trains with
+    the empty caption (unconditional), which is reported once at start.
+    """
+
+    EXTENSIONS = {".mp4", ".webm", ".mov", ".mkv", ".gif", ".avi"}
+
+    def __init__(self, folder: str, seed: int, frames: int, size: int):
+        from ..models.video_io import read_video
+
+        paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in self.EXTENSIONS)
+        if not paths:
+            raise ValueError(f"no video files ({', '.join(sorted(self.EXTENSIONS))}) found in {folder}")
+        self.clips, self.captions, missing = [], [], []
+        for path in paths:
+            frames_hw3 = read_video(str(path)).frames  # [F, H, W, 3] in 0..1
+            if frames_hw3.shape[0] < frames:
+                raise ValueError(f"{path.name}: has {frames_hw3.shape[0]} frames, training needs at least {frames}")
+            self.clips.append(_square_resize(frames_hw3, size))
+            txt = path.with_suffix(".txt")
+            self.captions.append(txt.read_text().strip() if txt.exists() else "")
+            if not txt.exists():
+                missing.append(path.name)
+        if missing:
+            print(f"[train] {len(missing)} clip(s) have no caption file and train unconditionally: {missing[:5]}")
+        self.rng = random.Random(seed)
+        self.frames = frames
+
+    def batch(self, batch_size: int):
+        videos, captions = [], []
+        for _ in range(batch_size):
+            i = self.rng.randrange(len(self.clips))
+            clip = self.clips[i]
+            start = self.rng.randrange(clip.shape[0] - self.frames + 1)
+            videos.append(clip[start : start + self.frames])
+            captions.append(self.captions[i])
+        return torch.stack(videos) * 2 - 1, captions
+
+
+def _square_resize(frames_hw3: torch.Tensor, size: int) -> torch.Tensor:
+    """[F, H, W, 3] -> [F, 3, size, size] (centre crop, area resize)."""
+    x = frames_hw3.permute(0, 3, 1, 2).float()
+    h, w = x.shape[-2:]
+    s = min(h, w)
+    x = x[..., (h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
+    return F.interpolate(x, size=(size, size), mode="area")
+
+
+def make_source(cfg: dict, args, seed: int):
+    data = cfg["data"]
+    if args.data_dir:
+        return FolderSource(args.data_dir, seed, data["frames"], data["size"])
+    return WorldSource(seed, data["frames"], data["size"], split="train",
+                       two_object_prob=float(data.get("two_object_prob", world.TWO_OBJECT_PROB)),
+                       motion_weights=data.get("motion_weights"))
+
+
+def foreground_weights(x: torch.Tensor, weight: float) -> torch.Tensor:
+    """Per-pixel loss weights 1 + ``weight`` on pixels that differ from their frame's median colour.
+
+    Small objects on large plain backgrounds are a few percent of the pixels, so a plain
+    reconstruction loss learns the background first and the objects' colours last; this
+    weights the (generic) "not the dominant colour" pixels up. ``weight=0`` is the plain loss.
+    """
+    if weight <= 0:
+        return torch.ones_like(x[:, :1])
+    median = x.flatten(2).median(dim=2).values[:, :, None, None]
+    foreground = ((x - median).abs().amax(dim=1, keepdim=True) > 0.2).float()
+    return 1 + weight * foreground
+
+
+def latent_weights(pixels: torch.Tensor, latent_hw, frames: int, weight: float) -> torch.Tensor:
+    """Denoising-loss weights on the latent grid: 1 + ``weight`` on latent cells that cover
+    object pixels, i.e. pixels unlike their frame's median colour (``foreground_weights``) or
+    unlike their own median over the clip (anything that moves).
+
+    Objects are a few latent cells of an 8x8 grid, so the plain loss is mostly background;
+    what the prompt asks for (shape, where it goes) is in those few cells.
+    pixels [(b f), 3, H, W] -> [(b f), 1, h, w].
+    """
+    if weight <= 0:
+        return torch.ones(pixels.shape[0], 1, *latent_hw, device=pixels.device)
+    still = foreground_weights(pixels, 1.0) - 1
+    clips = pixels.view(-1, frames, *pixels.shape[1:])
+    moving = ((clips - clips.median(dim=1, keepdim=True).values).abs().amax(dim=2, keepdim=True) > 0.2)
+    mask = torch.maximum(still, moving.flatten(0, 1).float())
+    return 1 + weight * F.adaptive_max_pool2d(mask, tuple(latent_hw))
+
+
+BINDING_WORDS = {"noun": 2, "object": 8}  # unet.binding_words -> word slots per object
+
+
+def binding_slots(words: str) -> int:
+    """Word slots per object of a ``unet.binding_words`` setting; ValueError naming the choices."""
+    if words not in BINDING_WORDS:
+        raise ValueError(f"unet.binding_words: expected one of {sorted(BINDING_WORDS)}, found {words!r}")
+    return BINDING_WORDS[words]
+
+
+def binding_targets(spec: world.ClipSpec, caption: str, words: str = "noun") -> list[list[int]]:
+    """[MAX_OBJECTS, slots] token indices, in the built-in text encoder's ids (<bos> first, so
+    word i is token i + 1), of each object's colour and shape word ("noun", 2 slots) or of all
+    its words, its motion and speed words too ("object", 8 slots); -1 where none (an absent
+    object, a shorter phrase)."""
+    slots = binding_slots(words)
+    rows = []
+    for pos in world.object_word_positions(caption, spec, motion=words == "object"):
+        if len(pos) > slots:
+            raise ValueError(f"caption {caption!r} names an object with {len(pos)} words; binding keeps {slots}")
+        rows.append([i + 1 for i in pos] + [-1] * (slots - len(pos)))
+    return rows + [[-1] * slots] * (world.MAX_OBJECTS - len(rows))
+
+
+class LatentPool:
+    """Clips encoded once by the frozen VAE, refreshed a few clips per step.
+
+    Encoding every clip at every step costs about as much as the UNet step itself on a
+    CPU; a pool that is topped up with ``refresh`` fresh clips per step halves that and
+    still shows the UNet a new clip every few steps. Captions stay raw text so the text
+    encoder trains on them.
+    """
+
+    def __init__(self, source, vae: VideoVAE, size: int, refresh: int, device, seed: int,
+                 foreground_weight: float = 0.0, labels: bool = False, binding: str | None = None):
+        self.source, self.vae, self.refresh, self.device = source, vae, refresh, device
+        self.foreground_weight = foreground_weight
+        self.rng = np.random.default_rng(seed)
+        self.with_labels = labels
+        self.binding_words = binding  # which words (``binding_targets``), None: no binding targets
+        self.latents, self.captions, self.weights, self.labels = [], [], [], []
+        self.coverage, self.words = [], []  # binding targets: where each object is, its words
+        while len(self.latents) < size:
+            print(f"\r[train unet] encoding the latent pool: {len(self.latents)}/{size}", end="", file=sys.stderr)
+            self._add(min(16, size - len(self.latents)))
+        print(file=sys.stderr)
+
+    @torch.no_grad()
+    def _add(self, n: int):
+        if self.with_labels or self.binding_words:
+            videos, captions, specs = self.source.batch_with_specs(n)
+        else:
+            (videos, captions), specs = self.source.batch(n), None
+        b, f = videos.shape[:2]
+        pixels = videos.flatten(0, 1).to(self.device)
+        latents = self.vae.encode(pixels, chunk_size=None)
+        weights = latent_weights(pixels, latents.shape[-2:], f, self.foreground_weight)
+        self.latents.extend(latents.view(b, f, *latents.shape[1:]).cpu())
+        self.weights.extend(weights.view(b, f, *weights.shape[1:]).cpu())
+        self.captions.extend(captions)
+        if self.with_labels:
+            self.labels.extend(torch.tensor([world.attribute_labels(s) for s in specs]))
+        if self.binding_words:
+            self.coverage.extend(world.object_coverage(specs, f, videos.shape[-1], latents.shape[-1]))
+            self.words.extend(torch.tensor([binding_targets(s, c, self.binding_words) for s, c in zip(specs, captions)]))
+
+    def batch(self, batch_size: int):
+        """-> latents [(b f), 4, h, w] (scaled), captions, loss weights [(b f), 1, h, w],
+        attribute labels [b, n] and binding targets (coverage [b, f, MAX_OBJECTS, h, w], words
+        [b, MAX_OBJECTS, slots]); each None unless the pool keeps it. Replaces the oldest clips."""
+        if self.refresh:
+            self._add(self.refresh)
+            for kept in (self.latents, self.captions, self.weights, self.labels, self.coverage, self.words):
+                del kept[: self.refresh]
+        idx = self.rng.choice(len(self.latents), batch_size, replace=False)
+
+        def stack(items):
+            return torch.stack([items[i] for i in idx]).to(self.device)
+
+        labels = stack(self.labels) if self.with_labels else None
+        binding = (stack(self.coverage), stack(self.words)) if self.binding_words else None
+        return (stack(self.latents).flatten(0, 1), [self.captions[i] for i in idx],
+                stack(self.weights).flatten(0, 1), labels, binding)
+
+
+PAIRS_FORMAT, PAIRS_VERSION = "magicvideo-decoder-pairs", "1"
+
+
+def make_decoder_pairs(bundle, n: int, seed: int, strengths: tuple[float, float] = (0.2, 0.6), *,
+                       frames: int = world.REFERENCE_FRAMES, size: int = world.REFERENCE_SIZE,
+                       progress=None, **sample_kwargs) -> dict:
+    """For ``vae.decoder_pairs``: what the sampler makes of ``n`` training clips of the world.
+
+    Each clip (train split, so no held-out triple) is VAE-encoded, noised to a strength drawn
+    uniformly from ``strengths`` and finished by the model with ``sample_kwargs`` (give the
+    main workflow's settings: cfg, cfg_end, steps, motion guidance). The layout stays the
+    clip's, so the clip is the target for decoding the sampled latents: the decoder learns to
+    read the latents the UNet really ends its chains on (full chains, not one-step guesses),
+    which are not the encoder's. -> {"latents": [n, F, C, h, w] float32 (scaled, as the UNet
+    sees them), "strengths": [n], "specs": [ClipSpec], "captions": [str]}; the clips themselves
+    are rendered again from the specs when training."""
+    from ..models.pipeline import text_to_video
+
+    lo, hi = strengths
+    if not 0.0 < lo <= hi <= 1.0:
+        raise ValueError(f"strengths: expected 0 < low <= high <= 1, found {strengths}")
+    rng = np.random.default_rng(seed)
+    latents, strength, specs, captions = [], [], [], []
+    for i in range(n):
+        spec = world.sample_spec(rng, "train")
+        text = world.caption(spec, rng)
+        s = float(rng.uniform(lo, hi))
+        latents.append(text_to_video(bundle, text, frames=frames, width=size, height=size, seed=int(rng.integers(2**31)),
+                                     init_video=world.render(spec, frames, size), denoise=s, latents_only=True,
+                                     **sample_kwargs))
+        strength.append(s)
+        specs.append(spec)
+        captions.append(text)
+        if progress is not None:
+            progress(i + 1, n)
+    return {"latents": torch.stack(latents), "strengths": torch.tensor(strength), "specs": specs, "captions": captions,
+            "size": size}
+
+
+def save_decoder_pairs(path, pairs: dict, settings: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    meta = {"format": PAIRS_FORMAT, "version": PAIRS_VERSION, "captions": json.dumps(pairs["captions"]),
+            "specs": json.dumps([s.to_dict() for s in pairs["specs"]]), "size": str(pairs["size"]),
+            "settings": json.dumps(settings or {})}
+    save_file({"latents": pairs["latents"].contiguous(), "strengths": pairs["strengths"].contiguous()},
+              str(path), metadata=meta)
+
+
+class DecoderPairs:
+    """Sampled latents with the world clips they were sampled from (``vae.decoder_pairs``)."""
+
+    def __init__(self, latents: torch.Tensor, specs: list[world.ClipSpec], size: int):
+        self.latents, self.specs, self.size = latents, specs, size
+        self.frames = latents.shape[1]
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def batch(self, rng: np.random.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> latents [n, F, C, h, w] (scaled), clips [n, F, 3, H, W] in -1..1"""
+        idx = rng.choice(len(self), size=n, replace=False)
+        clips = world.render_batch([self.specs[i] for i in idx], self.frames, self.size)
+        return self.latents[idx], clips.permute(0, 1, 4, 2, 3) * 2 - 1
+
+
+def load_decoder_pairs(paths) -> DecoderPairs | None:
+    """One or more files of :func:`save_decoder_pairs` (a path or a list) as one set; None for
+    none. A file that is not one, or files that do not fit together, stop with what was found."""
+    from safetensors import SafetensorError, safe_open
+
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    if not paths:
+        return None
+    latents, specs, sizes = [], [], set()
+    for path in paths:
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != PAIRS_FORMAT:
+                    raise SystemExit(f"vae.decoder_pairs: {path} is not a decoder-pairs file "
+                                     f"(format {meta.get('format')!r}, expected {PAIRS_FORMAT!r})")
+                if meta.get("version") != PAIRS_VERSION:
+                    raise SystemExit(f"vae.decoder_pairs: {path} is version {meta.get('version')!r}; "
+                                     f"this code reads version {PAIRS_VERSION}")
+                z = f.get_tensor("latents")
+                file_specs = [world.ClipSpec.from_dict(d) for d in json.loads(meta["specs"])]
+                sizes.add(int(meta["size"]))
+        except (OSError, ValueError, KeyError, SafetensorError) as err:  # missing, truncated, not safetensors
+            raise SystemExit(f"vae.decoder_pairs: cannot read {path}: {err}") from None
+        if z.ndim != 5 or z.shape[0] != len(file_specs):
+            raise SystemExit(f"vae.decoder_pairs: {path} holds latents {tuple(z.shape)} for {len(file_specs)} "
+                             "clips; expected [clips, frames, channels, h, w]")
+        if latents and z.shape[1:] != latents[0].shape[1:]:
+            raise SystemExit(f"vae.decoder_pairs: {path} holds latents of shape {tuple(z.shape[1:])} per clip, "
+                             f"{paths[0]} {tuple(latents[0].shape[1:])}")
+        latents.append(z)
+        specs += file_specs
+    if len(sizes) > 1:
+        raise SystemExit(f"vae.decoder_pairs: the files hold clips of different sizes {sorted(sizes)}")
+    return DecoderPairs(torch.cat(latents), specs, size=sizes.pop())

@@ -1,0 +1,318 @@
+"""Stage 2: the keyframe VideoUNet with its built-in text encoder (stage ``unet``).
+
+The losses first (the denoising loss's timesteps and given frames, the text-attribute probe,
+the binding loss), then the loop, whose EMA weights are what a run exports.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..models import checkpoint, world
+from ..models.sampling import training_schedule, video_noise
+from ..models.text import TextConfig, TextEncoder
+from ..models.unet import UNetConfig, VideoUNet
+from .data import LatentPool, binding_slots, make_source
+from .export import adopt_vae, export, lineage, magicvideo_init
+from .loop import Logger, StepProfile, TimeBudget, cosine_lr, load_state, save_state
+
+
+def sample_timesteps(n: int, num_timesteps: int, low_fraction: float = 0.0, low_max: int = 300,
+                     device=None) -> torch.Tensor:
+    """One training timestep per clip: uniform over the schedule, except that a share
+    ``low_fraction`` of the clips draws from [0, low_max) only. The low-noise end is where
+    a layout already chosen gets its fine detail (which of two latent cells a circle's rim
+    falls in), and uniform sampling spends only low_max/num_timesteps of the steps there."""
+    t = torch.randint(0, num_timesteps, (n,), device=device)
+    if low_fraction:
+        low = torch.rand(n, device=device) < low_fraction
+        t = torch.where(low, torch.randint(0, low_max, (n,), device=device), t)
+    return t
+
+
+def given_first_frames(videos: int, frames: int, prob: float, device=None) -> torch.Tensor:
+    """Per-frame mask ``[(b f)]``: frame 0 of each video with probability ``prob``, for
+    training image-to-video (Magic 1-For-1's factorisation) in the same UNet: a given frame
+    enters clean at timestep 0 and the other frames learn to continue it."""
+    mask = torch.zeros(videos, frames, dtype=torch.bool, device=device)
+    mask[:, 0] = torch.rand(videos, device=device) < prob
+    return mask.flatten()
+
+
+class TextAttributeProbe(torch.nn.Module):
+    """Training aid, not shipped: reads each object's colour, shape, motion and speed back
+    from the text encoder's output (mean over its tokens).
+
+    Trained only through the diffusion loss, the built-in text encoder of the 17,000-step
+    default kept colours and shapes apart but barely told "left" from "right", and its UNet
+    drew the same path for every direction word. This loss (``unet.text_aux_weight``, world
+    clips only: they come with their specs) makes every attribute the captions name
+    readable from the conditioning.
+    """
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.sizes = [len(c) for c in world.ATTRIBUTE_CLASSES.values()] * world.MAX_OBJECTS
+        self.net = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.GELU(),
+                                       torch.nn.Linear(width, sum(self.sizes)))
+
+    def logits(self, context: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """context [B, seq, width] -> one [B, classes] per label (object 1's four, then object 2's)."""
+        return self.net(context.mean(1)).split(self.sizes, dim=-1)
+
+    def loss(self, context: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """context [B, seq, width], labels [B, len(sizes)] (IGNORE_LABEL where none)."""
+        logits = self.logits(context)
+        losses = [F.cross_entropy(lg, labels[:, i], ignore_index=world.IGNORE_LABEL)
+                  for i, lg in enumerate(logits) if (labels[:, i] != world.IGNORE_LABEL).any()]
+        return torch.stack(losses).mean() if losses else context.sum() * 0
+
+
+def binding_loss(probs: list[torch.Tensor], coverage: torch.Tensor, words: torch.Tensor,
+                 contrast: bool = False) -> torch.Tensor:
+    """For ``unet.binding_weight``: each object's words should look at that object.
+
+    Measured (docs/TRAINING.md, "Binding"): the default's cross-attention gave each object's
+    cells as much attention on the other object's colour and shape words as on their own
+    (``scripts/conditioning_probe.py --binding``), so nothing could give two objects
+    different attributes. For every
+    cross-attention block, every object and each of its words, this takes the word's
+    attention over the block's cells (mean over heads) and scores the share of it that falls
+    on the object (``world.object_coverage`` pooled to the block's grid): loss = 1 - share,
+    averaged. A word that looks only at its object scores 0; one that looks everywhere
+    scores 1 - (the object's share of the frame).
+
+    Half of that can be had without binding, by words that look at every object and not at
+    the background (0.5 for two objects of one size). Measured (docs/TRAINING.md, "Binding
+    between the objects"): it fell from 0.86 to 0.66 in 880 steps (means of 20 logged steps)
+    while the probe's own vs other object's shares did not move. With ``contrast``
+    (``unet.binding_contrast``) the share is taken over the objects' cells only (own / (own
+    + the other objects')), in frames that show another object: 0 when the words look at
+    their object alone, 1 - (its share of the objects' area) when they look at all alike;
+    clips of one object do not count.
+
+    probs: per block [(b f), heads, cells, tokens] (``CrossAttention.record_probs``);
+    coverage [b, f, MAX_OBJECTS, h, w] on the latent grid; words [b, MAX_OBJECTS, slots]
+    token indices (``binding_targets``), -1 where none (an absent object, a dropped caption).
+    """
+    b, f, k = coverage.shape[:3]
+    slots = words.shape[-1]
+    idx = words.reshape(b, k * slots)
+    valid = (idx >= 0).repeat_interleave(f, dim=0)  # [(b f), k * slots]
+    if contrast:  # only where another object is in the frame
+        shown = coverage.flatten(3).sum(-1).flatten(0, 1) > 0  # [(b f), k]
+        others = (shown.sum(-1, keepdim=True) - shown.long()) > 0
+        valid = valid & others.repeat_interleave(slots, dim=1)
+    idx = idx.clamp(min=0).repeat_interleave(f, dim=0)
+    if not valid.any():
+        return sum(p.sum() for p in probs) * 0
+    losses = []
+    for p in probs:
+        cells = p.shape[2]
+        side = math.isqrt(cells)
+        if side * side != cells:
+            raise ValueError(f"cross-attention over {cells} cells is not a square grid")
+        cov = F.adaptive_avg_pool2d(coverage.flatten(0, 2), side).view(b * f, k, cells)  # [(b f), k, cells]
+        look = p.mean(1).gather(-1, idx[:, None, :].expand(-1, cells, -1)).transpose(1, 2)  # [(b f), k * slots, cells]
+        scope = (look * cov.sum(1, keepdim=True)).sum(-1) if contrast else look.sum(-1)
+        share = (look * cov.repeat_interleave(slots, dim=1)).sum(-1) / scope.clamp_min(1e-8)  # a row per word
+        losses.append(((1 - share) * valid).sum() / valid.sum())
+    return torch.stack(losses).mean()
+
+
+class EMA:
+    """Exponential moving average of a module's weights (the weights we ship)."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = copy.deepcopy(module).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module, step: int):
+        d = min(self.decay, (1 + step) / (10 + step))  # warm up: early averages follow closely
+        shadow = list(self.shadow.parameters())
+        if shadow:  # one fused update: on a GPU a lerp per tensor is hundreds of tiny launches
+            torch._foreach_lerp_(shadow, [p.detach() for p in module.parameters()], 1 - d)
+        for s, b in zip(self.shadow.buffers(), module.buffers()):
+            s.copy_(b)
+
+
+def autocast_dtype(name: str | None) -> torch.dtype | None:
+    """``unet.autocast``: None (fp32) or "bf16" (the UNet's forward in bfloat16 on a GPU with
+    bf16 matmuls; the loss, optimizer and EMA stay fp32)."""
+    if name in (None, "none", "fp32"):
+        return None
+    if name == "bf16":
+        return torch.bfloat16
+    raise SystemExit(f"unet.autocast: expected none or bf16, found {name!r}")
+
+
+def train_unet(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
+    """Denoising on VAE latents, jointly training the built-in text encoder.
+
+    One timestep per clip (all its frames share it, as at sampling time); captions are
+    dropped to the empty prompt with probability ``cond_drop`` so classifier-free guidance
+    works; the EMA weights are what we ship.
+    """
+    tc = cfg["unet"]
+    torch.manual_seed(cfg["seed"] + 1)
+    init = magicvideo_init(args.init)
+    history = lineage(init)
+    if not history and args.resume and (run_dir / "model.safetensors").exists():  # resumed without --init
+        history = json.loads(checkpoint.read_header(run_dir / "model.safetensors").metadata.get("lineage", "[]"))
+    if tc.get("grow") and init is None:
+        raise SystemExit("unet.grow adds layers to an --init MagicVideo model; for a new model set them in unet.config")
+    adopt_vae(init, run_dir)
+    vae = checkpoint.load_model(run_dir / "vae.safetensors").vae.to(device).eval().requires_grad_(False)
+    state_path = run_dir / "unet_state.pt"
+
+    if init is not None:  # continue a MagicVideo model: its UNet (and its config) as they are
+        if init.unet is None:
+            raise SystemExit(f"--init {args.init}: expected a MagicVideo file with a UNet, found none")
+        unet = init.unet
+        if tc.get("grow"):  # e.g. {"temporal_conv": true}: new identity layers on the trained model
+            unet = unet.grown(**tc["grow"])
+    elif args.init:  # SD1.5's 2D weights; only MagicVideo's own fields come from our config
+        image_fields = UNetConfig().image_fields
+        video_fields = {k: v for k, v in tc["config"].items() if k not in image_fields}
+        unet = checkpoint.load_sd15(args.init, unet_overrides=video_fields).unet
+    else:
+        unet = VideoUNet(UNetConfig.from_dict(tc["config"]))
+    low_t_fraction, low_t_max = float(tc.get("low_t_fraction", 0.0)), int(tc.get("low_t_max", 300))
+    if not 0.0 <= low_t_fraction <= 1.0 or not 0 < low_t_max <= len(training_schedule()):
+        raise SystemExit(f"unet.low_t_fraction must be in [0, 1] and unet.low_t_max in [1, "
+                         f"{len(training_schedule())}], got {low_t_fraction} and {low_t_max}")
+    first_frame_prob = float(tc.get("first_frame_prob", 0.0))
+    if not 0.0 <= first_frame_prob <= 1.0:
+        raise SystemExit(f"unet.first_frame_prob must be between 0 and 1, got {first_frame_prob}")
+    if first_frame_prob:  # the file records it, so text-to-video samples image first, then video
+        unet.config.image_first = True
+    # the built-in text encoder, as wide as the UNet's cross-attention expects
+    if init is not None and init.text_encoder is not None:
+        text = init.text_encoder
+    else:
+        text = TextEncoder(TextConfig.from_dict({**tc["text_config"], "width": unet.config.context_dim}))
+    modules = {"unet": unet, "text": text}
+    aux_weight = float(tc.get("text_aux_weight", 0.0))
+    if aux_weight:
+        if args.data_dir:
+            raise SystemExit("unet.text_aux_weight needs the world's clips (their specs label the captions); "
+                             "it cannot be used with --data-dir")
+        modules["probe"] = TextAttributeProbe(unet.config.context_dim)
+    binding_weight = float(tc.get("binding_weight", 0.0))
+    if binding_weight and args.data_dir:
+        raise SystemExit("unet.binding_weight needs the world's clips (their specs say where each object is); "
+                         "it cannot be used with --data-dir")
+    binding_contrast = bool(tc.get("binding_contrast", False))
+    binding_words = tc.get("binding_words", "noun")
+    try:
+        binding_slots(binding_words)  # before the pool is encoded
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    precision = autocast_dtype(tc.get("autocast"))  # before the pool is encoded
+    if not isinstance(tc.get("binding_contrast", False), bool):
+        raise SystemExit(f"unet.binding_contrast: expected true or false, found {tc['binding_contrast']!r}")
+    cross_attention = [m.attn2 for m in unet.modules() if hasattr(m, "attn2")]
+    for m in cross_attention:
+        m.record_probs = bool(binding_weight)
+    for m in modules.values():
+        m.to(device).train().requires_grad_(True)
+    params = [p for m in modules.values() for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=tc["lr"], weight_decay=0.01)
+    start = 0
+    if args.resume and state_path.exists():
+        state = load_state(state_path)
+        for k, m in modules.items():
+            m.load_state_dict(state[k])
+        opt.load_state_dict(state["optimizer"])
+        start = state["step"] + 1
+        print(f"[train unet] resumed at step {start}")
+    emas = {k: EMA(m, tc["ema"]) for k, m in modules.items()}
+    if args.resume and state_path.exists():
+        for k in modules:
+            if f"ema_{k}" in state:
+                emas[k].shadow.load_state_dict(state[f"ema_{k}"])
+
+    alphas_cumprod = training_schedule().to(device)
+    prediction = unet.config.prediction_type
+    frames, fps = cfg["data"]["frames"], cfg["data"].get("fps", 8)
+    source = make_source(cfg, args, cfg["seed"] + 1 + start)
+    pool = LatentPool(source, vae, tc["pool_size"], tc["pool_refresh"], device, cfg["seed"] + 3 + start,
+                      tc.get("foreground_weight", 0.0), labels=bool(aux_weight),
+                      binding=binding_words if binding_weight else None)
+    drop_rng = random.Random(cfg["seed"] + 2 + start)
+    log = Logger(run_dir / "unet.log", tc["steps"], start)
+    end = min(tc["steps"], args.stop_at) if getattr(args, "stop_at", None) else tc["steps"]
+    budget = TimeBudget(getattr(args, "minutes", None), start)
+    profile = StepProfile(getattr(args, "profile", None), start, run_dir / "profile.txt", device)
+    for step in range(start, end):
+        profile.at(step)
+        fitted = budget.fit(step, tc["steps"])
+        if fitted is not None:  # the schedule now ends when the time is up
+            print(f"\n[train unet] {args.minutes} minutes fit {fitted} steps at {budget.rate:.2f} steps/s; "
+                  f"the learning-rate schedule now ends there", file=sys.stderr)
+            tc["steps"] = log.total = fitted
+            end = min(end, fitted)
+            (run_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+        if step >= end:
+            break
+        x0, captions, weights, labels, binding = pool.batch(tc["batch_size"])  # [(b f), 4, h, w], scaled
+        b = len(captions)
+        captions = ["" if drop_rng.random() < tc["cond_drop"] else c for c in captions]
+        dropped = torch.tensor([not c for c in captions], device=device)
+        if labels is not None:  # the empty prompt names nothing
+            labels = labels.masked_fill(dropped[:, None], world.IGNORE_LABEL)
+        context, unknown = text.encode(captions)
+        if unknown:
+            raise ValueError(f"training captions use words outside the text encoder's vocabulary: {sorted(set(unknown))}")
+        context = context.to(device)
+
+        t = sample_timesteps(b, len(alphas_cumprod), low_t_fraction, low_t_max, device).repeat_interleave(frames)
+        noise = video_noise(x0.shape, frames, unet.config.noise_sharing, device=device)
+        a = alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
+        s = (1 - alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
+        xt = a * x0 + s * noise
+        if first_frame_prob:  # image-to-video: frame 0 given clean (timestep 0), not scored
+            given = given_first_frames(b, frames, first_frame_prob, device)
+            t = t.masked_fill(given, 0)
+            xt = torch.where(given.view(-1, 1, 1, 1), x0, xt)
+            weights = weights * (~given).view(-1, 1, 1, 1)
+        target = noise if prediction == "epsilon" else a * noise - s * x0
+        fps_t = torch.full((b * frames,), float(fps), device=device)
+        with torch.autocast(device.type, dtype=precision or torch.float32, enabled=precision is not None):
+            pred = unet(xt, t, context, num_frames=frames, fps=fps_t).float()
+        loss = ((pred - target).pow(2) * weights).mean() / weights.mean()
+        extra = {}
+        if aux_weight:
+            extra["text_aux"] = modules["probe"].loss(context, labels)
+            loss = loss + aux_weight * extra["text_aux"]
+        if binding_weight:
+            coverage, words = binding
+            words = words.masked_fill(dropped[:, None, None], -1)
+            extra["binding"] = binding_loss([m.probs for m in cross_attention], coverage, words, binding_contrast)
+            loss = loss + binding_weight * extra["binding"]
+
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, tc["steps"], tc["lr"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        for k, m in modules.items():
+            emas[k].update(m, step)
+        if step % 10 == 0 or step == end - 1:
+            log.log(step, loss=loss.item(), lr=opt.param_groups[0]["lr"], **{k: v.item() for k, v in extra.items()})
+        if (step + 1) % tc["save_every"] == 0 or step == end - 1:
+            save_state(state_path, step, modules | {f"ema_{k}": e.shadow for k, e in emas.items()}, opt)
+            export(run_dir / "model.safetensors", emas, vae, cfg, history)
+    profile.at(end, final=True)
+    print(file=sys.stderr)
+    return export(run_dir / "model.safetensors", emas, vae, cfg, history)
