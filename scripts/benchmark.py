@@ -1,6 +1,6 @@
 """Speed and memory of text-to-video on this machine, and a peer measured in the same run.
 
-    .venv/bin/python scripts/benchmark.py                      # the bundled default -> benchmarks/results_cpu.json
+    .venv/bin/python scripts/benchmark.py                      # the bundled default -> benchmarks/cpu.json
     .venv/bin/python scripts/benchmark.py --model my.safetensors --out my_results.json
     .venv/bin/python scripts/benchmark.py --steps 4 --dtypes bf16 --repeats 1 --threads 1   # quick look
 
@@ -295,7 +295,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="a full MagicVideo file with a text encoder "
                     "(default: the bundled weights)")
-    ap.add_argument("--out", type=Path, help="results JSON (default: benchmarks/results_<device>.json for the bundled "
+    ap.add_argument("--out", type=Path, help="results JSON (default: benchmarks/<device>.json for the bundled "
                     "model; none for --model)")
     ap.add_argument("--steps", type=int, nargs="+", default=[20, 4])
     ap.add_argument("--dtypes", nargs="+", choices=DTYPES, default=["fp32", "bf16"])
@@ -327,7 +327,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: no model file at {args.model}")
     out = args.out
     if out is None and args.model.resolve() == DEFAULT_MODEL.resolve():
-        out = REPO / "benchmarks" / f"results_{args.device.split(':')[0]}.json"
+        out = REPO / "benchmarks" / f"{args.device.split(':')[0]}.json"
 
     from magicvideo.models import checkpoint
 
