@@ -260,7 +260,7 @@ def test_window_drift():
 
 
 def test_shards_merge_into_exactly_the_unsharded_run(tiny_model, tmp_path, capsys):
-    """--shard I/N scores every N-th prompt (N processes share a set, e.g. on a lent GPU);
+    """--shard I/N scores every N-th prompt (N processes share a set, e.g. on one GPU);
     --merge joins their files into what one whole run writes."""
     common = ["--model", tiny_model, "--n", "5", "--frames", "8", "--size", "16", "--steps", "2",
               "--motion-guidance", "0.2"]

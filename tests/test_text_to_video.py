@@ -51,7 +51,7 @@ def test_the_workflow_holds_the_documented_settings(comfy):
         {"steps": 20, "cfg": 6.0, "sampler": "euler", "scheduler": "normal", "fps": 8, "denoise": 1,
          "noise_sharing": -1,  # -1: the prior the model trained with (0.5 for the bundled default)
          "cfg_start": 0.0, "cfg_end": 0.7,  # guidance on the first 70% of the schedule only (docs/TRAINING.md)
-         "motion_guidance": 0.2, "motion_guidance_until": 0.3}  # each object steered along its path (session 19)
+         "motion_guidance": 0.2, "motion_guidance_until": 0.3}  # each object steered along its path
     ui_sampler = next(n for n in workflow["nodes"] if n["type"] == "MagicVideoKeyframeSampler")
     assert ui_sampler["widgets_values"][1] == "fixed", "the seed must stay fixed so the example reproduces"
     [save] = _nodes(prompt, "MagicVideoSaveVideo")
