@@ -28,14 +28,6 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
-
-
 def _conditioning_file(args, bundle) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``positive`` (and ``negative``) from --conditioning; a missing negative is the encoded
     --negative prompt when the file has a text encoder."""
@@ -59,7 +51,6 @@ def generate(args) -> Path:
     from .models import checkpoint, pipeline, video_io
 
     device = _device(args.device)
-    dtype = _dtype(args.dtype, device)
     model_path = Path(args.model)
     if not model_path.is_file():
         raise SystemExit(f"error: no model file at {model_path}")
@@ -82,46 +73,29 @@ def generate(args) -> Path:
     def progress(step, total, x0):
         print(f"\rstep {step}/{total}", end="\n" if step == total else "", file=sys.stderr, flush=True)
 
-    settings = dict(frames=args.frames, width=args.width, height=args.height, steps=args.steps, cfg=args.cfg,
-                    sampler=args.sampler, scheduler=args.scheduler, seed=args.seed, fps=args.fps, device=device,
-                    dtype=dtype, chunk_size=args.chunk_size, callback=progress, noise_sharing=args.noise_sharing,
-                    cfg_start=args.cfg_start, cfg_end=args.cfg_end)
+    options = pipeline.SamplingOptions.from_args(args)
+    settings = dict(frames=args.frames, width=args.width, height=args.height, options=options, device=device,
+                    dtype=args.dtype, chunk_size=args.chunk_size, callback=progress)
     try:
         if args.conditioning:
             positive, negative = _conditioning_file(args, bundle)
             frames = pipeline.conditioning_to_video(bundle, positive, negative, **settings)
         else:
             frames = pipeline.text_to_video(bundle, args.prompt, negative=args.negative,
-                                            ignore_unknown_words=args.ignore_unknown_words,
-                                            motion_guidance=args.motion_guidance,
-                                            motion_guidance_until=args.motion_guidance_until, **settings)
+                                            ignore_unknown_words=args.ignore_unknown_words, **settings)
     except pipeline.UnknownWordsError as exc:
         raise SystemExit(f"error: {exc} Pass --ignore-unknown-words to leave them out.") from None
     except pipeline.RequestError as exc:
         raise SystemExit(f"error: {exc}") from None
     output.parent.mkdir(parents=True, exist_ok=True)
-    written = video_io.write_video(output, frames, args.fps, fmt)
+    written = video_io.write_video(output, frames, options.fps, fmt)
     print(f"wrote {written.path} ({written.frames} frames, {written.width}x{written.height}, {written.fps:g} fps) "
           f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return Path(written.path)
 
 
-def _sharing(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from .models import sampling
+    from .models import pipeline
 
     parser = argparse.ArgumentParser(prog="magicvideo", description="MagicVideo without ComfyUI.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -136,29 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--frames", type=int, default=16)
     g.add_argument("--width", type=int, default=64)
     g.add_argument("--height", type=int, default=64)
-    g.add_argument("--steps", type=int, default=20)
-    g.add_argument("--cfg", type=float, default=6.0,
-                   help="classifier-free guidance (default 6, best for the bundled default in our sweep)")
-    g.add_argument("--cfg-start", type=_fraction, default=0.0,
-                   help="guide from this point of the schedule on (0 = pure noise, 1 = clean; default 0)")
-    g.add_argument("--cfg-end", type=_fraction, default=0.7,
-                   help="guide up to this point of the schedule; later steps run at cfg 1 (default 0.7, "
-                        "best for the bundled default in our sweep; 1 = every step)")
-    g.add_argument("--motion-guidance", type=float, default=0.2,
-                   help="steer each object along the path its motion words ask for, on the early steps "
-                        "(--prompt only; default 0.2, as the main workflow; 0 = off)")
-    g.add_argument("--motion-guidance-until", type=_fraction, default=0.3,
-                   help="motion guidance steers the steps up to this point of the schedule (default 0.3)")
-    g.add_argument("--sampler", choices=sampling.SAMPLERS, default="euler")
-    g.add_argument("--scheduler", choices=sampling.SCHEDULERS, default="normal")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--fps", type=float, default=8.0)
-    g.add_argument("--noise-sharing", type=_sharing, default=None,
-                   help="fraction of the starting noise shared by all frames, 0 to below 1 "
-                        "(default: what the model was trained with)")
+    pipeline.SamplingOptions.add_arguments(g)
     g.add_argument("--chunk-size", type=int, default=8, help="frames decoded at once by the VAE")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    g.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto")
+    g.add_argument("--dtype", choices=list(pipeline.DTYPES), default="auto")
     return parser
 
 

@@ -14,6 +14,7 @@ name, ``own`` for the model's decoder).
 
 from __future__ import annotations
 
+import dataclasses
 import argparse
 import json
 import sys
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from magicvideo.models.sampling import PRESETS
 from magicvideo.models import evaluate as ev, world
 from magicvideo.models.checkpoint import load_model
 from magicvideo.models.pipeline import decode_frames
@@ -29,14 +31,14 @@ from magicvideo.models.pipeline import decode_frames
 def sample_latents(model: str, prompts, cache: Path | None) -> dict[int, torch.Tensor]:
     """{prompt seed: sampled latents}, from ``cache`` when it holds this model's samples of these prompts."""
     stat = Path(model).stat()  # the same path with other weights is other samples
-    key = {"model": [str(model), stat.st_size, stat.st_mtime_ns], "prompts": [[p.caption, p.seed] for p in prompts], "settings": ev.MAIN_WORKFLOW}
+    key = {"model": [str(model), stat.st_size, stat.st_mtime_ns], "prompts": [[p.caption, p.seed] for p in prompts], "settings": dataclasses.asdict(PRESETS["main"])}
     if cache is not None and cache.exists():
         saved = torch.load(cache, weights_only=True)
         if saved["key"] == key:
             print(f"[decoder eval] samples from {cache}", file=sys.stderr)
             return saved["latents"]
         print(f"[decoder eval] {cache} holds other samples; sampling again", file=sys.stderr)
-    generate = ev.model_generate_fn(model, latents_only=True, **ev.MAIN_WORKFLOW)
+    generate = ev.model_generate_fn(model, latents_only=True)
     latents = {}
     for i, p in enumerate(prompts):
         latents[p.seed] = generate(p.caption, p.seed)
@@ -80,7 +82,7 @@ def main(argv=None) -> int:
         with torch.no_grad():
             res = ev.evaluate_generator(lambda caption, seed: decode_frames(vae, latents[seed], world.REFERENCE_FRAMES),
                                         prompts)
-        res["config"] = {"model": str(args.model), "decoder": label, "seed": args.seed, "n": args.n, **ev.MAIN_WORKFLOW}
+        res["config"] = {"model": str(args.model), "decoder": label, "seed": args.seed, "n": args.n, **dataclasses.asdict(PRESETS["main"])}
         out = args.out_dir / f"{label}.json"
         out.write_text(json.dumps(res, indent=1, default=ev._json_default, allow_nan=False))
         s = res["summary"]["all"]

@@ -14,13 +14,14 @@ with different seeds side by side on two cores and give the decoder stage both f
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 
 import torch
 
 from magicvideo.models.checkpoint import load_model
-from magicvideo.models.evaluate import MAIN_WORKFLOW
+from magicvideo.models.sampling import PRESETS
 from magicvideo.training import make_decoder_pairs, save_decoder_pairs
 
 
@@ -46,12 +47,12 @@ def main(argv=None) -> int:
         print(f"\r[decoder pairs] {i}/{n} clips, {time.perf_counter() - start:.0f} s", end="", file=sys.stderr)
 
     try:
-        pairs = make_decoder_pairs(bundle, args.n, args.seed, tuple(args.strength), progress=progress, **MAIN_WORKFLOW)
+        pairs = make_decoder_pairs(bundle, args.n, args.seed, tuple(args.strength), progress=progress)
     except ValueError as err:
         print(f"\n{err}", file=sys.stderr)
         return 2
     print(file=sys.stderr)
-    save_decoder_pairs(args.out, pairs, {**MAIN_WORKFLOW, "model": str(args.model), "seed": args.seed,
+    save_decoder_pairs(args.out, pairs, {**dataclasses.asdict(PRESETS["main"]), "model": str(args.model), "seed": args.seed,
                                          "strength": list(args.strength)})
     print(f"wrote {args.out}: {args.n} clips in {time.perf_counter() - start:.0f} s")
     return 0

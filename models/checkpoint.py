@@ -3,8 +3,13 @@
 Files are safetensors only; pickles (``.ckpt``/``.pt``) are refused, never unpickled. A
 MagicVideo file carries its architecture in the safetensors ``__metadata__``:
 
-    format="magicvideo", format_version="1", kind="full" | "motion",
+    format="magicvideo", format_version="2", kind="full" | "motion",
     unet_config / vae_config / text_config = JSON of UNetConfig / VAEConfig / TextConfig
+
+Versions: 2 carries the text encoder's lexicon (``TextConfig.lexicon``: how motion guidance
+reads a prompt) in its text_config. Files of version 1 load too: their built-in text encoder
+was trained on the procedural world's captions, so :func:`migrate_text_config` gives it the
+world's lexicon on load.
 
 Key prefixes, as in SD1.x checkpoints so an SD1.5 file inflates by name:
 
@@ -42,7 +47,8 @@ from .unet import UNetConfig, VideoUNet, is_motion_key
 from .vae import VAEConfig, VideoVAE
 
 FORMAT = "magicvideo"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+READABLE_VERSIONS = ("1", "2")  # older ones are migrated on load
 KINDS = ("full", "motion")
 
 UNET_PREFIX = "model.diffusion_model."
@@ -380,13 +386,26 @@ def load(path, *, motion=None, dtype=torch.float32, device="cpu", unet_overrides
 
 def _check_version(header: Header) -> None:
     version, kind = header.metadata.get("format_version"), header.metadata.get("kind")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise CheckpointError(
-            f"{header.path.name}: expected MagicVideo format_version {FORMAT_VERSION}, found {version!r} "
+            f"{header.path.name}: expected MagicVideo format_version {' or '.join(READABLE_VERSIONS)}, found {version!r} "
             "(written by a different version of the pack; update the pack or re-export the file)"
         )
     if kind not in KINDS:
         raise CheckpointError(f"{header.path.name}: expected kind one of {KINDS}, found {kind!r}")
+
+
+def migrate_text_config(config: dict, version: str) -> dict:
+    """A text_config of an older format as the current one reads it. Version 1 had no lexicon;
+    a version-1 text encoder whose words are all the world's was trained on the world's
+    captions and gets the world's lexicon (the only place inference code consults the world)."""
+    if version != "1" or "lexicon" in config:
+        return config
+    from . import world  # only for files written before the lexicon travelled in them
+
+    if set(config.get("vocab", ())) <= set(world.text_vocab()):
+        return {**config, "lexicon": world.lexicon().to_dict()}
+    return config
 
 
 def load_model(path, *, dtype=torch.float32, device="cpu") -> MagicVideoBundle:
@@ -413,7 +432,8 @@ def load_model(path, *, dtype=torch.float32, device="cpu") -> MagicVideoBundle:
     text_json = header.metadata.get("text_config")
     if text_json is not None:
         try:
-            text = _new_text_encoder(json.loads(text_json), device, dtype)
+            text = _new_text_encoder(migrate_text_config(json.loads(text_json), header.metadata["format_version"]),
+                                     device, dtype)
         except (json.JSONDecodeError, TypeError, ValueError) as e:
             raise CheckpointError(f"{header.path.name}: expected a valid text_config, found {text_json[:200]!r} ({e})") from None
         _fill(text.state_dict(), header, TEXT_PREFIX, what="the text encoder of its text_config")
@@ -628,6 +648,9 @@ def average_models(paths, out) -> Path:
         else:
             raise CheckpointError(f"{paths[1].name}: non-float tensor {k} differs between the files; it cannot be averaged")
     meta = {k: v for k, v in first.metadata.items() if k == "kind" or k.endswith("_config")}
+    if "text_config" in meta:
+        meta["text_config"] = json.dumps(migrate_text_config(json.loads(meta["text_config"]),
+                                                             first.metadata["format_version"]))
     meta.update(format=FORMAT, format_version=FORMAT_VERSION)
     recipes = [json.loads(h.metadata["training_recipe"]) if "training_recipe" in h.metadata else None for h in headers]
     meta["training_recipe"] = json.dumps({"average_of": recipes}, sort_keys=True)
@@ -636,3 +659,19 @@ def average_models(paths, out) -> Path:
     if len(lineages) == 1 and None not in lineages:  # legs from one start: the soup keeps their history
         meta["lineage"] = lineages.pop()
     return _write(out, tensors, meta)
+
+
+def upgrade(path, out=None) -> Path:
+    """Rewrite a MagicVideo file of an older format version as the current one (its metadata
+    migrated as on load, its tensors unchanged) at ``out`` (default: in place, atomically)."""
+    header = read_header(path)
+    if not header.is_magicvideo:
+        raise CheckpointError(f"{header.path.name}: expected a MagicVideo file, found {identify(header)}")
+    _check_version(header)
+    meta = dict(header.metadata)
+    if "text_config" in meta:
+        meta["text_config"] = json.dumps(migrate_text_config(json.loads(meta["text_config"]), meta["format_version"]))
+    meta["format_version"] = FORMAT_VERSION
+    with safe_open(str(header.path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return _write(out or header.path, tensors, meta)

@@ -31,6 +31,7 @@ import torch
 from scipy import ndimage
 
 from . import world
+from .sampling import PRESETS, SamplingOptions
 
 ATTRIBUTES = ("colour", "shape", "motion", "speed")
 
@@ -497,12 +498,8 @@ def save_strip(path, videos, captions=None, every: int = 1, scale: int = 2) -> N
 
 
 # The main workflow's sampling (workflows/text_to_video.json), the evaluator's defaults
-MAIN_WORKFLOW = {"steps": 20, "cfg": 6.0, "cfg_end": 0.7, "sampler": "euler", "scheduler": "normal",
-                 "motion_guidance": 0.2, "motion_guidance_until": 0.3}
-
-
 # ---------------------------------------------------------------------------------------
-# Glue to the model (kept small: the one place that knows checkpoint and sampler APIs)
+# Glue to the model: the generation path (pipeline.text_to_video) with the main workflow's options
 
 
 def model_generate_fn(
@@ -510,28 +507,15 @@ def model_generate_fn(
     *,
     frames: int = world.REFERENCE_FRAMES,
     size: int = world.REFERENCE_SIZE,
-    steps: int = 20,
-    cfg: float = 6.0,
-    sampler: str = "euler",
-    scheduler: str = "normal",
-    fps: float | None = 8.0,
+    options: SamplingOptions = PRESETS["main"],
     device: str = "cpu",
-    noise_sharing: float | None = None,
     from_truth: float | None = None,
     prompts: list[Prompt] | None = None,
-    image_first: bool | None = None,
     given_frames: int = 0,
-    cfg_start: float = 0.0,
-    cfg_end: float = 0.7,
-    cfg_rescale: float = 0.0,
-    pag: float = 0.0,
-    pag_parts: tuple[str, ...] = ("self",),
-    motion_guidance: float = 0.0,
-    motion_guidance_until: float = 0.3,
     latents_only: bool = False,
 ):
     """generate_fn(caption, seed) running a full MagicVideo file through ``pipeline.text_to_video``
-    (its text encoder, the keyframe sampler from pure noise, VideoVAE decode).
+    with ``options`` (the seed replaced by each prompt's).
 
     ``from_truth`` (with the ``prompts`` being scored) is the diagnostic: instead of pure
     noise, start from the prompt's own world clip, VAE-encoded and noised to that strength,
@@ -539,11 +523,8 @@ def model_generate_fn(
     UNet on this VAE; 0.3 / 0.6 show what the model loses on fine detail and on layout and
     motion; 1 equals plain sampling.
 
-    ``given_frames`` = k scores image-to-video (models trained image-first): the first k
-    frames of the prompt's own world clip are given, the model makes the rest.
-
-    ``motion_guidance`` > 0 steers each object along its caption's path while sampling
-    (``guidance.MotionGuidance``; the frames are still judged alone).
+    ``given_frames`` = k scores image-to-video and continuation: the first k frames of the
+    prompt's own world clip are given, the model makes the rest.
 
     ``latents_only``: the generator returns the sampled latents, not decoded (to judge several
     decoders on the same samples, ``pipeline.decode_frames``).
@@ -567,15 +548,12 @@ def model_generate_fn(
         truth = ground_truth_fn(prompts, frames, size)
 
     def generate(caption: str, seed: int) -> torch.Tensor:
-        init = {} if from_truth is None else {"init_video": truth(caption, seed), "denoise": from_truth}
+        run, init = options.replace(seed=seed), {}
+        if from_truth is not None:
+            run, init = run.replace(denoise=from_truth), {"init_video": truth(caption, seed)}
         if given_frames:
-            init = {"first_frames": truth(caption, seed)[:given_frames]}
-        return text_to_video(bundle, caption, frames=frames, width=size, height=size, steps=steps, cfg=cfg,
-                             sampler=sampler, scheduler=scheduler, seed=seed, fps=fps, noise_sharing=noise_sharing,
-                             image_first=image_first, cfg_start=cfg_start, cfg_end=cfg_end,
-                             cfg_rescale=cfg_rescale, pag=pag, pag_parts=pag_parts,
-                             motion_guidance=motion_guidance,
-                             motion_guidance_until=motion_guidance_until,
+            init = {"given_images": truth(caption, seed)[:given_frames]}
+        return text_to_video(bundle, caption, frames=frames, width=size, height=size, options=run,
                              latents_only=latents_only, **init)
 
     return generate
@@ -640,40 +618,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="prompt-set seed (default 0)")
     ap.add_argument("--frames", type=int, default=world.REFERENCE_FRAMES)
     ap.add_argument("--size", type=int, default=world.REFERENCE_SIZE)
-    ap.add_argument("--steps", type=int, default=MAIN_WORKFLOW["steps"], help="sampling steps (default 20, as the nodes)")
-    ap.add_argument("--cfg", type=float, default=MAIN_WORKFLOW["cfg"], help="guidance scale (default 6, as the main workflow)")
-    ap.add_argument("--cfg-start", type=_fraction, default=0.0,
-                    help="guide only from this point of the schedule (0 = pure noise, 1 = clean; default 0)")
-    ap.add_argument("--cfg-end", type=_fraction, default=MAIN_WORKFLOW["cfg_end"],
-                    help="guide only up to this point of the schedule (default 0.7, as the main workflow; "
-                         "1 = every step)")
-    ap.add_argument("--cfg-rescale", type=_fraction, default=0.0,
-                    help="rescale guided outputs towards the conditional one's spread (0..1, default 0 = off)")
-    ap.add_argument("--pag", type=float, default=0.0, metavar="SCALE",
-                    help="perturbed-attention guidance on the guided part of the schedule (default 0 = off)")
-    ap.add_argument("--pag-parts", type=lambda s: tuple(s.split(",")), default=("self",), metavar="PARTS",
-                    help="what --pag weakens, comma-separated: self (spatial self-attention maps made the "
-                         "identity, the default), temporal, spatiotemporal, temporal_conv (those branches skipped)")
-    ap.add_argument("--sampler", default=MAIN_WORKFLOW["sampler"])
-    ap.add_argument("--scheduler", default=MAIN_WORKFLOW["scheduler"])
-    ap.add_argument("--fps", type=float, default=8.0, help="fps condition (the bundled default trains at 8)")
-    ap.add_argument("--noise-sharing", type=float, default=None,
-                    help="fraction of the starting noise's variance shared by all frames "
-                         "(default: what the model was trained with)")
-    ap.add_argument("--image-first", action=argparse.BooleanOptionalAction, default=None,
-                    help="sample the first frame alone, then the rest from it (default: what the model was "
-                         "trained for, its config's image_first)")
+    SamplingOptions.add_arguments(ap, skip=("seed",))  # --seed is the prompt set's; each prompt has its own
     ap.add_argument("--given-frames", type=int, default=0, metavar="K",
                     help="image-to-video: give the first K frames of each prompt's own world clip "
                          "(models trained image-first)")
     ap.add_argument("--from-truth", type=_fraction, default=None, metavar="STRENGTH",
                     help="diagnostic: start each prompt from its own world clip noised to STRENGTH (0..1) "
                          "instead of pure noise; 0 = the VAE round trip (the ceiling of any UNet on this VAE)")
-    ap.add_argument("--motion-guidance", type=float, default=MAIN_WORKFLOW["motion_guidance"], metavar="STRENGTH",
-                    help="steer each object's attention along its caption's path on the early steps "
-                         "(default 0.2, as the main workflow; 0 = plain sampling; see models/guidance.py)")
-    ap.add_argument("--motion-guidance-until", type=_fraction, default=MAIN_WORKFLOW["motion_guidance_until"],
-                    help="steer the steps up to this point of the schedule (0 noise .. 1 clean; default 0.3)")
     ap.add_argument("--objects", type=int, choices=(1, 2), default=None,
                     help="score only the set's prompts with this many objects (a quicker look at one part)")
     ap.add_argument("--shard", type=_shard, default=None, metavar="I/N",
@@ -707,13 +658,8 @@ def main(argv: list[str] | None = None) -> int:
         source = "ground truth"
     else:
         generate = model_generate_fn(
-            args.model, frames=args.frames, size=args.size, steps=args.steps, cfg=args.cfg,
-            sampler=args.sampler, scheduler=args.scheduler, fps=args.fps, device=args.device,
-            noise_sharing=args.noise_sharing, from_truth=args.from_truth, prompts=prompts,
-            image_first=args.image_first, given_frames=args.given_frames, cfg_start=args.cfg_start,
-            cfg_end=args.cfg_end, cfg_rescale=args.cfg_rescale, pag=args.pag, pag_parts=args.pag_parts,
-            motion_guidance=args.motion_guidance,
-            motion_guidance_until=args.motion_guidance_until,
+            args.model, frames=args.frames, size=args.size, options=SamplingOptions.from_args(args, seed=0).check(),
+            device=args.device, from_truth=args.from_truth, prompts=prompts, given_frames=args.given_frames,
         )
         source = args.model if args.from_truth is None else f"{args.model} from the truth at {args.from_truth}"
         if args.given_frames:

@@ -1,14 +1,15 @@
-"""The built-in text encoder of the bundled default: a word-level tokenizer over the world's
-vocabulary and a small transformer, trained jointly with the keyframe UNet.
+"""The built-in text encoder of the bundled default: a word-level tokenizer and a small
+transformer, trained jointly with the keyframe UNet on the captions of its training data.
 
 It produces CONDITIONING-shaped tensors ``[B, max_length, width]`` (77 positions, as
 CLIP's for SD1.x), so the keyframe sampler takes its output or core CLIPTextEncode's alike.
-The vocabulary lives in `TextConfig`, so a model file carries its own tokenizer.
+The vocabulary lives in `TextConfig`, so a model file carries its own tokenizer, and so does
+the :class:`~.lexicon.Lexicon` that tells motion guidance what a prompt asks of each object.
 
 Words the vocabulary lacks are never dropped silently: `tokenize` and `encode` return them,
 and callers (the Text Encode node, the trainer) decide whether that is an error.
 
-    enc = TextEncoder(TextConfig())
+    enc = TextEncoder(TextConfig(vocab=["a", "red", "ball", "drifting", "to", "the", "left"]))
     context, unknown = enc.encode(["a red ball drifting to the left", ""])   # [2, 77, 128], []
 """
 
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from . import world
+from .lexicon import Lexicon
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
 PAD, BOS, EOS = 0, 1, 2
@@ -32,41 +33,43 @@ PAD, BOS, EOS = 0, 1, 2
 FUNCTION_WORDS = ("a", "an", "the", "and", "with", "of", "in", "on", "at", "to", "is", "are", "it", "its", "this", "one", "very")
 
 
-def default_vocab() -> list[str]:
-    """Every word a world caption can contain, plus a few function words (sorted)."""
-    return sorted(set(world.vocabulary()) | set(FUNCTION_WORDS))
-
-
 def normalise(text: str) -> list[str]:
     """Lowercase, punctuation to spaces, split: "Red ball, moving LEFT!" -> [red, ball, moving, left]."""
     return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
 
 
-def unknown_words_message(unknown: list[str], vocab: list[str]) -> str:
-    """A readable explanation of unknown words, with close known words as suggestions."""
+def unknown_words_message(unknown: list[str], config: "TextConfig") -> str:
+    """A readable explanation of unknown words, with close known words as suggestions and, when
+    the encoder carries a lexicon, the kinds of words it knows."""
     parts = []
     for w in unknown:
-        close = difflib.get_close_matches(w, vocab, n=3, cutoff=0.6)
+        close = difflib.get_close_matches(w, config.vocab, n=3, cutoff=0.6)
         parts.append(f"'{w}'" + (f" (did you mean {', '.join(close)}?)" if close else ""))
-    return (
-        f"the text encoder does not know {len(unknown)} word(s): {', '.join(parts)}. "
-        f"It knows {len(vocab)} words, e.g. colours ({', '.join(world.COLOURS)}), shapes "
-        f"({', '.join(world.SHAPES)}) and motions (moving left/right/up/down, bouncing, growing, "
-        f"shrinking, rotating, staying still; slowly/quickly)."
-    )
+    message = f"the text encoder does not know {len(unknown)} word(s): {', '.join(parts)}. It knows {len(config.vocab)} words"
+    if config.lexicon:
+        lex = Lexicon.from_dict(config.lexicon)
+        names = [sorted(set(table.values())) for table in (lex.colours, lex.shapes)] + [sorted(lex.paths)]
+        message += (f", e.g. colours ({', '.join(names[0])}), shapes ({', '.join(names[1])}) and motions "
+                    f"({', '.join(names[2])}; speeds {', '.join(sorted(set(lex.speeds)))})")
+    return message + "."
 
 
 @dataclass
 class TextConfig:
-    vocab: list[str] = field(default_factory=default_vocab)  # words; ids start after SPECIAL_TOKENS
+    vocab: list[str] = field(default_factory=list)  # words; ids start after SPECIAL_TOKENS
     max_length: int = 77  # positions, padded (CLIP's 77)
     width: int = 128  # = the UNet's context_dim
     layers: int = 2
     heads: int = 4
     mlp_ratio: int = 4
+    lexicon: dict | None = None  # Lexicon.to_dict(): how to read objects and motions in a prompt; None = not known
 
     def __post_init__(self):
         self.vocab = list(self.vocab)
+        if not self.vocab:
+            raise ValueError("TextConfig needs a vocabulary (the words of the training captions), got none")
+        if self.lexicon is not None:
+            Lexicon.from_dict(self.lexicon)  # a malformed lexicon fails here, on load
         if len(set(self.vocab)) != len(self.vocab):
             raise ValueError("TextConfig.vocab has duplicate words")
         if any(w != w.lower() or not w or normalise(w) != [w] for w in self.vocab):
@@ -115,6 +118,7 @@ class TextEncoder(nn.Module):
         super().__init__()
         self.config = config = config or TextConfig()
         self.word_to_id = {w: i + len(SPECIAL_TOKENS) for i, w in enumerate(config.vocab)}
+        self.lexicon = Lexicon.from_dict(config.lexicon) if config.lexicon else None
         self.token_embedding = nn.Embedding(len(SPECIAL_TOKENS) + len(config.vocab), config.width)
         self.position_embedding = nn.Parameter(torch.randn(config.max_length, config.width) * 0.01)
         self.blocks = nn.ModuleList(TextBlock(config.width, config.heads, config.mlp_ratio) for _ in range(config.layers))
@@ -156,3 +160,14 @@ class TextEncoder(nn.Module):
         ids, keep, unknown = self.tokenize(prompts)
         device = self.token_embedding.weight.device
         return self(ids.to(device), keep.to(device)), unknown
+
+    def motion_request(self, prompt: str) -> dict | None:
+        """What ``prompt`` asks of each object for motion guidance (``Lexicon.read``), with each
+        object's ``tokens``: its words' positions in this encoder's context (<bos> first, unknown
+        words left out as :meth:`tokenize` does). None when the encoder carries no lexicon."""
+        if self.lexicon is None:
+            return None
+        request = self.lexicon.read([w for w in normalise(prompt) if w in self.word_to_id])
+        for obj in request["objects"]:
+            obj["tokens"] = [i + 1 for i in obj.pop("words")]
+        return request

@@ -44,7 +44,6 @@ indexes frames receives ``num_frames`` explicitly.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -252,7 +251,6 @@ class TemporalConv(nn.Module):
         super().__init__()
         self.norm = nn.GroupNorm(norm_groups, channels)
         self.conv = nn.Conv1d(channels, channels, 3, padding=1)
-        self.skip = False
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -261,8 +259,6 @@ class TemporalConv(nn.Module):
         nn.init.zeros_(self.conv.bias)
 
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
-        if self.skip:  # VideoUNet.perturbed
-            return x
         height, width = x.shape[-2:]
         h = F.silu(self.norm(x))
         h = rearrange(h, "(b f) c h w -> (b h w) c f", f=num_frames)
@@ -342,10 +338,8 @@ class CrossAttention(nn.Module):
 
     With ``record_probs`` set, the attention is computed explicitly (not by the fused
     kernel) and its probabilities [n, heads, lq, lk] are kept in ``probs``, with their
-    gradient: the training aid ``unet.binding_weight`` scores where each word looks.
-    With ``identity_map`` set, a self-attention's map is the identity (each token reads only
-    its own value): the perturbed model of perturbed-attention guidance
-    (``VideoUNet.perturbed``)."""
+    gradient: the training aid ``unet.binding_weight`` scores where each word looks, and
+    motion guidance finds where each object is."""
 
     def __init__(self, dim: int, heads: int, context_dim: int | None = None):
         super().__init__()
@@ -357,11 +351,8 @@ class CrossAttention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(0.0))
         self.record_probs = False
         self.probs: torch.Tensor | None = None
-        self.identity_map = False
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        if self.identity_map and context is None:
-            return self.to_out(self.to_v(x))
         context = x if context is None else context
         if self.record_probs:
             q, k, v = (rearrange(t, "n l (h d) -> n h l d", h=self.heads)
@@ -393,7 +384,6 @@ class DirectedTemporalAttention(nn.Module):
         self.to_k = nn.Linear(dim, dim, bias=False)
         self.to_v = nn.Linear(dim, dim, bias=False)
         self.to_out = nn.Linear(dim, dim)
-        self.skip = False  # VideoUNet.perturbed: the block leaves this branch out
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -570,11 +560,9 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, num_frames: int, size: tuple[int, int]) -> torch.Tensor:
-        h = x + self.attn1(self.norm1(x))  # z + S-Attn(z) + T-Attn(z), T skipped only by VideoUNet.perturbed
-        if not self.temporal_attn.skip:
-            h = h + self.temporal_attn(x, num_frames)
+        h = x + self.attn1(self.norm1(x)) + self.temporal_attn(x, num_frames)  # z + S-Attn(z) + T-Attn(z)
         st = self.spatiotemporal_attn
-        x = h if st is None or st.skip else h + st(x, num_frames, size, context)
+        x = h if st is None else h + st(x, num_frames, size, context)
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -612,16 +600,6 @@ class UNetBlock(nn.ModuleList):
 
 
 # ----------------------------------------------------------------------------- the UNet
-
-# What VideoUNet.perturbed can weaken for perturbed-attention guidance.
-PERTURBABLE = ("self", "temporal", "spatiotemporal", "temporal_conv")
-
-
-def check_perturbed_parts(parts) -> None:
-    """ValueError unless ``parts`` are one or more of ``PERTURBABLE``."""
-    if not parts or set(parts) - set(PERTURBABLE):
-        raise ValueError(f"perturbed parts must be some of {list(PERTURBABLE)}; got {list(parts)}")
-
 
 class VideoUNet(nn.Module):
     def __init__(self, config: UNetConfig | None = None):
@@ -743,33 +721,6 @@ class VideoUNet(nn.Module):
 
     def motion_parameters(self):
         return [p for n, p in self.named_parameters() if is_motion_key(n)]
-
-    @contextmanager
-    def perturbed(self, parts=("self",)):
-        """Within: the weakened model whose prediction perturbed-attention guidance steers away from
-        (``sampling.sample(pag=...)``). ``parts`` (``PERTURBABLE``): ``self``, every spatial
-        self-attention's map is the identity (``CrossAttention.identity_map``; PAG, Ahn et al. 2024);
-        ``temporal``, ``spatiotemporal``, ``temporal_conv``: those branches are skipped (their residual
-        adds nothing; spatiotemporal skip guidance, Hyung et al. 2025). Cross-attention is left as it is."""
-        check_perturbed_parts(parts)
-        flags = []
-        for m in self.modules():
-            if isinstance(m, TransformerBlock):
-                if "self" in parts:
-                    flags.append((m.attn1, "identity_map"))
-                if "temporal" in parts:
-                    flags.append((m.temporal_attn, "skip"))
-                if m.spatiotemporal_attn is not None and "spatiotemporal" in parts:
-                    flags.append((m.spatiotemporal_attn, "skip"))
-            elif isinstance(m, TemporalConv) and "temporal_conv" in parts:
-                flags.append((m, "skip"))
-        for m, name in flags:
-            setattr(m, name, True)
-        try:
-            yield self
-        finally:
-            for m, name in flags:
-                setattr(m, name, False)
 
     # -- forward
 

@@ -26,6 +26,7 @@ scores measure composition rather than unseen words.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 import re
@@ -33,6 +34,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from .lexicon import CaptionObject, Lexicon
+from .text import FUNCTION_WORDS, normalise
 
 REFERENCE_FRAMES = 16
 REFERENCE_SIZE = 64
@@ -449,7 +453,7 @@ def caption(spec: ClipSpec, rng: np.random.Generator) -> str:
 
 
 def _caption_words(caption_text: str) -> list[str]:
-    return re.sub(r"[^a-z0-9]+", " ", caption_text.lower()).split()  # as text.normalise (which imports us)
+    return normalise(caption_text)
 
 
 def _object_tail(words: list[str], shape: int, end: int) -> list[int]:
@@ -489,47 +493,42 @@ def object_word_positions(caption_text: str, spec: ClipSpec, motion: bool = Fals
     return [(colour, shape, *_object_tail(words, shape, end)) for (colour, shape), end in zip(nouns, ends)]
 
 
-@dataclass(frozen=True)
-class CaptionObject:
-    """One object a caption names: its attributes (None where the caption does not say) and the
-    indices of its words (``text.normalise`` order: colour, shape, then motion and speed words)."""
+@functools.lru_cache(maxsize=1)
+def lexicon() -> Lexicon:
+    """The world's captions as word tables and motion paths: what motion guidance needs to read a
+    prompt, stored with the text encoder in every model file trained on the world."""
+    travel = {d: {s: {"dx": dx * LINEAR_TRAVEL[s], "dy": dy * LINEAR_TRAVEL[s]} for s in SPEEDS}
+              for d, (dx, dy) in DIRECTIONS.items()}
+    paths = {m: {s: {"dx": 0.0, "dy": 0.0, "bounce": 0.0, "hops": 0.0, "log_scale": 0.0, **travel.get(m, {}).get(s, {})}
+                 for s in (SPEEDS if m != "still" else ("none",))} for m in MOTIONS}
+    for s in SPEEDS:
+        paths["bounce"][s].update(bounce=BOUNCE_HEIGHT, hops=float(BOUNCE_HOPS[s]))
+        paths["grow"][s]["log_scale"] = math.log(SCALE_FACTOR[s])
+        paths["shrink"][s]["log_scale"] = -math.log(SCALE_FACTOR[s])
+    motions = {ph: m for m, forms in MOTION_PHRASES.items() for pair in forms for ph in pair}
+    motions |= {ph: m for m, options in DIRECTION_WORDS.items() for ph in options}
+    word_of = [{w: name for name, options in table.items() for w in options}
+               for table in (COLOUR_WORDS, SHAPE_WORDS, SPEED_WORDS)]
+    return Lexicon(colours=word_of[0], shapes=word_of[1], speeds=word_of[2], motions=motions, paths=paths,
+                   default_speed="slow", unit_travel=LINEAR_TRAVEL["slow"], stop_words=list(TEMPLATE_WORDS),
+                   clause_words=list(_BACKGROUND_PREPOSITIONS))
 
-    colour: str
-    shape: str
-    motion: str | None
-    speed: str | None
-    words: tuple[int, ...]
+
+def text_vocab() -> list[str]:
+    """The built-in text encoder's vocabulary for the world: every caption word plus a few
+    function words users naturally add (sorted)."""
+    return sorted(set(vocabulary()) | set(FUNCTION_WORDS))
 
 
-_WORD_OF = {kind: {w: name for name, options in table.items() for w in options}
-            for kind, table in (("colour", COLOUR_WORDS), ("shape", SHAPE_WORDS), ("speed", SPEED_WORDS))}
-_MOTION_OF = sorted(  # (phrase as words, motion), longest first: "bouncing up and down" before "up"
-    [(tuple(ph.split()), m) for m, forms in MOTION_PHRASES.items() for pair in forms for ph in pair]
-    + [(tuple(ph.split()), m) for m, options in DIRECTION_WORDS.items() for ph in options],
-    key=lambda item: -len(item[0]),
-)
+def text_fields() -> dict:
+    """The ``TextConfig`` fields a text encoder trained on the world needs: its vocabulary and lexicon."""
+    return {"vocab": text_vocab(), "lexicon": lexicon().to_dict()}
 
 
 def parse_caption(caption_text: str) -> list[CaptionObject]:
-    """The objects a caption in the world's words names, in order: each "<colour> <shape>" pair
-    starts one; its motion is the longest motion or direction phrase among the words after it
-    (up to the next object or the background clause), its speed the speed word there. Objects the
-    caption gives no motion get None (and a linear direction without a speed word gets speed None).
-    Words outside the world's vocabulary are skipped, so any prompt parses (to [] if it names no
-    object of the world)."""
-    words = _caption_words(caption_text)
-    nouns = [i for i in range(len(words) - 1) if words[i] in _WORD_OF["colour"] and words[i + 1] in _WORD_OF["shape"]]
-    out = []
-    for k, i in enumerate(nouns):
-        end = nouns[k + 1] if k + 1 < len(nouns) else len(words)
-        tail = _object_tail(words, i + 1, end)
-        clause = words[i + 2: tail[-1] + 1] if tail else []
-        motion = next((m for ph, m in _MOTION_OF
-                       if any(tuple(clause[j: j + len(ph)]) == ph for j in range(len(clause)))), None)
-        speed = next((_WORD_OF["speed"][w] for w in clause if w in _WORD_OF["speed"]), None)
-        out.append(CaptionObject(_WORD_OF["colour"][words[i]], _WORD_OF["shape"][words[i + 1]], motion,
-                                 None if motion == "still" else speed, (i, i + 1, *tail)))
-    return out
+    """The objects a caption in the world's words names, in order (``Lexicon.parse``): colour,
+    shape, motion (None when not named) and speed, and the indices of their words."""
+    return lexicon().parse(_caption_words(caption_text))
 
 
 def vocabulary() -> list[str]:

@@ -17,7 +17,8 @@ import comfy.model_management as mm
 import comfy.utils
 import folder_paths
 
-from ..models import checkpoint, guidance, sampling, vae as vae_lib
+from ..models import checkpoint, guidance, pipeline, sampling, vae as vae_lib
+from ..models.conditioning import GivenFrames
 
 CATEGORY = "MagicVideo"
 FOLDER = "magicvideo"
@@ -31,7 +32,7 @@ PREVIEW_SIZE = 512
 folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER))
 folder_paths.add_model_folder_path(FOLDER, PACK_WEIGHTS)
 
-DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+MAIN = sampling.PRESETS["main"]  # the node defaults are the main workflow's settings
 
 
 def _safetensors(folder: str) -> list[str]:
@@ -50,19 +51,6 @@ def _path(folder: str, name: str) -> str:
     return path
 
 
-def _dtypes(choice: str, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
-    """(UNet dtype, VAE dtype) for a dtype choice. auto: half precision on a GPU (bf16 where
-    supported; the VAE stays fp32 rather than fp16, where SD's VAE overflows), fp32 on CPU."""
-    if choice not in DTYPES:
-        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {choice!r}")
-    if DTYPES[choice] is not None:
-        return DTYPES[choice], DTYPES[choice]
-    if device.type == "cuda":
-        bf16 = torch.cuda.is_bf16_supported()
-        return (torch.bfloat16 if bf16 else torch.float16), (torch.bfloat16 if bf16 else torch.float32)
-    return torch.float32, torch.float32
-
-
 def _conditioning(cond, name: str) -> torch.Tensor:
     """CONDITIONING ``[[tensor [1, tokens, width], {...}]]`` -> the tensor."""
     if not isinstance(cond, (list, tuple)) or not cond or not isinstance(cond[0], (list, tuple)):
@@ -73,6 +61,11 @@ def _conditioning(cond, name: str) -> torch.Tensor:
             "(from Conditioning Combine or Concat?): encode the whole prompt in one text node"
         )
     return cond[0][0]
+
+
+def _extra(cond) -> dict:
+    """The dict of a one-entry CONDITIONING ({} when it has none)."""
+    return cond[0][1] if len(cond[0]) > 1 and isinstance(cond[0][1], dict) else {}
 
 
 def _num_frames(latent: dict, frames: int) -> int:
@@ -91,7 +84,7 @@ def _latent(samples: torch.Tensor, num_frames: int, like: dict | None = None) ->
     return out
 
 
-def _preview_callback(model: sampling.VideoModel, steps: int):
+def _preview_callback(model: pipeline.VideoModel, steps: int):
     """The host's progress bar (+ a latent->RGB preview of the first frame) and Cancel."""
     pbar = comfy.utils.ProgressBar(steps)
 
@@ -144,7 +137,7 @@ class ModelLoader:
                 "motion_module": ([NONE] + models, {"default": NONE,
                                   "tooltip": "A motion-only MagicVideo file (adaptors, temporal attention, fps) applied "
                                              "onto the SD1.5 checkpoint. none keeps the untrained motion layers."}),
-                "dtype": (list(DTYPES), {"default": "auto",
+                "dtype": (list(pipeline.DTYPES), {"default": "auto",
                           "tooltip": "Weight precision. auto: bf16/fp16 on a GPU (VAE bf16 or fp32), fp32 on CPU."}),
             }
         }
@@ -170,17 +163,8 @@ class ModelLoader:
             bundle = checkpoint.load_sd15(_path("checkpoints", sd15_checkpoint), motion=motion)
         else:
             raise ValueError("no model chosen: pick a model_name, or set it to none and pick an sd15_checkpoint")
-        if bundle.unet is None or bundle.vae is None:
-            raise ValueError(f"{model_name} holds no {'UNet' if bundle.unet is None else 'VAE'}: expected a full model file")
-
-        device = mm.get_torch_device()
-        unet_dtype, vae_dtype = _dtypes(dtype, device)
-        unet = bundle.unet.to(device, unet_dtype).eval().requires_grad_(False)
-        video_vae = bundle.vae.to(device, vae_dtype).eval().requires_grad_(False)
-        text = getattr(bundle, "text_encoder", None)
-        if text is not None:
-            text = text.to(device).eval().requires_grad_(False)
-        model = sampling.VideoModel(unet, video_vae.config.scaling_factor, video_vae.latent_rgb())
+        unet, video_vae, text = pipeline.prepare(bundle, device=mm.get_torch_device(), dtype=dtype)
+        model = pipeline.VideoModel(unet, video_vae.config.scaling_factor, video_vae.latent_rgb())
         return (model, video_vae, text)
 
 
@@ -228,7 +212,8 @@ class KeyframeSampler:
         "frames through directed temporal attention. Takes CONDITIONING from CLIPTextEncode (or MagicVideo Text "
         "Encode), classifier-free guidance against the negative, diffusers samplers. denoise < 1 starts from the "
         "given latent (video-to-video); reference latents (first frames) condition image-to-video models. Models "
-        "trained image-first (the bundled default) make the first frame alone, then the rest from it."
+        "trained image-first make the first frame alone, then the rest from it. The defaults are the main "
+        "workflow's settings."
     )
     CATEGORY = f"{CATEGORY}/sampling"
     FUNCTION = "sample"
@@ -245,15 +230,15 @@ class KeyframeSampler:
                 "latent": ("LATENT", {"tooltip": "Video latent: Empty Video Latent, or an encoded video when denoise < 1."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
                          "tooltip": "Noise seed; the same seed gives the same video on any device."}),
-                "steps": ("INT", {"default": 20, "min": 1, "max": 1000, "tooltip": "Denoising steps of the full schedule."}),
-                "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
+                "steps": ("INT", {"default": MAIN.steps, "min": 1, "max": 1000, "tooltip": "Denoising steps of the full schedule."}),
+                "cfg": ("FLOAT", {"default": MAIN.cfg, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
                         "tooltip": "Classifier-free guidance scale; 1 skips the negative (half the work)."}),
-                "sampler": (list(sampling.SAMPLERS), {"default": "euler", "tooltip": "The diffusers sampler."}),
-                "scheduler": (list(sampling.SCHEDULERS), {"default": "normal",
+                "sampler": (list(sampling.SAMPLERS), {"default": MAIN.sampler, "tooltip": "The diffusers sampler."}),
+                "scheduler": (list(sampling.SCHEDULERS), {"default": MAIN.scheduler,
                               "tooltip": "normal: evenly spaced timesteps; karras: Karras sigmas (euler, dpmpp_2m, uni_pc)."}),
-                "fps": ("FLOAT", {"default": 8.0, "min": 0.1, "max": 120.0, "step": 0.1,
+                "fps": ("FLOAT", {"default": MAIN.fps, "min": 0.1, "max": 120.0, "step": 0.1,
                         "tooltip": "Frame rate the model is conditioned on (motion speed)."}),
-                "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                "denoise": ("FLOAT", {"default": MAIN.denoise, "min": 0.0, "max": 1.0, "step": 0.01,
                             "tooltip": "1 = from pure noise; below 1 runs the last steps*denoise steps from the "
                                        "input latent noised to that level."}),
                 "frames": ("INT", {"default": 0, "min": 0, "max": 4096,
@@ -267,60 +252,43 @@ class KeyframeSampler:
                                   "tooltip": "Fraction of the starting noise shared by all frames of a video: higher "
                                              "keeps objects steadier across frames, 0 = independent noise per frame, "
                                              "-1 = what the model was trained with (0 for SD1.5-based models)."}),
-                "cfg_start": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                "cfg_start": ("FLOAT", {"default": MAIN.cfg_start, "min": 0.0, "max": 1.0, "step": 0.01,
                               "tooltip": "Guidance starts at this point of the schedule (0 = pure noise, 1 = clean); "
                                          "steps outside cfg_start..cfg_end run at cfg 1, half the work."}),
-                "cfg_end": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                            "tooltip": "Guidance ends at this point of the schedule (1 = every step to the end)."}),
-                "motion_guidance": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 2.0, "step": 0.05,
+                "cfg_end": ("FLOAT", {"default": MAIN.cfg_end, "min": 0.0, "max": 1.0, "step": 0.01,
+                            "tooltip": "Guidance ends at this point of the schedule (1 = every step to the end; the "
+                                       "default guides the first 70%, where it helps the bundled default)."}),
+                "motion_guidance": ("FLOAT", {"default": MAIN.motion_guidance, "min": 0.0, "max": 2.0, "step": 0.05,
                                     "tooltip": "Steer each object along the motion its words ask for (prompts from "
                                                "MagicVideo Text Encode): on the early steps the latent moves so that "
                                                "the cells attending to an object's words travel its path. 0 = off; "
-                                               "the main workflow uses 0.2 with the bundled default (motion right more "
-                                               "often, a little shape and presence lost); each steered step costs "
-                                               "about two more UNet passes."}),
-                "motion_guidance_until": ("FLOAT", {"default": 0.3, "min": 0.0, "max": 1.0, "step": 0.05,
+                                               "the default 0.2 suits the bundled default (motion right more often, a "
+                                               "little shape and presence lost); each steered step costs about two "
+                                               "more UNet passes."}),
+                "motion_guidance_until": ("FLOAT", {"default": MAIN.motion_guidance_until, "min": 0.0, "max": 1.0, "step": 0.05,
                                           "tooltip": "Motion guidance steers the steps up to this point of the "
                                                      "schedule (0 = pure noise, 1 = clean), where the layout is set."}),
             },
         }
 
     def sample(self, model, positive, negative, latent, seed, steps, cfg, sampler, scheduler, fps, denoise, frames,
-               reference=None, noise_sharing=-1.0, cfg_start=0.0, cfg_end=1.0, motion_guidance=0.0,
-               motion_guidance_until=0.3):
+               reference=None, noise_sharing=-1.0, cfg_start=MAIN.cfg_start, cfg_end=MAIN.cfg_end,
+               motion_guidance=MAIN.motion_guidance, motion_guidance_until=MAIN.motion_guidance_until):
         num_frames = _num_frames(latent, frames)
-        samples = latent["samples"] * model.scaling_factor
-        if samples.shape[0] % num_frames:
-            raise ValueError(
-                f"the latent has {samples.shape[0]} frames, which is not divisible by frames={num_frames}"
-            )
-        cond, given = None, 0
-        channels = getattr(model.config, "cond_channels", 0)
-        if reference is not None and not channels and getattr(model.config, "image_first", False):
-            samples, given = sampling.given_reference(samples, reference["samples"] * model.scaling_factor,
-                                                      num_frames=num_frames)
-        elif reference is not None or channels:
-            cond = sampling.reference_cond(
-                reference["samples"] * model.scaling_factor if reference is not None else None,
-                videos=samples.shape[0] // num_frames, num_frames=num_frames, channels=channels,
-                size=tuple(samples.shape[-2:]),
-            )
-        steer = None
+        options = sampling.SamplingOptions(
+            steps=steps, cfg=cfg, cfg_start=cfg_start, cfg_end=cfg_end, sampler=sampler, scheduler=scheduler, fps=fps,
+            denoise=denoise, noise_sharing=None if noise_sharing < 0 else noise_sharing, seed=seed,
+            motion_guidance=motion_guidance, motion_guidance_until=motion_guidance_until)
+        given = None if reference is None else GivenFrames.first(reference["samples"] * model.scaling_factor)
+        pos, motion = _conditioning(positive, "positive"), None
         if motion_guidance > 0:
-            _conditioning(positive, "positive")  # the shape checks first
-            extra = positive[0][1] if len(positive[0]) > 1 and isinstance(positive[0][1], dict) else {}
-            words = extra.get(guidance.MOTION_WORDS_KEY)
-            if words is None:
-                print("[MagicVideo] motion_guidance reads prompts from MagicVideo Text Encode; this positive "
-                      "conditioning has none, so sampling goes unsteered.")
-            else:
-                steer = guidance.MotionGuidance(model.unet, guidance.targets_from_caption(words, set(words.split()),
-                                                num_frames), strength=motion_guidance, until=motion_guidance_until)
-        out = sampling.sample(
-            model.unet, samples, _conditioning(positive, "positive"), _conditioning(negative, "negative"),
-            num_frames=num_frames, steps=steps, cfg=cfg, sampler=sampler, scheduler=scheduler, seed=seed, fps=fps,
-            denoise=denoise, cond=cond, noise_sharing=None if noise_sharing < 0 else noise_sharing, given_frames=given,
-            cfg_start=cfg_start, cfg_end=cfg_end, steer=steer,
+            motion = _extra(positive).get(guidance.MOTION_KEY)
+            if motion is None:
+                print("[MagicVideo] motion_guidance reads prompts from MagicVideo Text Encode (with a model file "
+                      "that carries a lexicon); this positive conditioning has none, so sampling goes unsteered.")
+        out = pipeline.sample_video(
+            model.unet, latent["samples"] * model.scaling_factor, pos, _conditioning(negative, "negative"),
+            num_frames=num_frames, options=options, given=given, motion=motion,
             callback=_preview_callback(model, steps),  # the callback reports the true total
         )
         return (_latent(out.cpu() / model.scaling_factor, num_frames, latent),)

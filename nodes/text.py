@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from ..models.guidance import MOTION_WORDS_KEY
-from ..models.text import TextEncoder, normalise, unknown_words_message
+from ..models.guidance import MOTION_KEY
+from ..models.pipeline import UnknownWordsError, encode_prompt
+from ..models.text import TextEncoder
 
 CATEGORY = "MagicVideo/conditioning"
 
@@ -51,16 +52,13 @@ class MagicVideoTextEncode:
 
     def encode(self, text_encoder, text, ignore_unknown_words=False):
         encoder = text_encoder if isinstance(text_encoder, TextEncoder) else text_encoder.encoder
-        with torch.no_grad():
-            context, unknown = encoder.encode([text])
-        if unknown:
-            message = unknown_words_message(unknown, encoder.config.vocab)
-            if not ignore_unknown_words:
-                raise ValueError(f"MagicVideo Text Encode: {message} Turn on ignore_unknown_words to leave them out.")
-            print(f"[MagicVideo] warning: {message} Leaving them out.")
-        # the words the context holds, one token each after <bos>: what the sampler's motion guidance reads
-        words = " ".join(w for w in normalise(text) if w in encoder.word_to_id)
-        return ([[context, {MOTION_WORDS_KEY: words}]],)
+        try:
+            context = encode_prompt(encoder, text, ignore_unknown_words=ignore_unknown_words)
+        except UnknownWordsError as e:
+            raise ValueError(f"MagicVideo Text Encode: {e} Turn on ignore_unknown_words to leave them out.") from None
+        # what the prompt asks of each object, read with the file's lexicon: the sampler's motion guidance uses it
+        motion = encoder.motion_request(text)
+        return ([[context, {} if motion is None else {MOTION_KEY: motion}]],)
 
 
 NODE_CLASS_MAPPINGS = {"MagicVideoTextEncode": MagicVideoTextEncode}

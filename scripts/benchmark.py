@@ -77,12 +77,12 @@ def work_generate(job: dict) -> dict:
     rss_before = _peak_memory_mib(device)
     t0 = time.perf_counter()
     bundle = checkpoint.load_model(job["model"])
-    pipeline.prepare(bundle, device=device, dtype=_torch_dtype(job["dtype"]))
+    pipeline.prepare(bundle, device=device, dtype=job["dtype"])
     load = time.perf_counter() - t0
-    settings = dict(frames=job["frames"], width=job["size"], height=job["size"], steps=job["steps"], cfg=job["cfg"],
-                    sampler=job["sampler"], seed=0, fps=job["fps"], cfg_end=job["cfg_end"],
-                    motion_guidance=job.get("motion_guidance", 0.0))
-    pipeline.text_to_video(bundle, PROMPT, **{**settings, "steps": 1})  # warm-up: allocator, kernels, caches
+    options = pipeline.PRESETS[job["preset"]].replace(steps=job["steps"], fps=job["fps"], seed=0)
+    settings = dict(frames=job["frames"], width=job["size"], height=job["size"], options=options, device=device,
+                    dtype=job["dtype"])
+    pipeline.text_to_video(bundle, PROMPT, **{**settings, "options": options.replace(steps=1)})  # warm-up
     runs = []
     for _ in range(job["repeats"]):
         timings: dict = {}
@@ -292,6 +292,8 @@ def markdown(results: dict) -> str:
 
 
 def main(argv=None) -> int:
+    from magicvideo.models.sampling import PRESETS
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="a full MagicVideo file with a text encoder "
                     "(default: the bundled weights)")
@@ -302,12 +304,8 @@ def main(argv=None) -> int:
     ap.add_argument("--frames", type=int, default=16)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--fps", type=float, default=8.0)
-    ap.add_argument("--cfg", type=float, default=7.5)
-    ap.add_argument("--cfg-end", type=float, default=1.0,
-                    help="guidance only up to this point of the schedule (the main workflow uses 0.7)")
-    ap.add_argument("--sampler", default="euler")
-    ap.add_argument("--motion-guidance", type=float, default=0.0,
-                    help="motion guidance strength (0 = off; see models/guidance.py)")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="main",
+                    help="sampling settings (models/sampling.py PRESETS; main = the main workflow's)")
     ap.add_argument("--repeats", type=int, default=3, help="timed generations per setting (median)")
     ap.add_argument("--forwards", type=int, default=10, help="timed UNet forwards per model for the peer ratio")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
@@ -315,8 +313,6 @@ def main(argv=None) -> int:
     ap.add_argument("--no-peer", action="store_true", help="skip the AnimateDiff comparison")
     ap.add_argument("--worker", nargs=2, metavar=("KIND", "JOB"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if not 0.0 <= args.cfg_end <= 1.0:
-        ap.error(f"--cfg-end must be between 0 and 1, got {args.cfg_end}")
 
     if args.worker:
         kind, job = args.worker
@@ -338,13 +334,14 @@ def main(argv=None) -> int:
     vae_config = json.loads(header.metadata.get("vae_config", "null")) or {}
     downscale = 2 ** (len(vae_config.get("ch_mult", (1, 2, 4, 4))) - 1)
     base = {"model": str(args.model.resolve()), "threads": args.threads, "device": args.device, "frames": args.frames,
-            "size": args.size, "fps": args.fps, "cfg": args.cfg, "cfg_end": args.cfg_end, "sampler": args.sampler,
-            "motion_guidance": args.motion_guidance, "downscale": downscale}
+            "size": args.size, "fps": args.fps, "preset": args.preset, "downscale": downscale}
+    preset = PRESETS[args.preset]
     load_before = os.getloadavg()
     results = {
         "machine": machine_info(args.device, args.threads),
         "model": model_info(args.model),
-        "settings": {k: base[k] for k in ("frames", "size", "fps", "cfg", "cfg_end", "sampler", "motion_guidance")}
+        "settings": {k: base[k] for k in ("frames", "size", "fps", "preset")}
+        | {k: getattr(preset, k) for k in ("cfg", "cfg_end", "sampler", "motion_guidance")}
         | {"prompt": PROMPT, "repeats": args.repeats, "forwards": args.forwards},
         "generate": [],
         "peer": [],

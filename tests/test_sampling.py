@@ -1,21 +1,21 @@
-"""The sampler loop: every sampler/scheduler/prediction type against an exact denoiser, CFG,
-seeds, img2img denoise, callbacks, validation; and a tiny real VideoUNet end to end."""
+"""Generation's sampling call (``pipeline.sample_video``: the sampler loop with its guidance
+pieces): every sampler/scheduler/prediction type against an exact denoiser, CFG and its
+interval, seeds, img2img denoise, callbacks, given frames at any index, image-first,
+validation; and a tiny real VideoUNet end to end."""
 
-from contextlib import contextmanager
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from magicvideo.models.conditioning import GivenFrames
+from magicvideo.models.pipeline import RequestError, VideoModel, sample_video
 from magicvideo.models.sampling import (
+    PRESETS,
     SAMPLERS,
-    caption_fit,
-    VideoModel,
+    SamplingOptions,
     _alphas_at,
     make_scheduler,
-    reference_cond,
-    rescale_guidance,
-    sample,
     training_schedule,
     video_noise,
 )
@@ -46,6 +46,13 @@ class PointMass(torch.nn.Module):
         if self.config.prediction_type == "v_prediction":
             return a.sqrt() * eps - (1 - a).sqrt() * target
         return eps
+
+
+def sample(model, latents, positive, negative, *, num_frames, given=None, callback=None, **settings):
+    """One sampling call with plain settings (cfg on every step, nothing steered) changed by ``settings``."""
+    options = SamplingOptions(cfg_end=1.0, motion_guidance=0.0).replace(**settings)
+    return sample_video(model, latents, positive, negative, num_frames=num_frames, options=options, given=given,
+                        callback=callback)
 
 
 def _ctx(value, batch=1, seq=4):
@@ -106,90 +113,6 @@ def test_guidance_interval_guides_only_the_asked_part_of_the_schedule():
     with pytest.raises(ValueError, match="cfg_start <= cfg_end"):
         sample(PointMass(), _latents(), _ctx(0.5), _ctx(0.1), num_frames=3, steps=5, cfg=3.0, cfg_start=0.8,
                cfg_end=0.2)
-
-
-def test_cfg_rescale_matches_each_frames_spread_to_the_conditional_output():
-    g = torch.Generator().manual_seed(0)
-    cond_out = torch.randn(6, 4, 4, 4, generator=g)
-    guided = 3.0 * cond_out + torch.randn(6, 4, 4, 4, generator=g)  # cfg inflates the spread
-    full = rescale_guidance(guided, cond_out, 1.0)
-    assert torch.allclose(full.flatten(1).std(1), cond_out.flatten(1).std(1), rtol=1e-5)  # per frame
-    assert torch.allclose(full / guided, (full / guided)[:, :1, :1, :1].expand_as(full))  # a scale, no new shape
-    assert torch.equal(rescale_guidance(guided, cond_out, 0.0), guided)
-    assert torch.allclose(rescale_guidance(guided, cond_out, 0.7), 0.7 * full + 0.3 * guided, atol=1e-6)
-    # in the sampler: data that is the context's value times a pattern, so cfg 3 overshoots
-    # the pattern's contrast (0.1 + 3 (0.5 - 0.1) = 1.3 times it) and the rescale pulls it
-    # back; in v space for both kinds of model, so both land alike
-    pattern = torch.tensor([[1.0, -1.0], [-1.0, 1.0]]).repeat(2, 2)
-
-    class Patterned(PointMass):
-        def forward(self, x, timesteps, context, num_frames, fps=None, cond=None):
-            target = context[:, 0, 0].view(-1, 1, 1, 1) * pattern
-            a = _alphas_at(self.alphas, timesteps).view(-1, 1, 1, 1)
-            eps = (x - a.sqrt() * target) / (1 - a).sqrt()
-            return a.sqrt() * eps - (1 - a).sqrt() * target if self.config.prediction_type == "v_prediction" else eps
-
-    def contrast(prediction="v_prediction", **kw):
-        out = sample(Patterned(prediction), _latents(), _ctx(0.5), _ctx(0.1), num_frames=3, steps=5, cfg=3.0,
-                     seed=1, **kw)
-        return (out * pattern).mean().item()
-
-    assert contrast() == pytest.approx(1.3, abs=1e-3)
-    assert 0.5 < contrast(cfg_rescale=1.0) < contrast(cfg_rescale=0.5) < 1.29
-    assert contrast("epsilon", cfg_rescale=0.7) == pytest.approx(contrast(cfg_rescale=0.7), abs=1e-4)
-    assert contrast(cfg_rescale=1.0, cfg_end=0.0) == pytest.approx(0.5, abs=1e-3)  # unguided steps left alone
-    with pytest.raises(ValueError, match="needs x_t and alpha_bar"):
-        rescale_guidance(guided, cond_out, 0.7, prediction_type="epsilon")
-    with pytest.raises(ValueError, match="cfg_rescale must be between 0 and 1, got 1.5"):
-        sample(PointMass(), _latents(), _ctx(0.5), _ctx(0.1), num_frames=3, steps=5, cfg=3.0, cfg_rescale=1.5)
-
-
-def test_pag_moves_away_from_the_perturbed_prediction_on_the_asked_steps():
-    """A model whose perturbed self-attention halves its point: with ``pag`` s the output moves
-    s times further from that half-point, with or without cfg, only on the interval's steps
-    (the last step decides the point an exact denoiser lands on)."""
-
-    class Perturbable(PointMass):
-        weak = False
-
-        @contextmanager
-        def perturbed(self, parts):
-            assert parts == ("self",)
-            self.weak = True
-            try:
-                yield self
-            finally:
-                self.weak = False
-
-        def forward(self, x, timesteps, context, num_frames, fps=None, cond=None):
-            return super().forward(x, timesteps, context * (0.5 if self.weak else 1.0), num_frames, fps, cond)
-
-    def land(cfg=1.0, **kw):
-        model = Perturbable("v_prediction")
-        out = sample(model, _latents(), _ctx(0.5), _ctx(0.1), num_frames=3, steps=4, cfg=cfg, seed=1, **kw)
-        return out.mean().item(), len(model.calls), model.weak
-
-    assert land() == (pytest.approx(0.5, abs=1e-4), 4, False)
-    assert land(pag=2.0) == (pytest.approx(0.5 + 2 * 0.25, abs=1e-4), 8, False)  # one more pass a step
-    assert land(cfg=3.0, pag=2.0)[0] == pytest.approx(0.1 + 3 * 0.4 + 2 * 0.25, abs=1e-4)
-    assert land(pag=2.0, cfg_end=0.5)[:2] == (pytest.approx(0.5, abs=1e-4), 6)  # the later steps plain
-    with pytest.raises(ValueError, match="pag .* must be at least 0, got -1"):
-        land(pag=-1.0)
-    with pytest.raises(ValueError, match=r"perturbed parts must be some of \['self', .*got \['cross'\]"):
-        land(pag=1.0, pag_parts=("cross",))
-
-
-@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
-def test_caption_fit_is_lowest_under_the_caption_that_made_the_video(prediction):
-    model = PointMass(prediction)
-    video = torch.full((3, 4, 4, 4), 0.5)  # the point the caption 0.5 names
-    fit = caption_fit(model, video, _ctx(0.5), _ctx(0.1), num_frames=3, timesteps=(100, 500, 900))
-    assert set(fit["cond"]) == {"100", "500", "900"}
-    assert all(fit["cond"][t] < 1e-8 < fit["uncond"][t] for t in fit["cond"])  # an exact denoiser of the caption
-    other = caption_fit(model, torch.full((3, 4, 4, 4), 0.3), _ctx(0.5), _ctx(0.1), num_frames=3,
-                        timesteps=(100, 500, 900))
-    assert all(other["cond"][t] > fit["cond"][t] for t in fit["cond"])
-    assert caption_fit(model, video, _ctx(0.5), _ctx(0.1), num_frames=3, timesteps=(100, 500, 900)) == fit  # seeded
 
 
 def test_per_video_conditioning():
@@ -264,38 +187,51 @@ def test_fps_and_cond_reach_the_model():
     model = PointMass(cond_channels=5)
     sample(model, _latents(), _ctx(0.5), _ctx(0), num_frames=3, steps=1, cfg=2.0, fps=12)
     call = model.calls[0]
-    assert call["fps"] == 12 and call["cond"].shape == (6, 5, 4, 4) and not call["cond"].any()
-    ref = torch.ones(1, 4, 4, 4)
-    cond = reference_cond(ref, videos=1, num_frames=3, channels=5, size=(4, 4))
+    assert call["fps"] == 12 and call["cond"].shape == (6, 5, 4, 4) and not call["cond"].any()  # nothing given
+    given = GivenFrames(torch.ones(1, 4, 4, 4), (2,))  # the last frame given
+    sample(model, _latents(), _ctx(0.5), None, num_frames=3, steps=1, cfg=1.0, given=given)
+    cond = model.calls[-1]["cond"]
     assert cond.shape == (3, 5, 4, 4)
-    assert cond[0].eq(1).all() and not cond[1:].any()  # latents + mask on the given frame only
-    sample(model, _latents(), _ctx(0.5), None, num_frames=3, steps=1, cfg=1.0, cond=cond)
-    assert torch.equal(model.calls[-1]["cond"], cond)
+    assert cond[2].eq(1).all() and not cond[:2].any()  # latents + mask on the given frame only
+    with pytest.raises(RequestError, match="1 mask"):
+        sample(PointMass(cond_channels=9), _latents(), _ctx(0), None, num_frames=3, steps=1, cfg=1.0, given=given)
 
 
 def test_validation_errors():
     model = PointMass()
     kw = dict(num_frames=3, steps=2, cfg=1.0)
-    with pytest.raises(ValueError, match="width 8 .*got 768"):
+    with pytest.raises(RequestError, match="width 8 .*got 768"):
         sample(model, _latents(), torch.zeros(1, 77, 768), None, **kw)
-    with pytest.raises(ValueError, match="not divisible by num_frames=4"):
+    with pytest.raises(RequestError, match="not divisible by num_frames=4"):
         sample(model, _latents(), _ctx(0), None, **{**kw, "num_frames": 4})
-    with pytest.raises(ValueError, match="needs negative conditioning"):
+    with pytest.raises(RequestError, match="needs a negative conditioning"):
         sample(model, _latents(), _ctx(0), None, **{**kw, "cfg": 7.0})
-    with pytest.raises(ValueError, match="expected 1 or one per video"):
+    with pytest.raises(RequestError, match="expected 1 or one per video"):
         sample(model, _latents(), _ctx(0, batch=2), None, **kw)
-    with pytest.raises(ValueError, match=r"latents must be \[frames, 4"):
+    with pytest.raises(RequestError, match=r"latents must be \[frames, 4"):
         sample(model, torch.zeros(3, 16, 4, 4), _ctx(0), None, **kw)
-    with pytest.raises(ValueError, match="no conditioning channels"):
-        sample(model, _latents(), _ctx(0), None, cond=torch.zeros(3, 5, 4, 4), **kw)
+    with pytest.raises(RequestError, match="no image-prior channels .* cannot take them"):
+        sample(model, _latents(), _ctx(0), None, given=GivenFrames.first(torch.zeros(1, 4, 4, 4)), **kw)
+    for bad, message in (({"steps": 0}, "steps must be at least 1"), ({"cfg_start": 0.8, "cfg_end": 0.2}, "cfg_start <= cfg_end"),
+                         ({"denoise": 1.5}, "denoise must be between 0 and 1"), ({"noise_sharing": 1.0}, "noise_sharing"),
+                         ({"sampler": "heun"}, "unknown sampler"), ({"motion_guidance_until": 2.0}, "motion_guidance")):
+        with pytest.raises(RequestError, match=message):
+            sample(model, _latents(), _ctx(0), None, **{**kw, **bad})
+    assert model.calls == []  # every check comes before the first step
     with pytest.raises(ValueError, match="unknown sampler"):
         make_scheduler("heun")
     with pytest.raises(ValueError, match="karras scheduler works with"):
         make_scheduler("ddim", "karras")
-    with pytest.raises(ValueError, match="no image-prior channels"):
-        reference_cond(torch.zeros(1, 4, 4, 4), videos=1, num_frames=2, channels=0, size=(4, 4))
-    with pytest.raises(ValueError, match="1 mask"):
-        reference_cond(torch.zeros(1, 4, 4, 4), videos=1, num_frames=2, channels=9, size=(4, 4))
+
+
+def test_presets_are_valid_and_the_main_one_is_the_default():
+    assert SamplingOptions() == PRESETS["main"]
+    for options in PRESETS.values():
+        assert options.check() is options
+    main = PRESETS["main"]
+    assert (main.steps, main.cfg, main.cfg_end, main.motion_guidance) == (20, 6.0, 0.7, 0.2)
+    assert main.guided(0.0) and main.guided(0.7) and not main.guided(0.71)
+    assert not main.replace(cfg=1.0).guided(0.0)  # cfg 1 is never guided
 
 
 def test_training_schedule_is_sd():
@@ -344,8 +280,6 @@ def test_noise_sharing_is_validated_and_reaches_the_start():
     model = PointMass()
     latents = torch.zeros(4, 4, 16, 16)
     positive = torch.ones(1, 1, WIDTH)
-    with pytest.raises(ValueError, match="noise_sharing"):
-        sample(model, latents, positive, None, num_frames=4, steps=2, cfg=1.0, noise_sharing=1.0)
     starts = []
     record = lambda x, *a, **k: starts.append(x.clone()) or PointMass.forward(model, x, *a, **k)  # noqa: E731
     model.forward = record
@@ -359,25 +293,34 @@ def test_noise_sharing_is_validated_and_reaches_the_start():
     assert torch.equal(own_prior, shared)
 
 
-def test_given_frames_enter_clean_at_timestep_zero_and_come_back_unchanged():
-    """Image-to-video: the first k frames are the caller's, seen at t=0; the rest are denoised."""
+@pytest.mark.parametrize("indices", [(0,), (2,), (1,), (0, 2)])
+def test_given_frames_enter_clean_at_timestep_zero_and_come_back_unchanged(indices):
+    """Image-to-video, continuation, interpolation (models trained with clean given frames): the
+    given frames, at any index, are the caller's, seen at t=0; the rest are denoised."""
     model = PointMass()
-    latents = _latents(frames=3, videos=2)
-    latents.view(2, 3, 4, 4, 4)[:, 0] = 7.0
-    out = sample(model, latents, _ctx(0.5), None, num_frames=3, steps=4, cfg=1.0, given_frames=1)
+    model.config.image_first = True
+    given = GivenFrames(torch.full((len(indices), 4, 4, 4), 7.0), indices)
+    out = sample(model, _latents(frames=3, videos=2), _ctx(0.5), None, num_frames=3, steps=4, cfg=1.0, given=given)
     frames = out.view(2, 3, 4, 4, 4)
-    assert frames[:, 0].eq(7.0).all()  # exactly what was given
-    assert torch.allclose(frames[:, 1:], torch.full_like(frames[:, 1:], 0.5), atol=1e-3)  # the others denoised
+    rest = [i for i in range(3) if i not in indices]
+    assert frames[:, list(indices)].eq(7.0).all()  # exactly what was given
+    assert torch.allclose(frames[:, rest], torch.full_like(frames[:, rest], 0.5), atol=1e-3)  # the others denoised
     for call in model.calls:
         t = call["t"].view(2, 3)
-        assert t[:, 0].eq(0).all() and t[:, 1:].gt(0).all()
-    with pytest.raises(ValueError, match="given_frames must be at least 0 and below num_frames=3, got 3"):
-        sample(model, latents, _ctx(0.5), None, num_frames=3, steps=1, cfg=1.0, given_frames=3)
+        assert t[:, list(indices)].eq(0).all() and t[:, rest].gt(0).all()
+    for bad, message in (((3,), r"indices \[3\] lie outside a 3-frame video"), ((0, 1, 2), "all 3 frames are given"),
+                         ((1, 1), "repeat")):
+        with pytest.raises(RequestError, match=message):
+            sample(model, _latents(), _ctx(0.5), None, num_frames=3, steps=1, cfg=1.0,
+                   given=GivenFrames(torch.zeros(len(bad), 4, 4, 4), bad))
+    with pytest.raises(RequestError, match=r"given frames must be latents \[frames, 4, 4, 4\]"):
+        sample(model, _latents(), _ctx(0.5), None, num_frames=3, steps=1, cfg=1.0,
+               given=GivenFrames.first(torch.zeros(1, 4, 8, 8)))
 
 
 def test_image_first_samples_frame_zero_alone_then_the_rest_from_it():
     """Magic 1-For-1's factorisation: a 1-frame pass, then the video given its first frame;
-    the model's config picks it by default, the callback counts both passes."""
+    the model's config picks it, the callback counts both passes."""
     model = PointMass()
     model.config.image_first = True
     seen = []
@@ -389,14 +332,13 @@ def test_image_first_samples_frame_zero_alone_then_the_rest_from_it():
 
     image = sample(PointMass(), _latents(frames=1, videos=2), _ctx(0.5), _ctx(0), num_frames=1, steps=3, cfg=2.0,
                    seed=5)
-    video = _latents(frames=3, videos=2)
-    video.view(2, 3, 4, 4, 4)[:, 0] = image
-    rest = sample(PointMass(), video, _ctx(0.5), _ctx(0), num_frames=3, steps=3, cfg=2.0, seed=5, given_frames=1)
+    second = PointMass()
+    second.config.image_first = True
+    rest = sample(second, _latents(frames=3, videos=2), _ctx(0.5), _ctx(0), num_frames=3, steps=3, cfg=2.0, seed=5,
+                  given=GivenFrames(image, (0,)))  # one first frame per video
     assert torch.equal(out, rest)
 
     plain = PointMass()
     plain.config.image_first = True
-    sample(plain, _latents(), _ctx(0.5), None, num_frames=3, steps=2, cfg=1.0, image_first=False)
-    assert [c["batch"] for c in plain.calls] == [3, 3]  # asked off: one joint pass
     sample(plain, _latents(), _ctx(0.5), None, num_frames=3, steps=2, cfg=1.0, denoise=0.5)
-    assert [c["batch"] for c in plain.calls[2:]] == [3]  # video-to-video stays one pass
+    assert [c["batch"] for c in plain.calls] == [3]  # video-to-video stays one pass

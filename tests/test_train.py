@@ -453,7 +453,7 @@ def test_decoder_trains_on_sampled_pairs(config_file, tmp_path):
     cli.main(["--config", str(config_file), "--stage", "all", "--run-dir", str(tmp_path / "a"), "--threads", "1",
               "--out", str(first)])
     bundle = checkpoint.load_model(first)
-    settings = {"frames": 4, "size": 32, "steps": 4, "cfg": 2.0}
+    settings = {"frames": 4, "size": 32, "options": PRESETS["plain"].replace(steps=4, cfg=2.0)}
     pairs = data.make_decoder_pairs(bundle, 3, 5, (0.3, 0.5), **settings)
     assert pairs["latents"].shape == (3, 4, 4, 4, 4)
     assert all(0.3 <= s <= 0.5 for s in pairs["strengths"].tolist())

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models import world
+from ..models.sampling import PRESETS, SamplingOptions
 from ..models.vae import VideoVAE
 
 
@@ -233,12 +234,12 @@ PAIRS_FORMAT, PAIRS_VERSION = "magicvideo-decoder-pairs", "1"
 
 def make_decoder_pairs(bundle, n: int, seed: int, strengths: tuple[float, float] = (0.2, 0.6), *,
                        frames: int = world.REFERENCE_FRAMES, size: int = world.REFERENCE_SIZE,
-                       progress=None, **sample_kwargs) -> dict:
+                       options: SamplingOptions = PRESETS["main"], progress=None) -> dict:
     """For ``vae.decoder_pairs``: what the sampler makes of ``n`` training clips of the world.
 
     Each clip (train split, so no held-out triple) is VAE-encoded, noised to a strength drawn
-    uniformly from ``strengths`` and finished by the model with ``sample_kwargs`` (give the
-    main workflow's settings: cfg, cfg_end, steps, motion guidance). The layout stays the
+    uniformly from ``strengths`` and finished by the model with ``options`` (the main
+    workflow's by default; their seed and denoise are drawn per clip). The layout stays the
     clip's, so the clip is the target for decoding the sampled latents: the decoder learns to
     read the latents the UNet really ends its chains on (full chains, not one-step guesses),
     which are not the encoder's. -> {"latents": [n, F, C, h, w] float32 (scaled, as the UNet
@@ -255,9 +256,9 @@ def make_decoder_pairs(bundle, n: int, seed: int, strengths: tuple[float, float]
         spec = world.sample_spec(rng, "train")
         text = world.caption(spec, rng)
         s = float(rng.uniform(lo, hi))
-        latents.append(text_to_video(bundle, text, frames=frames, width=size, height=size, seed=int(rng.integers(2**31)),
-                                     init_video=world.render(spec, frames, size), denoise=s, latents_only=True,
-                                     **sample_kwargs))
+        run = options.replace(seed=int(rng.integers(2**31)), denoise=s)
+        latents.append(text_to_video(bundle, text, frames=frames, width=size, height=size, options=run,
+                                     init_video=world.render(spec, frames, size), latents_only=True))
         strength.append(s)
         specs.append(spec)
         captions.append(text)

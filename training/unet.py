@@ -199,7 +199,8 @@ def train_unet(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
     if init is not None and init.text_encoder is not None:
         text = init.text_encoder
     else:
-        text = TextEncoder(TextConfig.from_dict({**tc["text_config"], "width": unet.config.context_dim}))
+        text = TextEncoder(TextConfig.from_dict({**world.text_fields(), **tc["text_config"],
+                                                  "width": unet.config.context_dim}))
     modules = {"unet": unet, "text": text}
     aux_weight = float(tc.get("text_aux_weight", 0.0))
     if aux_weight:

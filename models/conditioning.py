@@ -1,0 +1,85 @@
+"""Given frames: which frames of a video are known, and how a model is told.
+
+One mechanism serves image-to-video (frame 0 given), continuation (the first k frames: a
+sliding window's overlap) and interpolation (the keyframes around each gap). A
+:class:`GivenFrames` holds clean latents for some frame indices; the generation path hands
+them to the model in one of two ways, whichever the model was trained for:
+
+- **image-prior channels** (Magic 1-For-1; ``config.cond_channels`` = latent channels + 1):
+  the UNet's input is concatenated with the given latents zero-padded over time and a
+  one-channel mask that is 1 on given frames (:meth:`GivenFrames.channels`);
+- **clean given frames** (``config.image_first``): the given frames enter the denoiser clean
+  at timestep 0 and are kept (:meth:`GivenFrames.mask`, ``sampling.sample(given=...)``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from einops import rearrange
+
+
+@dataclass(frozen=True)
+class GivenFrames:
+    """Clean latents (scaled, as the UNet sees them) for the frame indices ``indices`` (k distinct
+    indices, in any order): ``[k, c, h, w]`` the same for every video of a batch, or
+    ``[(b k), c, h, w]`` one set per video."""
+
+    latents: torch.Tensor
+    indices: tuple[int, ...]
+
+    @classmethod
+    def first(cls, latents: torch.Tensor) -> "GivenFrames":
+        """The first k frames given (image-to-video for k = 1, continuation for more)."""
+        return cls(latents, tuple(range(latents.shape[0])))
+
+    def check(self, num_frames: int, shape: tuple[int, ...], videos: int = 1) -> None:
+        """ValueError unless these frames fit ``videos`` videos of ``num_frames`` frames of latent
+        ``shape`` (c, h, w)."""
+        if self.latents.ndim != 4 or tuple(self.latents.shape[1:]) != tuple(shape):
+            c, h, w = shape
+            raise ValueError(
+                f"given frames must be latents [frames, {c}, {h}, {w}] like the video's (encode images of the video's "
+                f"size, {w * 8}x{h * 8} pixels for an 8x VAE); got {tuple(self.latents.shape)}"
+            )
+        if not self.indices or self.latents.shape[0] not in (len(self.indices), videos * len(self.indices)):
+            raise ValueError(f"{self.latents.shape[0]} given frames for {len(self.indices)} frame indices and "
+                             f"{videos} video(s): expected {len(self.indices)}, or that many per video")
+        if len(set(self.indices)) != len(self.indices):
+            raise ValueError(f"given frame indices repeat: {list(self.indices)}")
+        bad = [i for i in self.indices if not 0 <= i < num_frames]
+        if bad:
+            raise ValueError(f"given frame indices {bad} lie outside a {num_frames}-frame video (0..{num_frames - 1})")
+        if len(self.indices) >= num_frames:
+            raise ValueError(f"all {num_frames} frames are given; leave at least one frame to generate")
+
+    def per_video(self) -> torch.Tensor:
+        """``[1 or b, k, c, h, w]``."""
+        return self.latents.float().view(-1, len(self.indices), *self.latents.shape[1:])
+
+    def mask(self, videos: int, num_frames: int) -> torch.Tensor:
+        """bool ``[(b f)]``: True on given frames."""
+        one = torch.zeros(num_frames, dtype=torch.bool)
+        one[list(self.indices)] = True
+        return one.repeat(videos)
+
+    def place(self, latents: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """``latents`` ``[(b f), c, h, w]`` with the given frames written in (a new tensor)."""
+        video = latents.float().clone().view(-1, num_frames, *latents.shape[1:])
+        video[:, list(self.indices)] = self.per_video().to(video.device)
+        return video.flatten(0, 1)
+
+    def channels(self, videos: int, num_frames: int) -> torch.Tensor:
+        """Magic 1-For-1's image prior: ``[(b f), c + 1, h, w]``, the given latents at their frames
+        (zeros elsewhere) and a last channel that is 1 on given frames."""
+        c, h, w = self.latents.shape[1:]
+        cond = torch.zeros(videos, num_frames, c + 1, h, w)
+        cond[:, list(self.indices), :c] = self.per_video().cpu()
+        cond[:, list(self.indices), c] = 1.0
+        return rearrange(cond, "b f c h w -> (b f) c h w")
+
+
+def no_frames_given(videos: int, num_frames: int, channels: int, size: tuple[int, int]) -> torch.Tensor:
+    """The image-prior channels when nothing is given (plain text-to-video): all zeros."""
+    return torch.zeros(videos * num_frames, channels, *size)
