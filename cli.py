@@ -2,6 +2,10 @@
 
     python -m magicvideo generate --prompt "a red circle moving left" --output clip.mp4
     magicvideo generate --conditioning cond.safetensors --model my_model.safetensors --frames 16
+    magicvideo upgrade old_model.safetensors          # an older file format rewritten as the current one
+
+Sampling flags (``--steps``, ``--cfg``, ``--cfg-end``, ``--motion-guidance``, ...) default to the
+main workflow's settings (``sampling.PRESETS["main"]``).
 
 The prompt goes through the model file's built-in text encoder; models without one (e.g. an
 inflated SD1.5) take a conditioning file instead: safetensors with ``positive`` (and
@@ -114,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chunk-size", type=int, default=8, help="frames decoded at once by the VAE")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--dtype", choices=list(pipeline.DTYPES), default="auto")
+    u = sub.add_parser("upgrade", help="rewrite a MagicVideo file of an older format version as the current one")
+    u.add_argument("model", help="a MagicVideo .safetensors file")
+    u.add_argument("--out", help="where to write it (default: in place)")
     return parser
 
 
@@ -123,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             generate(args)
+        elif args.command == "upgrade":
+            from .models import checkpoint
+
+            print(f"wrote {checkpoint.upgrade(args.model, args.out)} (format_version {checkpoint.FORMAT_VERSION})")
     except ValueError as exc:  # the library's errors say what was expected and what was found
         print(f"error: {exc}", file=sys.stderr)
         return 2
