@@ -29,7 +29,6 @@ import dataclasses
 import functools
 import itertools
 import math
-import re
 from dataclasses import dataclass
 
 import numpy as np

@@ -7,8 +7,6 @@ either.
 
 from __future__ import annotations
 
-import torch
-
 from ..models.guidance import MOTION_KEY
 from ..models.pipeline import UnknownWordsError, encode_prompt
 from ..models.text import TextEncoder
