@@ -245,9 +245,9 @@ class KeyframeSampler:
                            "tooltip": "Frames per video; 0 = the latent's num_frames (or its whole batch as one video)."}),
             },
             "optional": {
-                "reference": ("LATENT", {"tooltip": "Latents of the first frame(s) for image-to-video (models with "
-                                                    "image-prior channels, or trained to continue given first frames "
-                                                    "like the bundled default): they are kept as the video's first frames."}),
+                "reference": ("LATENT", {"tooltip": "Latents of the first frame(s) for image-to-video, for models with "
+                                                    "image-prior channels or trained to continue given first frames "
+                                                    "(a model that can take neither says so)."}),
                 "noise_sharing": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 0.95, "step": 0.05,
                                   "tooltip": "Fraction of the starting noise shared by all frames of a video: higher "
                                              "keeps objects steadier across frames, 0 = independent noise per frame, "
