@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from einops import rearrange
 
 
 @dataclass(frozen=True)
@@ -71,13 +70,17 @@ class GivenFrames:
         return video.flatten(0, 1)
 
     def channels(self, videos: int, num_frames: int) -> torch.Tensor:
-        """Magic 1-For-1's image prior: ``[(b f), c + 1, h, w]``, the given latents at their frames
-        (zeros elsewhere) and a last channel that is 1 on given frames."""
-        c, h, w = self.latents.shape[1:]
-        cond = torch.zeros(videos, num_frames, c + 1, h, w)
-        cond[:, list(self.indices), :c] = self.per_video().cpu()
-        cond[:, list(self.indices), c] = 1.0
-        return rearrange(cond, "b f c h w -> (b f) c h w")
+        """Magic 1-For-1's image prior for these frames (:func:`prior_channels`)."""
+        video = self.place(torch.zeros(videos * num_frames, *self.latents.shape[1:]), num_frames)
+        return prior_channels(video, self.mask(videos, num_frames))
+
+
+def prior_channels(latents: torch.Tensor, given: torch.Tensor) -> torch.Tensor:
+    """Magic 1-For-1's image prior: ``[(b f), c + 1, h, w]`` from video latents ``[(b f), c, h, w]``
+    and a bool mask ``[(b f)]`` of given frames: the given frames' latents (zeros elsewhere) and a
+    last channel that is 1 on given frames. The trainer and the sampler both build it here."""
+    mask = given.view(-1, 1, 1, 1).to(latents.dtype)
+    return torch.cat([latents * mask, mask.expand(-1, 1, *latents.shape[-2:])], dim=1)
 
 
 def no_frames_given(videos: int, num_frames: int, channels: int, size: tuple[int, int]) -> torch.Tensor:

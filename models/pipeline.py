@@ -172,26 +172,28 @@ def decode_frames(vae, latents: torch.Tensor, frames: int, chunk_size: int = 8) 
 
 
 def _given_inputs(config, given: GivenFrames | None, latents: torch.Tensor, num_frames: int):
-    """How a request's given frames reach the model: (latents, cond channels or None, mask or None)."""
+    """How a request's given frames reach the model: (latents, cond channels or None, mask or None).
+
+    Models with image-prior channels see them there *and* as clean frames at timestep 0, as
+    the trainer shows them (``training/unet.py``); models trained image-first see the clean
+    frames only. Either way the given frames come back unchanged."""
     videos = latents.shape[0] // num_frames
     channels = getattr(config, "cond_channels", 0)
     if given is not None:
         given.check(num_frames, tuple(latents.shape[1:]), videos)
-    if channels:
-        if given is not None and given.latents.shape[1] + 1 != channels:
+        if channels and given.latents.shape[1] + 1 != channels:
             raise RequestError(f"this model takes {channels} conditioning channels ({channels - 1} latent + 1 mask); "
                                f"the given frames have {given.latents.shape[1]} channels")
-        cond = given.channels(videos, num_frames) if given is not None else \
-            no_frames_given(videos, num_frames, channels, tuple(latents.shape[-2:]))
-        return latents, cond, None
+        if not channels and not getattr(config, "image_first", False):
+            raise RequestError(
+                "frames were given (image-to-video or continuation), but this model has no image-prior channels "
+                "(cond_channels=0) and was not trained to continue given frames (image_first): it cannot take them"
+            )
     if given is None:
-        return latents, None, None
-    if not getattr(config, "image_first", False):
-        raise RequestError(
-            "frames were given (image-to-video or continuation), but this model has no image-prior channels "
-            "(cond_channels=0) and was not trained to continue given frames (image_first): it cannot take them"
-        )
-    return given.place(latents, num_frames), None, given.mask(videos, num_frames)
+        cond = no_frames_given(videos, num_frames, channels, tuple(latents.shape[-2:])) if channels else None
+        return latents, cond, None
+    cond = given.channels(videos, num_frames) if channels else None
+    return given.place(latents, num_frames), cond, given.mask(videos, num_frames)
 
 
 def _denoiser(unet, positive, negative, *, num_frames, options, cond, mask, motion):

@@ -479,12 +479,13 @@ class VideoUNet(nn.Module):
     def grown(self, **changes) -> "VideoUNet":
         """This model with MagicVideo layers added (e.g. ``temporal_conv=True``), same function.
 
-        Only changes that add identity-initialised motion layers are accepted: every weight
+        Only changes that add identity-initialised motion layers (or zero-initialised image-prior
+        input channels, ``cond_channels``) are accepted: every weight
         of this model is kept, the new ones start as identity, so training goes on from
         exactly this model.
         """
         allowed = {"temporal_conv", "spatiotemporal_resolutions", "motion_steering", "motion_field",
-                   "motion_tokens", "caption_time_embed"}
+                   "motion_tokens", "caption_time_embed", "cond_channels"}
         bad = sorted(set(changes) - allowed)
         if bad:
             raise ValueError(f"grown() can add {sorted(allowed)}; cannot change {bad} of a trained model")

@@ -193,6 +193,7 @@ def test_fps_and_cond_reach_the_model():
     cond = model.calls[-1]["cond"]
     assert cond.shape == (3, 5, 4, 4)
     assert cond[2].eq(1).all() and not cond[:2].any()  # latents + mask on the given frame only
+    assert model.calls[-1]["t"][2] == 0 and model.calls[-1]["t"][:2].gt(0).all()  # and the frame itself clean
     with pytest.raises(RequestError, match="1 mask"):
         sample(PointMass(cond_channels=9), _latents(), _ctx(0), None, num_frames=3, steps=1, cfg=1.0, given=given)
 

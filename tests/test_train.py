@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from magicvideo.models import checkpoint, world
+from magicvideo.models.sampling import PRESETS
 from magicvideo.models.text import TextConfig, TextEncoder
 from magicvideo.training import cli, data, export, loop
 from magicvideo.training import unet as unet_stage
@@ -335,22 +336,57 @@ def test_binding_targets_index_the_text_encoders_tokens():
         data.binding_targets(spec, caption, "verbs")
 
 
-def test_first_frame_prob_trains_image_to_video_and_the_file_says_so(config_file, tmp_path):
-    """unet.first_frame_prob: frame 0 of that share of clips is given clean at timestep 0 and
-    not scored; the exported UNet config has image_first, so sampling goes image, then video."""
-    torch.manual_seed(0)
-    mask = unet_stage.given_first_frames(2000, 4, 0.7).view(2000, 4)
-    assert not mask[:, 1:].any() and 0.65 < mask[:, 0].float().mean() < 0.75
-    assert not unet_stage.given_first_frames(3, 4, 0.0).any() and unet_stage.given_first_frames(3, 4, 1.0).view(3, 4)[:, 0].all()
+def test_task_mix_draws_each_task_mask(config_file, tmp_path):
+    """unet.tasks: per clip a task, as a mask of given frames: nothing, frame 0, the first k
+    (k in 1..frames/2), or the first and last; first_frame_prob p is the older {image: p}."""
+    g = torch.Generator().manual_seed(0)
+    mix = {"text": 0.25, "image": 0.25, "continue": 0.25, "ends": 0.25}
+    mask = unet_stage.given_frames_mask(4000, 8, mix, g).view(4000, 8)
+    kinds = {"text": ~mask.any(1), "ends": mask[:, 0] & mask[:, -1] & ~mask[:, 1:-1].any(1)}
+    kinds["prefix"] = mask.any(1) & ~kinds["ends"]
+    assert all(0.2 < v.float().mean() < 0.3 for k, v in kinds.items() if k != "prefix")
+    assert 0.45 < kinds["prefix"].float().mean() < 0.55  # image (k = 1) and continue
+    prefix = mask[kinds["prefix"]]
+    counts = prefix.sum(1)
+    assert torch.equal(prefix, torch.arange(8)[None] < counts[:, None])  # always the first k
+    assert counts.max() == 4 and 0.5 < (counts == 1).float().mean() < 0.7  # image + continue's k = 1
+    assert not unet_stage.given_frames_mask(50, 8, {"text": 1.0}, g).any()
+    assert unet_stage.task_mix({"first_frame_prob": 0.3}) == {"text": 0.7, "image": 0.3}
+    with pytest.raises(SystemExit, match="unet.tasks: expected probabilities"):
+        unet_stage.task_mix({"tasks": {"text": 0.5, "video": 0.5}})
 
-    out = tmp_path / "i2v.safetensors"
-    cli.main(["--config", str(config_file), "--stage", "all", "--run-dir", str(tmp_path / "r"), "--threads", "1",
-              "--set", "unet.first_frame_prob=1.0", "--out", str(out)])
-    bundle = checkpoint.load_model(out)
-    assert bundle.unet.config.image_first is True
-    with pytest.raises(SystemExit, match="first_frame_prob must be between 0 and 1, got 2"):
-        cli.main(["--config", str(config_file), "--stage", "unet", "--run-dir", str(tmp_path / "r"), "--threads", "1",
-                  "--set", "unet.first_frame_prob=2"])
+
+def test_a_model_grows_image_prior_channels_and_learns_given_frames(config_file, tmp_path):
+    """Magic 1-For-1's image prior on a trained file: unet.grow adds zero-initialised conditioning
+    channels (the function is kept: lr 0 leaves the model as it was), then the task mix trains
+    them; the file samples image-to-video with the given frame kept."""
+    first = tmp_path / "first.safetensors"
+    cli.main(["--config", str(config_file), "--stage", "all", "--run-dir", str(tmp_path / "a"), "--threads", "1",
+              "--out", str(first)])
+    tasks = '{"text": 0.25, "image": 0.25, "continue": 0.25, "ends": 0.25}'
+    same = tmp_path / "same.safetensors"
+    cli.main(["--config", str(config_file), "--stage", "unet", "--run-dir", str(tmp_path / "b"), "--threads", "1",
+              "--init", str(first), "--set", 'unet.grow={"cond_channels": 5}', "--set", f"unet.tasks={tasks}",
+              "--set", "unet.lr=0", "--set", "unet.steps=2", "--out", str(same)])
+    a, b = checkpoint.load_model(first), checkpoint.load_model(same)
+    assert b.unet.config.cond_channels == 5 and not b.unet.config.image_first
+    assert not b.unet.cond_in.weight.any()  # starts at zero: the image model unchanged
+    options = PRESETS["plain"].replace(steps=2, motion_guidance=0.0)
+    frames = dict(frames=4, width=32, height=32, options=options)
+    from magicvideo.models import pipeline
+
+    assert torch.allclose(pipeline.text_to_video(a, "a red ball", **frames),
+                          pipeline.text_to_video(b, "a red ball", **frames), atol=1e-5)
+    trained = tmp_path / "trained.safetensors"
+    cli.main(["--config", str(config_file), "--stage", "unet", "--run-dir", str(tmp_path / "c"), "--threads", "1",
+              "--init", str(same), "--set", f"unet.tasks={tasks}", "--set", "unet.steps=3", "--out", str(trained)])
+    c = checkpoint.load_model(trained)
+    assert c.unet.cond_in.weight.any()  # the channels learned something
+    image = torch.rand(1, 32, 32, 3)
+    video = pipeline.text_to_video(c, "a red ball", given_images=image, given_indices=(3,), **frames)
+    kept = pipeline.decode_frames(c.vae, pipeline.encode_frames(c.vae, image), 1)
+    assert video.shape == (4, 32, 32, 3)
+    assert torch.allclose(video[3], kept[0], atol=0.05)  # the given frame decodes as the image's own round trip
 
 
 def test_low_t_fraction_draws_that_share_of_timesteps_from_the_low_noise_end(config_file, tmp_path):

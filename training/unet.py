@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models import checkpoint, world
+from ..models.conditioning import prior_channels
 from ..models.sampling import training_schedule, video_noise
 from ..models.text import TextConfig, TextEncoder
 from ..models.unet import UNetConfig, VideoUNet
@@ -38,12 +39,43 @@ def sample_timesteps(n: int, num_timesteps: int, low_fraction: float = 0.0, low_
     return t
 
 
-def given_first_frames(videos: int, frames: int, prob: float, device=None) -> torch.Tensor:
-    """Per-frame mask ``[(b f)]``: frame 0 of each video with probability ``prob``, for
-    training image-to-video (Magic 1-For-1's factorisation) in the same UNet: a given frame
-    enters clean at timestep 0 and the other frames learn to continue it."""
-    mask = torch.zeros(videos, frames, dtype=torch.bool, device=device)
-    mask[:, 0] = torch.rand(videos, device=device) < prob
+TASKS = ("text", "image", "continue", "ends")
+
+
+def task_mix(tc: dict) -> dict[str, float]:
+    """``unet.tasks``: the share of each task in training, as probabilities over :data:`TASKS`
+    (``unet.first_frame_prob`` p, the older form, is {"image": p, "text": 1 - p})."""
+    if "tasks" in tc:
+        mix = {k: float(v) for k, v in tc["tasks"].items()}
+        bad = sorted(set(mix) - set(TASKS))
+        if bad or any(v < 0 for v in mix.values()) or abs(sum(mix.values()) - 1) > 1e-6:
+            raise SystemExit(f"unet.tasks: expected probabilities of {list(TASKS)} that sum to 1, found {tc['tasks']}")
+        return mix
+    p = float(tc.get("first_frame_prob", 0.0))
+    if not 0.0 <= p <= 1.0:
+        raise SystemExit(f"unet.first_frame_prob must be between 0 and 1, got {p}")
+    return {"text": 1.0 - p, "image": p} if p else {"text": 1.0}
+
+
+def given_frames_mask(videos: int, frames: int, mix: dict[str, float], generator: torch.Generator) -> torch.Tensor:
+    """Per-frame mask ``[(b f)]`` of given frames, one task per video drawn from ``mix``: ``text``
+    nothing given (text to video; with one frame, text to image), ``image`` frame 0 (image to
+    video), ``continue`` the first k frames, k uniform in 1..frames/2 (a sliding window's
+    overlap), ``ends`` the first and the last frame (what an interpolator gives). A given frame
+    enters clean at timestep 0 (and in the image-prior channels, when the model has them) and
+    is not scored; the other frames learn to go on from it."""
+    names = list(mix)
+    task = torch.multinomial(torch.tensor([mix[n] for n in names]), videos, replacement=True, generator=generator)
+    k = torch.randint(1, max(frames // 2, 1) + 1, (videos,), generator=generator)
+    mask = torch.zeros(videos, frames, dtype=torch.bool)
+    for v in range(videos):
+        name = names[task[v]]
+        if frames > 1 and name == "image":
+            mask[v, 0] = True
+        elif frames > 1 and name == "continue":
+            mask[v, : k[v]] = True
+        elif frames > 2 and name == "ends":
+            mask[v, [0, -1]] = True
     return mask.flatten()
 
 
@@ -190,10 +222,9 @@ def train_unet(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
     if not 0.0 <= low_t_fraction <= 1.0 or not 0 < low_t_max <= len(training_schedule()):
         raise SystemExit(f"unet.low_t_fraction must be in [0, 1] and unet.low_t_max in [1, "
                          f"{len(training_schedule())}], got {low_t_fraction} and {low_t_max}")
-    first_frame_prob = float(tc.get("first_frame_prob", 0.0))
-    if not 0.0 <= first_frame_prob <= 1.0:
-        raise SystemExit(f"unet.first_frame_prob must be between 0 and 1, got {first_frame_prob}")
-    if first_frame_prob:  # the file records it, so text-to-video samples image first, then video
+    mix = task_mix(tc)
+    gives_frames = mix.get("text", 0.0) < 1.0
+    if gives_frames and not unet.config.cond_channels:  # the file records it: the model takes clean given frames
         unet.config.image_first = True
     # the built-in text encoder, as wide as the UNet's cross-attention expects
     if init is not None and init.text_encoder is not None:
@@ -250,6 +281,7 @@ def train_unet(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
                       tc.get("foreground_weight", 0.0), labels=bool(aux_weight),
                       binding=binding_words if binding_weight else None)
     drop_rng = random.Random(cfg["seed"] + 2 + start)
+    task_rng = torch.Generator().manual_seed(cfg["seed"] + 4 + start)
     log = Logger(run_dir / "unet.log", tc["steps"], start)
     end = min(tc["steps"], args.stop_at) if getattr(args, "stop_at", None) else tc["steps"]
     budget = TimeBudget(getattr(args, "minutes", None), start)
@@ -281,15 +313,18 @@ def train_unet(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
         a = alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
         s = (1 - alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
         xt = a * x0 + s * noise
-        if first_frame_prob:  # image-to-video: frame 0 given clean (timestep 0), not scored
-            given = given_first_frames(b, frames, first_frame_prob, device)
+        cond = None
+        if gives_frames:  # given frames clean (timestep 0), in the image-prior channels too, not scored
+            given = given_frames_mask(b, frames, mix, task_rng).to(device)
             t = t.masked_fill(given, 0)
             xt = torch.where(given.view(-1, 1, 1, 1), x0, xt)
             weights = weights * (~given).view(-1, 1, 1, 1)
+        if unet.config.cond_channels:
+            cond = prior_channels(x0, given if gives_frames else torch.zeros(len(x0), dtype=torch.bool, device=device))
         target = noise if prediction == "epsilon" else a * noise - s * x0
         fps_t = torch.full((b * frames,), float(fps), device=device)
         with torch.autocast(device.type, dtype=precision or torch.float32, enabled=precision is not None):
-            pred = unet(xt, t, context, num_frames=frames, fps=fps_t).float()
+            pred = unet(xt, t, context, num_frames=frames, fps=fps_t, cond=cond).float()
         loss = ((pred - target).pow(2) * weights).mean() / weights.mean()
         extra = {}
         if aux_weight:
