@@ -53,6 +53,13 @@ class GivenFrames:
         if len(self.indices) >= num_frames:
             raise ValueError(f"all {num_frames} frames are given; leave at least one frame to generate")
 
+    def merged(self, other: "GivenFrames") -> "GivenFrames":
+        """These frames and ``other``'s (both the same for every video)."""
+        if self.latents.shape[1:] != other.latents.shape[1:]:
+            raise ValueError(f"given frames of two sizes: {tuple(self.latents.shape[1:])} and "
+                             f"{tuple(other.latents.shape[1:])} (latent channels, height, width)")
+        return GivenFrames(torch.cat([self.latents, other.latents.to(self.latents)]), self.indices + other.indices)
+
     def per_video(self) -> torch.Tensor:
         """``[1 or b, k, c, h, w]``."""
         return self.latents.float().view(-1, len(self.indices), *self.latents.shape[1:])
@@ -86,3 +93,53 @@ def prior_channels(latents: torch.Tensor, given: torch.Tensor) -> torch.Tensor:
 def no_frames_given(videos: int, num_frames: int, channels: int, size: tuple[int, int]) -> torch.Tensor:
     """The image-prior channels when nothing is given (plain text-to-video): all zeros."""
     return torch.zeros(videos * num_frames, channels, *size)
+
+
+FIT_MODES = ("crop", "stretch", "off")
+
+
+def fit_images(images: torch.Tensor, width: int, height: int, mode: str = "crop") -> torch.Tensor:
+    """IMAGE frames ``[k, H, W, 3]`` in 0..1 at ``width`` x ``height``. ``crop``: scaled to cover
+    the size, then the middle cut out (the aspect kept); ``stretch``: scaled to it; ``off``: the
+    size must already match (ValueError naming both sizes otherwise)."""
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must be [frames, height, width, 3]; got {tuple(images.shape)}")
+    if mode not in FIT_MODES:
+        raise ValueError(f"resize must be one of {list(FIT_MODES)}, got {mode!r}")
+    h, w = images.shape[1:3]
+    if (h, w) == (height, width):
+        return images
+    if mode == "off":
+        raise ValueError(f"the images are {w}x{h} but the video is {width}x{height}; resize them (resize: crop or "
+                         f"stretch) or make the video their size")
+    pixels = images.movedim(-1, 1).float()
+    if mode == "crop":
+        scale = max(width / w, height / h)
+        size = (max(height, round(h * scale)), max(width, round(w * scale)))
+        pixels = torch.nn.functional.interpolate(pixels, size=size, mode="bilinear", antialias=True, align_corners=False)
+        top, left = (size[0] - height) // 2, (size[1] - width) // 2
+        pixels = pixels[:, :, top: top + height, left: left + width]
+    else:
+        pixels = torch.nn.functional.interpolate(pixels, size=(height, width), mode="bilinear", antialias=True,
+                                                 align_corners=False)
+    return pixels.clamp(0, 1).movedim(1, -1)
+
+
+def parse_indices(text: str, num_frames: int) -> tuple[int, ...]:
+    """Frame indices typed by a person: "0", "0, 15", "-1" (negative ones count from the end).
+    ValueError for anything else, or for an index outside the video."""
+    parts = [p for p in text.replace(";", ",").replace(" ", ",").split(",") if p]
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"frame indices must be whole numbers separated by commas (e.g. '0' or '0, -1'); "
+                         f"got {text!r}") from None
+    if not values:
+        raise ValueError("no frame index given; e.g. '0' gives the first frame, '-1' the last")
+    out = []
+    for v in values:
+        if not -num_frames <= v < num_frames:
+            raise ValueError(f"frame index {v} lies outside a {num_frames}-frame video "
+                             f"(0..{num_frames - 1}, or -1..-{num_frames} from the end)")
+        out.append(v % num_frames)
+    return tuple(out)

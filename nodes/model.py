@@ -248,6 +248,9 @@ class KeyframeSampler:
                 "reference": ("LATENT", {"tooltip": "Latents of the first frame(s) for image-to-video, for models with "
                                                     "image-prior channels or trained to continue given first frames "
                                                     "(a model that can take neither says so)."}),
+                "given_frames": ("MAGICVIDEO_GIVEN", {"tooltip": "Pictures the video must contain at chosen frames "
+                                                                 "(MagicVideo Given Frames): image-to-video, "
+                                                                 "continuation, first and last frames."}),
                 "noise_sharing": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 0.95, "step": 0.05,
                                   "tooltip": "Fraction of the starting noise shared by all frames of a video: higher "
                                              "keeps objects steadier across frames, 0 = independent noise per frame, "
@@ -273,13 +276,18 @@ class KeyframeSampler:
 
     def sample(self, model, positive, negative, latent, seed, steps, cfg, sampler, scheduler, fps, denoise, frames,
                reference=None, noise_sharing=-1.0, cfg_start=MAIN.cfg_start, cfg_end=MAIN.cfg_end,
-               motion_guidance=MAIN.motion_guidance, motion_guidance_until=MAIN.motion_guidance_until):
+               motion_guidance=MAIN.motion_guidance, motion_guidance_until=MAIN.motion_guidance_until,
+               given_frames=None):
         num_frames = _num_frames(latent, frames)
         options = sampling.SamplingOptions(
             steps=steps, cfg=cfg, cfg_start=cfg_start, cfg_end=cfg_end, sampler=sampler, scheduler=scheduler, fps=fps,
             denoise=denoise, noise_sharing=None if noise_sharing < 0 else noise_sharing, seed=seed,
             motion_guidance=motion_guidance, motion_guidance_until=motion_guidance_until)
-        given = None if reference is None else GivenFrames.first(reference["samples"] * model.scaling_factor)
+        if reference is not None and given_frames is not None:
+            raise ValueError("give frames one way: both reference and given_frames are connected; disconnect one")
+        given = given_frames
+        if reference is not None:  # latents of the first frames (older workflows)
+            given = GivenFrames.first(reference["samples"] * model.scaling_factor)
         pos, motion = _conditioning(positive, "positive"), None
         if motion_guidance > 0:
             motion = _extra(positive).get(guidance.MOTION_KEY)
