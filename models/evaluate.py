@@ -402,6 +402,26 @@ def summarise(scored: list[dict]) -> dict:
     return out
 
 
+def given_frame_scores(frames, truth, given: int) -> dict:
+    """How a video made from the first ``given`` frames of ``truth`` keeps and continues them:
+    ``given_psnr`` of its first frames against the truth's (dB; the VAE round trip bounds it),
+    ``seam_jump`` the mean absolute change from the last given to the first new frame, and
+    ``inside_change`` the mean absolute change between consecutive new frames (the seam is
+    smooth when the first is no larger than the second)."""
+    f, g = _as_numpy(frames).astype(np.float64), _as_numpy(truth).astype(np.float64)
+    mse = float(((f[:given] - g[:given]) ** 2).mean())
+    steps = np.abs(np.diff(f, axis=0)).mean(axis=(1, 2, 3))  # change from frame i to i + 1
+    return {"given_psnr": 10 * math.log10(1.0 / max(mse, 1e-12)), "seam_jump": float(steps[given - 1]),
+            "inside_change": float(steps[given:].mean()) if len(steps) > given else None}
+
+
+def summarise_given(scored: list[dict]) -> dict:
+    """Means of :func:`given_frame_scores` over prompts, and the seam's jump over the change inside."""
+    out = {k: _mean(s[k] for s in scored if s.get(k) is not None) for k in ("given_psnr", "seam_jump", "inside_change")}
+    out["seam_ratio"] = out["seam_jump"] / out["inside_change"] if out["inside_change"] else None
+    return out
+
+
 def mistakes(objects: list[dict], top: int = 8) -> dict:
     """The commonest wrong answers per attribute, as {"expected -> found": count}: what a
     model gets wrong (e.g. trajectories so jittery they read as "bounce"). A missing object
@@ -677,11 +697,30 @@ def main(argv: list[str] | None = None) -> int:
         if i % 20 == 0 or i == total:
             print(f"\r{i}/{total}", end="\n" if i == total else "", file=sys.stderr, flush=True)
 
-    results = evaluate_generator(keep, prompts, progress)
+    given_scores, run = {}, keep
+    if args.given_frames and not args.ground_truth:
+        truth = ground_truth_fn(prompts, args.frames, args.size)
+
+        def scored(caption, seed):  # the given frames are scored too
+            frames = keep(caption, seed)
+            given_scores[(caption, seed)] = given_frame_scores(frames, truth(caption, seed), args.given_frames)
+            return frames
+
+        run = scored
+
+    results = evaluate_generator(run, prompts, progress)
+    if given_scores:
+        for p in results["prompts"]:
+            p.update(given_scores[(p["caption"], p["seed"])])
+        results["summary"]["all"]["given"] = summarise_given(results["prompts"])
     results["config"] = {k: v for k, v in vars(args).items() if k not in ("out", "strip", "strip_count", "merge")}
     results["config"]["source"] = source
     print(f"{source}: {len(prompts)} prompts (seed {args.seed}), {args.frames} frames at {args.size}px")
     print(format_table(results))
+    if "given" in results["summary"]["all"]:
+        g = results["summary"]["all"]["given"]
+        print(f"given frames  PSNR of the first {args.given_frames} {g['given_psnr']:.2f} dB, seam jump "
+              f"{g['seam_jump']:.4f} vs {g['inside_change']:.4f} inside ({g['seam_ratio']:.2f}x)")
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(results, fh, indent=1, default=_json_default, allow_nan=False)

@@ -128,3 +128,21 @@ def test_a_model_without_conditioning_refuses_given_frames(nodes, tiny):
     (given,) = given_nodes.GivenFramesNode().give(vae, torch.rand(1, 32, 32, 3), latent, "0", "off")
     with pytest.raises(ValueError, match="no image-prior channels .* cannot take them"):
         _sample(model_nodes, plain, latent, given_frames=given)
+
+
+def test_given_frame_scores_measure_what_was_kept_and_the_seam():
+    from magicvideo.models.evaluate import given_frame_scores, summarise_given
+
+    truth = torch.linspace(0, 1, 8).view(8, 1, 1, 1).expand(8, 4, 4, 3).clone()  # brightens 1/7 a frame
+    kept = given_frame_scores(truth, truth, 2)
+    assert kept["given_psnr"] == pytest.approx(120.0)  # identical first frames (capped)
+    assert kept["seam_jump"] == pytest.approx(1 / 7) and kept["inside_change"] == pytest.approx(1 / 7)
+    jumpy = truth.clone()
+    jumpy[2:] += 0.5 / 7  # the new frames start off brighter than the given ones lead to
+    scores = given_frame_scores(jumpy, truth, 2)
+    assert scores["seam_jump"] == pytest.approx(1.5 / 7) and scores["inside_change"] == pytest.approx(1 / 7)
+    noisy = truth.clone()
+    noisy[0] += 0.1
+    assert given_frame_scores(noisy, truth, 1)["given_psnr"] == pytest.approx(20.0)
+    summary = summarise_given([kept, scores])
+    assert summary["seam_ratio"] == pytest.approx(1.25)
