@@ -38,6 +38,26 @@ def inputs(comfy):
     }
 
 
+def generate(prompt="a red ball moving left", **sampler):
+    """The bundled default from a prompt to a saved video, with sampler settings changed."""
+    settings = {"seed": 0, "steps": 2, "cfg": 6.0, "sampler": "euler", "scheduler": "normal", "fps": 8.0,
+                "denoise": 1.0, "frames": 0} | sampler
+    return {
+        "m": {"class_type": "MagicVideoModelLoader", "inputs": {"model_name": "magicvideo_default.safetensors",
+                                                                "sd15_checkpoint": "none", "motion_module": "none",
+                                                                "dtype": "fp32"}},
+        "p": {"class_type": "MagicVideoTextEncode", "inputs": {"text_encoder": ["m", 2], "text": prompt}},
+        "n": {"class_type": "MagicVideoTextEncode", "inputs": {"text_encoder": ["m", 2], "text": ""}},
+        "l": {"class_type": "MagicVideoEmptyLatent", "inputs": {"width": 64, "height": 64, "frames": 4, "batch": 1}},
+        "s": {"class_type": "MagicVideoKeyframeSampler", "inputs": {"model": ["m", 0], "positive": ["p", 0],
+                                                                    "negative": ["n", 0], "latent": ["l", 0],
+                                                                    **settings}},
+        "d": {"class_type": "MagicVideoVAEDecode", "inputs": {"vae": ["m", 1], "samples": ["s", 0], "frames": 0,
+                                                              "chunk_size": 8}},
+        "v": save(["d", 0]),
+    }
+
+
 CASES = {
     # name: (prompt builder, words the message must hold)
     "path outside the input folder": (lambda i: {"1": load("../secret.mp4"), "2": save(["1", 0])},
@@ -57,6 +77,12 @@ CASES = {
     "fps 0 from a link": (lambda i: {"1": frames(fps=0.0), "2": save(["1", 0], fps=["1", 1])}, ["fps above 0", "0.0"]),
     "fps -2 from a link": (lambda i: {"1": frames(fps=-2.0), "2": save(["1", 0], fps=["1", 1])}, ["fps above 0", "-2.0"]),
     "an unknown format": (lambda i: {"1": frames(), "2": save(["1", 0], fmt="avi")}, ["format", "avi", "mp4"]),
+    "a word the text encoder does not know": (lambda i: generate("a red unicorn moving left"),
+                                              ["does not know 1 word", "'unicorn'", "ignore_unknown_words"]),
+    "a guidance interval that ends before it starts": (lambda i: generate(cfg_start=0.9, cfg_end=0.1),
+                                                       ["cfg_start <= cfg_end", "cfg_start=0.9, cfg_end=0.1"]),
+    "frames that do not divide the latent batch": (lambda i: generate(frames=3),
+                                                   ["4 frames", "not divisible by num_frames=3"]),
 }
 
 

@@ -11,8 +11,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from magicvideo.models import checkpoint as ck
+from magicvideo.models import checkpoint as ck, world
 from magicvideo.models.checkpoint import CheckpointError
+from magicvideo.models.text import TextConfig, TextEncoder
 from magicvideo.models.unet import UNetConfig, VideoUNet, is_motion_key
 from magicvideo.models.vae import VAEConfig, VideoVAE
 from sd15_fixture import host_comfy, randomize_, sd15_checkpoint  # noqa: F401  (fixtures)
@@ -103,7 +104,7 @@ def test_full_file_round_trip(tmp_path):
     unet.config.prediction_type = "v_prediction"
     path = ck.save_model(tmp_path / "full.safetensors", unet=unet, vae=vae, extra_metadata={"note": "hi", "n": 3})
     header = ck.read_header(path)
-    assert header.metadata["format"] == "magicvideo" and header.metadata["format_version"] == "1"
+    assert header.metadata["format"] == "magicvideo" and header.metadata["format_version"] == "2"
     assert header.metadata["kind"] == "full" and header.metadata["note"] == "hi" and header.metadata["n"] == "3"
     assert json.loads(header.metadata["unet_config"]) == unet.config.to_dict()
     assert all(k.startswith((ck.UNET_PREFIX, ck.VAE_PREFIX)) for k in header.shapes)
@@ -164,11 +165,111 @@ def test_parts_may_be_absent(tmp_path):
 
 
 def test_text_encoder_round_trip(tmp_path):
-    text = pytest.importorskip("magicvideo.models.text")
-    encoder = text.TextEncoder(text.TextConfig()).eval()
+    torch.manual_seed(0)
+    encoder = TextEncoder(TextConfig(**world.text_fields(), width=16, layers=1, heads=2)).eval()
     path = ck.save_model(tmp_path / "t.safetensors", unet=tiny(), text_encoder=encoder)
-    assert json.loads(ck.read_header(path).metadata["text_config"]) == encoder.config.to_dict()
-    assert same_state(ck.load_model(path).text_encoder, encoder)
+    text_config = json.loads(ck.read_header(path).metadata["text_config"])
+    assert text_config == encoder.config.to_dict() and text_config["lexicon"] == world.lexicon().to_dict()
+    loaded = ck.load_model(path).text_encoder
+    assert same_state(loaded, encoder) and loaded.config == encoder.config
+    assert loaded.motion_request("a red ball moving left") == encoder.motion_request("a red ball moving left")
+
+
+# ----------------------------------------------------------------------------- format versions
+
+
+def _text_encoder(vocab=None) -> TextEncoder:
+    """A tiny text encoder without a lexicon, as every version-1 file holds."""
+    torch.manual_seed(1)
+    return TextEncoder(TextConfig(vocab=vocab or world.text_vocab(), width=16, layers=1, heads=2)).eval()
+
+
+def _as_version(path, version: str):
+    """Rewrite a file's metadata format_version (the tensors unchanged), as an older or newer pack wrote it.
+    Version 1's TextConfig had no ``lexicon`` field, so its text_config has no such key."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    if version == "1" and "text_config" in meta:
+        config = json.loads(meta["text_config"])
+        assert config.pop("lexicon") is None, "version-1 files never carried a lexicon"
+        meta["text_config"] = json.dumps(config, sort_keys=True)
+    save_file(tensors, str(path), metadata={**meta, "format_version": version})
+    return path
+
+
+def _tensors(path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_version_1_files_load_and_their_world_text_encoder_gets_the_lexicon(tmp_path):
+    unet, encoder = tiny(), _text_encoder()
+    path = _as_version(ck.save_model(tmp_path / "v1.safetensors", unet=unet, text_encoder=encoder), "1")
+    header = ck.read_header(path)
+    assert header.metadata["format_version"] == "1" and "lexicon" not in json.loads(header.metadata["text_config"])
+    assert ck.identify(header) == "a MagicVideo full file (format_version 1)"
+
+    bundle = ck.load_model(path)
+    assert bundle.text_encoder.lexicon == world.lexicon()  # migrated on load
+    assert bundle.text_encoder.config.lexicon == world.lexicon().to_dict()
+    assert same_state(bundle.text_encoder, encoder) and same_state(bundle.unet, unet)
+    assert bundle.text_encoder.motion_request("a red ball moving left")["objects"]
+    assert ck.load(path).text_encoder.lexicon == world.lexicon()
+    # the migration itself: only version 1, only world vocabularies, never over a lexicon the file has
+    config = {k: v for k, v in encoder.config.to_dict().items() if k != "lexicon"}  # as version 1 wrote it
+    assert ck.migrate_text_config(config, "1")["lexicon"] == world.lexicon().to_dict()
+    assert ck.migrate_text_config(config, "2") == config
+    own = {**config, "lexicon": {**world.lexicon().to_dict(), "unit_travel": 1.0}}
+    assert ck.migrate_text_config(own, "1") == own
+
+
+def test_upgrade_rewrites_a_version_1_file_as_version_2(tmp_path):
+    unet, encoder = tiny(), _text_encoder()
+    old = _as_version(ck.save_model(tmp_path / "v1.safetensors", unet=unet, text_encoder=encoder,
+                                    extra_metadata={"note": "kept"}), "1")
+    before = _tensors(old)
+    out = ck.upgrade(old, tmp_path / "v2.safetensors")
+    assert out == tmp_path / "v2.safetensors" and ck.read_header(old).metadata["format_version"] == "1"
+    meta = ck.read_header(out).metadata
+    assert meta["format_version"] == "2" and meta["note"] == "kept" and meta["unet_config"] == ck.read_header(old).metadata["unet_config"]
+    text_config = json.loads(meta["text_config"])
+    assert text_config == {**encoder.config.to_dict(), "lexicon": world.lexicon().to_dict()}
+    assert TextConfig.from_dict(text_config).lexicon == world.lexicon().to_dict()
+    after = _tensors(out)
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert ck.load_model(out).text_encoder.lexicon == world.lexicon()
+    # in place by default
+    assert ck.upgrade(old) == old and ck.read_header(old).metadata == meta
+    assert all(torch.equal(v, before[k]) for k, v in _tensors(old).items())
+    with pytest.raises(CheckpointError, match="expected a MagicVideo file"):
+        ck.upgrade(ck.save_sd15(tmp_path / "sd.safetensors", unet=tiny(), dtype=None))
+
+
+def test_a_version_1_text_encoder_of_other_words_gets_no_lexicon(tmp_path):
+    encoder = _text_encoder(vocab=["a", "zebra", "galloping"])
+    path = _as_version(ck.save_model(tmp_path / "v1.safetensors", text_encoder=encoder), "1")
+    loaded = ck.load_model(path).text_encoder
+    assert loaded.lexicon is None and loaded.config.lexicon is None and same_state(loaded, encoder)
+    assert loaded.motion_request("a zebra galloping") is None  # nothing to steer by
+    upgraded = ck.read_header(ck.upgrade(path)).metadata
+    assert upgraded["format_version"] == "2" and json.loads(upgraded["text_config"]).get("lexicon") is None
+    assert ck.load_model(path).text_encoder.lexicon is None
+    # a version-2 file says what it has: no lexicon stays none, even with the world's words
+    plain = ck.save_model(tmp_path / "v2.safetensors", text_encoder=_text_encoder())
+    assert ck.load_model(plain).text_encoder.lexicon is None
+
+
+def test_average_of_version_1_files_is_written_as_version_2(tmp_path):
+    vae = tiny_vae()
+    paths = [_as_version(ck.save_model(tmp_path / f"{name}.safetensors", vae=vae, text_encoder=_text_encoder()), "1")
+             for name in ("a", "b")]
+    meta = ck.read_header(ck.average_models(paths, tmp_path / "soup.safetensors")).metadata
+    assert meta["format_version"] == "2"
+    assert json.loads(meta["text_config"])["lexicon"] == world.lexicon().to_dict()
+    assert ck.load_model(tmp_path / "soup.safetensors").text_encoder.lexicon == world.lexicon()
 
 
 def test_motion_file_round_trip(tmp_path, tiny_sd):
@@ -259,11 +360,18 @@ def test_truncated_file_is_explained(tmp_path, tiny_sd):
 
 def test_unknown_format_version_is_refused(tmp_path):
     path = fake_file(tmp_path / "future.safetensors", {"model.diffusion_model.x": (1,)},
-                     {"format": "magicvideo", "format_version": "2", "kind": "full"})
-    with pytest.raises(CheckpointError, match=r"expected MagicVideo format_version 1, found '2'"):
+                     {"format": "magicvideo", "format_version": "3", "kind": "full"})
+    with pytest.raises(CheckpointError, match=r"expected MagicVideo format_version 1 or 2, found '3'.*update the pack"):
         ck.load(path)
-    with pytest.raises(CheckpointError, match=r"format_version 1, found '2'"):
+    with pytest.raises(CheckpointError, match=r"format_version 1 or 2, found '3'"):
         ck.load_model(path)
+    with pytest.raises(CheckpointError, match=r"format_version 1 or 2, found '3'"):
+        ck.upgrade(path)
+    assert ck.read_header(path).metadata["format_version"] == "3"  # left as it was
+    unversioned = fake_file(tmp_path / "none.safetensors", {"model.diffusion_model.x": (1,)},
+                            {"format": "magicvideo", "kind": "full"})
+    with pytest.raises(CheckpointError, match=r"found None"):
+        ck.load_model(unversioned)
 
 
 class _Boom:

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from magicvideo.cli import main
-from magicvideo.models import checkpoint, video_io
+from magicvideo.models import checkpoint, video_io, world
 from magicvideo.models.text import TextConfig, TextEncoder
 from magicvideo.models.unet import UNetConfig, VideoUNet
 from magicvideo.models.vae import VAEConfig, VideoVAE
@@ -37,7 +37,7 @@ def files(tmp_path_factory):
     model = checkpoint.save_model(root / "tiny.safetensors", unet=unet, vae=vae)
     cond = root / "cond.safetensors"
     save_file({"positive": torch.randn(1, 5, WIDTH), "negative": torch.zeros(1, 5, WIDTH)}, cond)
-    text = TextEncoder(TextConfig(width=WIDTH, layers=1, heads=2))
+    text = TextEncoder(TextConfig(**world.text_fields(), width=WIDTH, layers=1, heads=2))
     checkpoint.save_model(root / "tiny_text.safetensors", unet=unet, vae=vae, text_encoder=text)
     return model, cond, root
 
@@ -79,18 +79,24 @@ def test_errors(files, capsys):
         main(["generate", "--model", str(model), "--prompt", "a red circle", "--output", str(root / "e.gif")])
     with pytest.raises(SystemExit, match="extensions"):
         main(_args(model, cond, root / "f.avi"))
-    with pytest.raises(SystemExit):
+    # settings out of range are named before any sampling (SamplingOptions.check)
+    with pytest.raises(SystemExit, match="noise_sharing must be at least 0 and below 1, got 1"):
         main(_args(model, cond, root / "h.gif", "--noise-sharing", "1"))
-    assert "must be at least 0 and below 1, got 1" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match=r"cfg_start <= cfg_end <= 1, got cfg_start=0.0, cfg_end=1.5"):
         main(_args(model, cond, root / "h.gif", "--cfg-end", "1.5"))
-    assert "must be between 0 and 1, got 1.5" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="denoise must be between 0 and 1, got 2"):
+        main(_args(model, cond, root / "h.gif", "--denoise", "2"))
+    with pytest.raises(SystemExit) as info:  # argparse: an unknown sampler name
+        main(_args(model, cond, root / "h.gif", "--sampler", "heun"))
+    assert info.value.code == 2 and "invalid choice: 'heun'" in capsys.readouterr().err
+    assert not (root / "h.gif").exists()
     with pytest.raises(SystemExit, match="cfg_start <= cfg_end"):
         main(_args(model, cond, root / "h.gif", "--cfg-start", "0.8", "--cfg-end", "0.2"))
     wide = root / "wide.safetensors"
     save_file({"positive": torch.zeros(1, 77, 768), "negative": torch.zeros(1, 77, 768)}, wide)
-    assert main(_args(model, wide, root / "g.gif")) == 2
-    assert "width 16" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="expects text embeddings of width 16.*got 768 in the positive"):
+        main(_args(model, wide, root / "g.gif"))
+    assert not (root / "g.gif").exists()
 
 
 def test_prompt_through_the_built_in_text_encoder(files):

@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +11,10 @@ from scipy import ndimage
 
 from magicvideo.models import evaluate as ev
 from magicvideo.models import world
+from magicvideo.models.sampling import PRESETS
+
+# quick runs of the tiny model: two steps, motion guidance off (an extra UNet pass and backward per step)
+QUICK = PRESETS["main"].replace(steps=2, cfg=2.0, motion_guidance=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -182,17 +185,28 @@ def tiny_model(tmp_path):
     unet = VideoUNet(UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1, 2),
                                 num_heads=2, context_dim=16, max_frames=8))
     vae = VideoVAE(VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, temporal_layers=1, temporal_head_dim=16))
-    text = TextEncoder(TextConfig(width=16, layers=1, heads=2))
+    text = TextEncoder(TextConfig(**world.text_fields(), width=16, layers=1, heads=2))
     return str(save_model(tmp_path / "tiny.safetensors", unet=unet, vae=vae, text_encoder=text))
 
 
 def test_model_glue_runs_a_tiny_full_model(tiny_model):
     """The evaluator's bridge to checkpoint + sampler + VAE, on a tiny random model."""
     path = tiny_model
-    generate = ev.model_generate_fn(str(path), frames=8, size=16, steps=2, cfg=2.0)
+    generate = ev.model_generate_fn(str(path), frames=8, size=16, options=QUICK)
     frames = generate("a red ball moving left", 3)
     assert frames.shape == (8, 16, 16, 3) and 0 <= frames.min() and frames.max() <= 1
-    assert torch.equal(frames, generate("a red ball moving left", 3))  # seeded
+    assert torch.equal(frames, generate("a red ball moving left", 3))  # seeded: each prompt's seed is used ...
+    assert not torch.equal(frames, generate("a red ball moving left", 4))
+    assert torch.equal(frames, ev.model_generate_fn(str(path), frames=8, size=16, options=QUICK.replace(seed=9))(
+        "a red ball moving left", 3))  # ... in place of the options' own
+    latents = ev.model_generate_fn(str(path), frames=8, size=16, options=QUICK, latents_only=True)("a red ball", 3)
+    assert latents.shape == (8, 4, 8, 8)
+    # the options reach the sampler: motion guidance steers this prompt, and is refused where it cannot work
+    steered = ev.model_generate_fn(str(path), frames=8, size=16, options=QUICK.replace(motion_guidance=0.2))
+    assert not torch.allclose(steered("a red ball moving left", 3), frames, atol=1e-4)
+    with pytest.raises(ValueError, match="motion guidance needs cross-attention blocks of at least 8x8"):
+        ev.model_generate_fn(str(path), frames=8, size=8, options=QUICK.replace(motion_guidance=0.2))(
+            "a red ball moving left", 3)
     r = ev.evaluate_generator(generate, ev.prompt_set(n=2))
     assert r["summary"]["all"]["prompts"] == 2
 
@@ -204,7 +218,7 @@ def test_from_truth_starts_from_the_prompts_own_clip(tiny_model):
 
     prompts = ev.prompt_set(n=2)
     p = prompts[0]
-    kw = dict(frames=8, size=16, steps=4, cfg=2.0)
+    kw = dict(frames=8, size=16, options=QUICK.replace(steps=4))
     vae = load_model(tiny_model).vae
     clip = world.render(p.spec, 8, 16)
     with torch.no_grad():
@@ -235,7 +249,7 @@ def test_given_frames_scores_image_to_video(tiny_model):
     checkpoint.save_model(path, unet=bundle.unet, vae=bundle.vae, text_encoder=bundle.text_encoder)
     prompts = ev.prompt_set(n=2)
     p = prompts[0]
-    generate = ev.model_generate_fn(path, frames=8, size=16, steps=2, cfg=2.0, given_frames=1, prompts=prompts)
+    generate = ev.model_generate_fn(path, frames=8, size=16, options=QUICK, given_frames=1, prompts=prompts)
     frames = generate(p.caption, p.seed)
     with torch.no_grad():
         first = world.render(p.spec, 8, 16)[:1].permute(0, 3, 1, 2) * 2 - 1
@@ -285,18 +299,3 @@ def test_shards_merge_into_exactly_the_unsharded_run(tiny_model, tmp_path, capsy
     assert "the shards were run with different settings: ['cfg']" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         ev.main(common + ["--shard", "2/2"])
-
-
-def test_main_workflow_settings_are_the_workflows():
-    """ev.MAIN_WORKFLOW (the evaluator's defaults, the decoder scripts' settings) is what
-    workflows/text_to_video.json's Keyframe Sampler runs with."""
-    from pathlib import Path
-
-    workflow = json.loads((Path(__file__).resolve().parents[1] / "workflows" / "text_to_video.json").read_text())
-    values = next(n for n in workflow["nodes"] if n["type"] == "MagicVideoKeyframeSampler")["widgets_values"]
-    names = ["seed", "control_after_generate", "steps", "cfg", "sampler", "scheduler", "fps", "denoise", "frames",
-             "noise_sharing", "cfg_start", "cfg_end", "motion_guidance", "motion_guidance_until"]  # widget order
-    widgets = dict(zip(names, values, strict=True))
-    assert {k: widgets[k] for k in ev.MAIN_WORKFLOW} == ev.MAIN_WORKFLOW
-    assert widgets["cfg_start"] == 0.0 and widgets["denoise"] == 1
-

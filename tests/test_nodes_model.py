@@ -24,7 +24,7 @@ def nodes(host_modules):
 @pytest.fixture(scope="module")
 def tiny():
     """A tiny VideoUNet (context width 16) and VideoVAE with every layer awake."""
-    from magicvideo.models.sampling import VideoModel
+    from magicvideo.models.pipeline import VideoModel
     from magicvideo.models.unet import UNetConfig, VideoUNet
     from magicvideo.models.vae import VAEConfig, VideoVAE
 
@@ -111,8 +111,11 @@ def test_noise_sharing_input(nodes, tiny):
 def test_guidance_interval_inputs(nodes, tiny):
     model, _ = tiny
     latent = nodes.EmptyVideoLatent().generate(width=32, height=32, frames=4, batch=1)[0]
-    full = _run_sampler(nodes, model, latent, steps=4)["samples"]
-    assert torch.equal(full, _run_sampler(nodes, model, latent, steps=4, cfg_start=0.0, cfg_end=1.0)["samples"])
+    full = _run_sampler(nodes, model, latent, steps=4, cfg_start=0.0, cfg_end=1.0)["samples"]
+    # the default interval is the main workflow's: guidance over the first 70% of the schedule
+    default = _run_sampler(nodes, model, latent, steps=4)["samples"]
+    assert torch.equal(default, _run_sampler(nodes, model, latent, steps=4, cfg_start=0.0, cfg_end=0.7)["samples"])
+    assert not torch.allclose(default, full, atol=1e-3)
     # no step inside the interval is the same as no guidance at all
     unguided = _run_sampler(nodes, model, latent, steps=4, cfg=1.0)["samples"]
     empty = _run_sampler(nodes, model, latent, steps=4, cfg_start=0.55, cfg_end=0.7)["samples"]
@@ -121,21 +124,34 @@ def test_guidance_interval_inputs(nodes, tiny):
         _run_sampler(nodes, model, latent, cfg_start=0.9, cfg_end=0.1)
 
 
+def _asking(request: dict) -> list:
+    """A CONDITIONING as MagicVideo Text Encode makes it: the context and what the prompt asks of each object."""
+    from magicvideo.models.guidance import MOTION_KEY
+
+    return [[_cond(value=0.3)[0][0], {MOTION_KEY: request}]]
+
+
 def test_motion_guidance_inputs(nodes, tiny, capsys):
+    from magicvideo.models import world
+
     model, _ = tiny
     latent = nodes.EmptyVideoLatent().generate(width=32, height=32, frames=4, batch=1)[0]
-    plain = _run_sampler(nodes, model, latent)["samples"]
-    # core CLIPTextEncode's conditioning has no words to read: a note, and the plain result
+    plain = _run_sampler(nodes, model, latent, motion_guidance=0.0)["samples"]
+    assert capsys.readouterr().out == ""
+    # core CLIPTextEncode's conditioning says nothing of objects: a note, and the plain result
     assert torch.equal(plain, _run_sampler(nodes, model, latent, motion_guidance=0.2)["samples"])
     assert "motion_guidance reads prompts from MagicVideo Text Encode" in capsys.readouterr().out
-    worded = [[_cond(value=0.3)[0][0], {"magicvideo_words": "a red ball"}]]  # no motion: nothing to steer
-    assert torch.equal(plain, _run_sampler(nodes, model, latent, positive=worded, motion_guidance=0.2)["samples"])
+    still = _asking({"objects": [], "unit_travel": 0.26})  # "a red ball": no motion, nothing to steer
+    assert torch.equal(plain, _run_sampler(nodes, model, latent, positive=still, motion_guidance=0.2)["samples"])
     # this tiny UNet attends at 2x2 cells only, too coarse to find a blob in: a clear error
-    worded = [[_cond(value=0.3)[0][0], {"magicvideo_words": "red ball moving left fast"}]]
+    moving = _asking({"objects": [{"tokens": [1, 2, 3, 4], "path": world.lexicon().motion_params("left", "fast")}],
+                      "unit_travel": 0.26})
     with pytest.raises(ValueError, match="at least 8x8 latent cells"):
-        _run_sampler(nodes, model, latent, positive=worded, motion_guidance=0.2)
+        _run_sampler(nodes, model, latent, positive=moving, motion_guidance=0.2)
+    # with motion guidance off the request is not read
+    assert torch.equal(plain, _run_sampler(nodes, model, latent, positive=moving, motion_guidance=0.0)["samples"])
     spec = nodes.KeyframeSampler.INPUT_TYPES()["optional"]
-    assert spec["motion_guidance"][1]["default"] == 0.0 and spec["motion_guidance_until"][1]["default"] == 0.3
+    assert spec["motion_guidance"][1]["default"] == 0.2 and spec["motion_guidance_until"][1]["default"] == 0.3
 
 
 def test_frames_input_and_errors(nodes, tiny):
@@ -143,7 +159,7 @@ def test_frames_input_and_errors(nodes, tiny):
     latent = {"samples": torch.zeros(6, 4, 4, 4)}  # no num_frames key: frames input or whole batch
     assert _run_sampler(nodes, model, latent, frames=3)["num_frames"] == 3
     assert _run_sampler(nodes, model, latent, steps=1)["num_frames"] == 6
-    with pytest.raises(ValueError, match="6 frames, which is not divisible by frames=4"):
+    with pytest.raises(ValueError, match="6 frames, which is not divisible by num_frames=4"):
         _run_sampler(nodes, model, latent, frames=4)
     with pytest.raises(ValueError, match="width 16 .*got 768"):
         _run_sampler(nodes, model, latent, positive=_cond(width=768))
@@ -160,7 +176,7 @@ def test_reference_frames_are_kept_by_image_first_models(nodes, tiny):
     latents are the video's first frames, and the rest follow from them."""
     import copy
 
-    from magicvideo.models.sampling import VideoModel
+    from magicvideo.models.pipeline import VideoModel
 
     model, _ = tiny
     unet = copy.deepcopy(model.unet)
@@ -172,9 +188,9 @@ def test_reference_frames_are_kept_by_image_first_models(nodes, tiny):
     assert torch.allclose(out[:, 0], ref.expand(2, -1, -1, -1), atol=1e-5)
     other = _run_sampler(nodes, i2v, latent, reference={"samples": -ref})["samples"].view(2, 4, 4, 4, 4)
     assert not torch.allclose(out[:, 1:], other[:, 1:])  # later frames depend on the given one
-    with pytest.raises(ValueError, match="4 reference frames given for a 4-frame video"):
+    with pytest.raises(ValueError, match="all 4 frames are given; leave at least one frame to generate"):
         _run_sampler(nodes, i2v, latent, reference={"samples": torch.zeros(4, 4, 4, 4)})
-    with pytest.raises(ValueError, match=r"reference latents must be \[frames, 4, 4, 4\].*got \(1, 4, 8, 8\)"):
+    with pytest.raises(ValueError, match=r"given frames must be latents \[frames, 4, 4, 4\].*got \(1, 4, 8, 8\)"):
         _run_sampler(nodes, i2v, latent, reference={"samples": torch.zeros(1, 4, 8, 8)})
 
 
@@ -206,12 +222,12 @@ def test_loader_full_file(nodes, tiny, tmp_path):
     """A MagicVideo file in a registered magicvideo folder -> model, VAE, text encoder (None here)."""
     import folder_paths
 
-    from magicvideo.models import checkpoint
-
+    from magicvideo.models import checkpoint, world
+    from magicvideo.models.guidance import MOTION_KEY
     from magicvideo.models.text import TextConfig, TextEncoder
 
     model, vae = tiny
-    text_encoder = TextEncoder(TextConfig(width=16, layers=1, heads=2))
+    text_encoder = TextEncoder(TextConfig(**world.text_fields(), width=16, layers=1, heads=2))
     checkpoint.save_model(tmp_path / "tiny_full.safetensors", unet=model.unet, vae=vae, text_encoder=text_encoder)
     (tmp_path / "not_a_model.ckpt").write_bytes(b"pickle")
     folder_paths.add_model_folder_path("magicvideo", str(tmp_path))
@@ -226,8 +242,13 @@ def test_loader_full_file(nodes, tiny, tmp_path):
     latent = nodes.EmptyVideoLatent().generate(width=32, height=32, frames=2, batch=1)[0]
     encode = importlib.import_module("magicvideo.nodes.text").MagicVideoTextEncode().encode
     positive, negative = encode(text, "a red circle moving left")[0], encode(text, "")[0]
-    out = _run_sampler(nodes, loaded, latent, steps=1, positive=positive, negative=negative)
+    assert text.lexicon == world.lexicon()  # the file's text encoder reads prompts for motion guidance
+    assert positive[0][1][MOTION_KEY] == text.motion_request("a red circle moving left")
+    out = _run_sampler(nodes, loaded, latent, steps=1, positive=positive, negative=negative, motion_guidance=0.0)
     assert out["samples"].shape == (2, 4, 4, 4)
+    # the default (the main workflow's) steers what the prompt asks: too coarse a grid for it here, said clearly
+    with pytest.raises(ValueError, match="motion guidance needs cross-attention blocks of at least 8x8"):
+        _run_sampler(nodes, loaded, latent, steps=1, positive=positive, negative=negative)
 
     with pytest.raises(ValueError, match="choose one source"):
         nodes.ModelLoader().load("tiny_full.safetensors", "some_sd15.safetensors", "none", "auto")
@@ -319,4 +340,4 @@ def test_sd15_text_to_video_in_host(sd15_host, sd15_checkpoint):
     bad = _text_to_video_prompt(sd15_checkpoint.name)
     bad["sampler"]["inputs"]["frames"] = 3
     message = sd15_host.run_expect_error({k: v for k, v in bad.items() if k not in ("save", "core_decode", "save_core")})
-    assert "4 frames, which is not divisible by frames=3" in message
+    assert "4 frames, which is not divisible by num_frames=3" in message

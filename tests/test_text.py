@@ -2,6 +2,9 @@
 
 import importlib.util
 import json
+import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +12,9 @@ import pytest
 import torch
 
 from magicvideo.models import world
-from magicvideo.models.text import BOS, EOS, PAD, TextConfig, TextEncoder, normalise
+from magicvideo.models.guidance import MOTION_KEY
+from magicvideo.models.lexicon import Lexicon
+from magicvideo.models.text import BOS, EOS, PAD, TextConfig, TextEncoder, normalise, unknown_words_message
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -17,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def encoder():
     torch.manual_seed(0)
-    return TextEncoder(TextConfig(width=32, layers=2, heads=4)).eval()
+    return TextEncoder(TextConfig(**world.text_fields(), width=32, layers=2, heads=4)).eval()
 
 
 def load_node_module():
@@ -79,15 +84,46 @@ def test_too_long_prompt_is_an_error(encoder):
 
 
 def test_config_round_trip_and_partial_dicts():
-    config = TextConfig(width=64, layers=3)
+    config = TextConfig(**world.text_fields(), width=64, layers=3)
     again = TextConfig.from_dict(json.loads(json.dumps(config.to_dict())))
-    assert again == config and again.vocab == config.vocab
-    partial = TextConfig.from_dict({"width": 128, "layers": 2, "heads": 4, "max_length": 77})
-    assert partial.vocab == TextConfig().vocab
+    assert again == config and again.vocab == config.vocab and again.lexicon == world.lexicon().to_dict()
+    assert Lexicon.from_dict(again.lexicon) == world.lexicon()
+    partial = TextConfig.from_dict({"vocab": world.text_vocab(), "width": 128, "layers": 2, "heads": 4, "max_length": 77})
+    assert partial.vocab == world.text_vocab() and partial.lexicon is None
     with pytest.raises(ValueError, match="unknown TextConfig fields"):
-        TextConfig.from_dict({"widht": 128})
+        TextConfig.from_dict({"vocab": ["red"], "widht": 128})
     with pytest.raises(ValueError, match="divisible"):
-        TextConfig(width=30, heads=4)
+        TextConfig(vocab=["red"], width=30, heads=4)
+
+
+def test_config_needs_a_vocabulary_and_a_well_formed_lexicon():
+    with pytest.raises(ValueError, match="needs a vocabulary"):
+        TextConfig()
+    with pytest.raises(ValueError, match="needs a vocabulary"):
+        TextConfig.from_dict({"width": 128, "layers": 2, "heads": 4})
+    with pytest.raises(ValueError, match="duplicate"):
+        TextConfig(vocab=["red", "red"])
+    with pytest.raises(ValueError, match="lowercase"):
+        TextConfig(vocab=["Red"])
+    lexicon = world.lexicon().to_dict()
+    broken = {**lexicon, "paths": {**lexicon["paths"], "left": {"slow": {"dx": -0.26}}}}
+    with pytest.raises(ValueError, match="lexicon path left/slow must have the fields"):
+        TextConfig(vocab=world.text_vocab(), lexicon=broken)
+    orphan = {**lexicon, "motions": {**lexicon["motions"], "sliding": "slide"}}
+    with pytest.raises(ValueError, match="motions without a path.*slide"):
+        TextConfig(vocab=world.text_vocab(), lexicon=orphan)
+    with pytest.raises(TypeError):
+        TextConfig(vocab=world.text_vocab(), lexicon={**lexicon, "colour": {}})
+
+
+def test_unknown_words_message_names_close_words_and_the_lexicons_kinds():
+    with_lexicon = TextConfig(**world.text_fields())
+    message = unknown_words_message(["balll", "zzz"], with_lexicon)
+    assert "2 word(s)" in message and "'balll' (did you mean ball" in message and "'zzz'." in message
+    assert f"knows {len(with_lexicon.vocab)} words" in message
+    assert "colours (" in message and "red" in message and "circle" in message and "bounce" in message
+    plain = unknown_words_message(["balll"], TextConfig(vocab=world.text_vocab()))
+    assert "did you mean ball" in plain and "colours" not in plain and plain.endswith("words.")
 
 
 def test_state_dict_rebuilds_the_same_encoder(encoder):
@@ -98,7 +134,7 @@ def test_state_dict_rebuilds_the_same_encoder(encoder):
 
 
 def test_trains_as_a_normal_module():
-    enc = TextEncoder(TextConfig(width=32, layers=1, heads=2)).train()
+    enc = TextEncoder(TextConfig(vocab=world.text_vocab(), width=32, layers=1, heads=2)).train()
     context, _ = enc.encode(["red ball", ""])
     context.pow(2).mean().backward()
     assert enc.token_embedding.weight.grad is not None
@@ -116,20 +152,60 @@ def test_node_outputs_core_conditioning_layout(encoder):
     (cond,) = node.encode(encoder, "a red ball drifting to the left")
     assert isinstance(cond, list) and len(cond) == 1
     tensor, extras = cond[0]
-    # the words the context holds ride along for the keyframe sampler's motion guidance
-    assert tensor.shape == (1, 77, 32) and extras == {"magicvideo_words": "a red ball drifting to the left"}
+    # what the prompt asks of each object rides along for the keyframe sampler's motion guidance
+    assert tensor.shape == (1, 77, 32) and MOTION_KEY == "magicvideo_motion"
+    assert extras == {MOTION_KEY: encoder.motion_request("a red ball drifting to the left")}
+    [obj] = extras[MOTION_KEY]["objects"]
+    assert obj["tokens"] == [2, 3, 4, 5, 7] and obj["path"] == world.lexicon().motion_params("left", "slow")
     (empty,) = node.encode(encoder, "")
-    assert empty[0][0].shape == (1, 77, 32)
+    assert empty[0][0].shape == (1, 77, 32) and empty[0][1] == {MOTION_KEY: {"objects": [], "unit_travel": 0.26}}
+    # an encoder without a lexicon: the plain core layout, nothing for motion guidance
+    plain = TextEncoder(TextConfig(vocab=world.text_vocab(), width=32, layers=1, heads=4)).eval()
+    (cond,) = node.encode(plain, "a red ball drifting to the left")
+    assert cond[0][1] == {} and cond[0][0].shape == (1, 77, 32)
 
 
-def test_node_unknown_words(encoder, capsys):
+def test_node_unknown_words(encoder, caplog):
     node = load_node_module().MagicVideoTextEncode()
     with pytest.raises(ValueError) as info:
         node.encode(encoder, "a red balll moving lefft")
     message = str(info.value)
     assert "'balll'" in message and "'lefft'" in message and "ball" in message
     assert f"{encoder.vocab_size} words" in message
-    (cond,) = node.encode(encoder, "a red balll", ignore_unknown_words=True)
-    assert "balll" in capsys.readouterr().out
-    assert torch.allclose(cond[0][0], node.encode(encoder, "a red")[0][0][0])
-    assert cond[0][1]["magicvideo_words"] == "a red"  # as the context: one token per known word
+    assert "colours (" in message  # the encoder's lexicon says what kinds of words it knows
+    with caplog.at_level(logging.WARNING):
+        (cond,) = node.encode(encoder, "a red balll moving left", ignore_unknown_words=True)
+    assert "balll" in caplog.text
+    assert torch.allclose(cond[0][0], node.encode(encoder, "a red moving left")[0][0][0])
+    # the motion request as the context: one token per known word
+    assert cond[0][1] == node.encode(encoder, "a red moving left")[0][0][1]
+
+
+def test_motion_request_tokens_point_at_each_objects_words(encoder):
+    prompt = "zzz two objects: a red ball qqq moving left quickly and a blue box bouncing up and down slowly"
+    ids, _, unknown = encoder.tokenize(prompt)
+    assert unknown == ["zzz", "qqq"]
+    request = encoder.motion_request(prompt)
+    assert request["unit_travel"] == world.LINEAR_TRAVEL["slow"]
+    ball, box = request["objects"]
+    words = {encoder.word_to_id[w]: w for w in encoder.config.vocab}
+    # the tokens index the encoder's context: <bos> first, the unknown words left out
+    assert [words[int(ids[0, i])] for i in ball["tokens"]] == ["red", "ball", "moving", "left", "quickly"]
+    assert [words[int(ids[0, i])] for i in box["tokens"]] == ["blue", "box", "bouncing", "up", "down", "slowly"]  # less the stop words
+    assert ball["path"] == world.lexicon().motion_params("left", "fast")
+    assert box["path"] == world.lexicon().motion_params("bounce", "slow")
+    # objects without a motion are not asked anything; the request is plain data (it rides in a CONDITIONING)
+    assert encoder.motion_request("a red ball and a blue box")["objects"] == []
+    assert json.loads(json.dumps(request)) == request
+
+
+def test_inference_modules_do_not_import_the_world():
+    code = ("import sys, magicvideo.models.pipeline, magicvideo.models.guidance, magicvideo.models.text, "
+            "magicvideo.models.sampling; assert 'magicvideo.models.world' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+    # nor does loading a current (version 2) model file and reading a prompt with its lexicon
+    code = ("import sys; from magicvideo.models import checkpoint; "
+            f"b = checkpoint.load_model({str(REPO / 'weights' / 'magicvideo_default.safetensors')!r}); "
+            "assert b.text_encoder.motion_request('a red ball moving left')['objects']; "
+            "assert 'magicvideo.models.world' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from magicvideo.models import checkpoint, pipeline, video_io
+from magicvideo.models.sampling import PRESETS
 
 pytestmark = pytest.mark.host
 
@@ -52,6 +52,12 @@ def test_the_workflow_holds_the_documented_settings(comfy):
          "noise_sharing": -1,  # -1: the prior the model trained with (0.5 for the bundled default)
          "cfg_start": 0.0, "cfg_end": 0.7,  # guidance on the first 70% of the schedule only (docs/TRAINING.md)
          "motion_guidance": 0.2, "motion_guidance_until": 0.3}  # each object steered along its path
+    # the main preset, which the node's, the CLI's and the evaluator's defaults are (tests/test_presets.py)
+    main = PRESETS["main"]
+    assert {k: sampler[k] for k in ("steps", "cfg", "sampler", "scheduler", "fps", "denoise", "cfg_start", "cfg_end",
+                                    "motion_guidance", "motion_guidance_until")} == \
+        {k: getattr(main, k) for k in ("steps", "cfg", "sampler", "scheduler", "fps", "denoise", "cfg_start",
+                                       "cfg_end", "motion_guidance", "motion_guidance_until")}
     ui_sampler = next(n for n in workflow["nodes"] if n["type"] == "MagicVideoKeyframeSampler")
     assert ui_sampler["widgets_values"][1] == "fixed", "the seed must stay fixed so the example reproduces"
     [save] = _nodes(prompt, "MagicVideoSaveVideo")
@@ -77,9 +83,7 @@ def test_runs_in_the_host_and_writes_the_mp4(comfy, tmp_path):
     # the graph and the library's one generation path (CLI, evaluator) make the same video
     [sampler] = _nodes(prompt, "MagicVideoKeyframeSampler")
     frames = pipeline.text_to_video(checkpoint.load_model(WEIGHTS), PROMPT, frames=16, width=64, height=64,
-                                    steps=20, cfg=6.0, sampler="euler", scheduler="normal", seed=sampler["seed"],
-                                    fps=8.0, cfg_end=0.7, motion_guidance=0.2, motion_guidance_until=0.3,
-                                    dtype=torch.float32)
+                                    options=PRESETS["main"].replace(seed=sampler["seed"]), dtype="fp32")
     raw = video_io.frames_to_uint8(frames).astype(np.int16)
     ours = video_io.read_video(video_io.write_video(tmp_path / "cli.mp4", frames, 8.0, "mp4").path).frames
     # Both went through H.264, whose output for the same frames is not bit-identical from run to

@@ -262,3 +262,45 @@ def test_motion_weights_draw_those_motions_more_often_and_none_keeps_the_stream(
         world.sample_spec(np.random.default_rng(0), "train", 0.0, {"spin": 2.0})
     with pytest.raises(ValueError, match="weights must be 0 or more"):
         world.sample_spec(np.random.default_rng(0), "train", 0.0, {"grow": -1.0})
+
+
+def test_lexicon_paths_are_the_worlds_trajectories():
+    """A path read from the lexicon is the world's own trajectory of that motion and speed: centre
+    x, y and log radius, less their means (no start place or size is asked for)."""
+    from magicvideo.models import lexicon
+
+    lex = world.lexicon()
+    assert set(lex.paths) == set(world.MOTIONS)
+    for motion in world.MOTIONS:
+        for speed in (None,) if motion == "still" else world.SPEEDS:
+            x, y, r, _ = world.trajectory(world.ObjectSpec("red", "circle", motion, speed, 0.5, 0.5, 0.1), 16)
+            old = torch.tensor(np.stack([x, y, np.log(r)], -1), dtype=torch.float32)
+            new = lexicon.path(lex.motion_params(motion, speed), 16)
+            assert torch.allclose(new, old - old.mean(0), atol=1e-6), (motion, speed)
+    # a motion named without a speed word takes the default (slow) speed; "still" has none
+    assert lex.default_speed == "slow" and lex.unit_travel == world.LINEAR_TRAVEL["slow"]
+    assert lex.motion_params("left", None) == lex.motion_params("left", "slow")
+    assert lex.motion_params("still", "fast") == lex.motion_params("still", None)
+    assert lex.motion_params(None, "fast") is None
+
+
+def test_lexicon_and_text_fields_travel_as_plain_data():
+    from magicvideo.models.lexicon import Lexicon
+
+    lex = world.lexicon()
+    data = json.loads(json.dumps(lex.to_dict()))
+    assert Lexicon.from_dict(data) == lex
+    fields = world.text_fields()
+    assert fields["vocab"] == world.text_vocab() == sorted(set(world.text_vocab()))
+    assert set(world.vocabulary()) <= set(fields["vocab"]) and {"a", "the", "with"} <= set(fields["vocab"])
+    assert fields["lexicon"] == lex.to_dict()
+    # every word the lexicon reads is one the encoder knows
+    words = {w for table in (lex.colours, lex.shapes, lex.speeds) for w in table}
+    words |= {w for phrase in lex.motions for w in phrase.split()}
+    assert words <= set(fields["vocab"])
+    # parse_caption is the lexicon's reading of the normalised caption
+    caption = "two objects: a violet ball bouncing up and down quickly and a red box drifting left on a navy floor"
+    objects = world.parse_caption(caption)
+    assert [(o.colour, o.shape, o.motion, o.speed) for o in objects] == \
+        [("purple", "circle", "bounce", "fast"), ("red", "square", "left", None)]
+    assert objects == lex.parse(caption.lower().replace(":", " ").split())
