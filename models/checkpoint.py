@@ -399,7 +399,7 @@ def migrate_text_config(config: dict, version: str) -> dict:
     """A text_config of an older format as the current one reads it. Version 1 had no lexicon;
     a version-1 text encoder whose words are all the world's was trained on the world's
     captions and gets the world's lexicon (the only place inference code consults the world)."""
-    if version != "1" or "lexicon" in config:
+    if version != "1" or config.get("lexicon") is not None:
         return config
     from . import world  # only for files written before the lexicon travelled in them
 

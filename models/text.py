@@ -50,7 +50,7 @@ def unknown_words_message(unknown: list[str], config: "TextConfig") -> str:
         lex = Lexicon.from_dict(config.lexicon)
         names = [sorted(set(table.values())) for table in (lex.colours, lex.shapes)] + [sorted(lex.paths)]
         message += (f", e.g. colours ({', '.join(names[0])}), shapes ({', '.join(names[1])}) and motions "
-                    f"({', '.join(names[2])}; speeds {', '.join(sorted(set(lex.speeds)))})")
+                    f"({', '.join(names[2])}; speeds {', '.join(sorted(set(lex.speeds.values())))})")
     return message + "."
 
 
