@@ -532,6 +532,7 @@ def model_generate_fn(
     from_truth: float | None = None,
     prompts: list[Prompt] | None = None,
     given_frames: int = 0,
+    image_first: bool | None = None,
     latents_only: bool = False,
 ):
     """generate_fn(caption, seed) running a full MagicVideo file through ``pipeline.text_to_video``
@@ -546,6 +547,9 @@ def model_generate_fn(
     ``given_frames`` = k scores image-to-video and continuation: the first k frames of the
     prompt's own world clip are given, the model makes the rest.
 
+    ``image_first`` True / False: text-to-video as text-to-image then image-to-video (Magic
+    1-For-1's factorisation), or all frames at once, whatever the file's config says (None).
+
     ``latents_only``: the generator returns the sampled latents, not decoded (to judge several
     decoders on the same samples, ``pipeline.decode_frames``).
     """
@@ -555,6 +559,8 @@ def model_generate_fn(
     bundle = load_model(path, device=device)
     if bundle.unet is None or bundle.vae is None or bundle.text_encoder is None:
         raise ValueError(f"{path}: the evaluator needs a file with a UNet, a VAE and a built-in text encoder")
+    if image_first is not None:
+        bundle.unet.config.image_first = image_first
 
     if given_frames < 0:
         raise ValueError(f"given_frames must be at least 0, got {given_frames}")
@@ -642,6 +648,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--given-frames", type=int, default=0, metavar="K",
                     help="image-to-video: give the first K frames of each prompt's own world clip "
                          "(models trained image-first)")
+    ap.add_argument("--image-first", action=argparse.BooleanOptionalAction, default=None,
+                    help="text to image, then image to video (or --no-image-first: all frames at once); "
+                         "default: as the model file says")
     ap.add_argument("--from-truth", type=_fraction, default=None, metavar="STRENGTH",
                     help="diagnostic: start each prompt from its own world clip noised to STRENGTH (0..1) "
                          "instead of pure noise; 0 = the VAE round trip (the ceiling of any UNet on this VAE)")
@@ -680,6 +689,7 @@ def main(argv: list[str] | None = None) -> int:
         generate = model_generate_fn(
             args.model, frames=args.frames, size=args.size, options=SamplingOptions.from_args(args, seed=0).check(),
             device=args.device, from_truth=args.from_truth, prompts=prompts, given_frames=args.given_frames,
+            image_first=args.image_first,
         )
         source = args.model if args.from_truth is None else f"{args.model} from the truth at {args.from_truth}"
         if args.given_frames:
