@@ -325,7 +325,7 @@ def test_binding_weight_trains_on_world_clips_only(config_file, tmp_path):
 def test_binding_targets_index_the_text_encoders_tokens():
     """Word i of a caption is token i + 1 of the built-in text encoder (<bos> first)."""
     spec = world.ClipSpec((world.ObjectSpec("red", "circle", "left", "slow", .3, .5, .1),))
-    text = TextEncoder(TextConfig())
+    text = TextEncoder(TextConfig(**world.text_fields()))
     caption = "a red ball moving left slowly"
     ids, _, _ = text.tokenize(caption)
     targets = data.binding_targets(spec, caption)
