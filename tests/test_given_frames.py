@@ -146,3 +146,31 @@ def test_given_frame_scores_measure_what_was_kept_and_the_seam():
     assert given_frame_scores(noisy, truth, 1)["given_psnr"] == pytest.approx(20.0)
     summary = summarise_given([kept, scores])
     assert summary["seam_ratio"] == pytest.approx(1.25)
+
+
+@pytest.mark.host
+@pytest.mark.parametrize("name", ["image_to_video", "text_image_video"])
+def test_given_frame_workflows_run_in_the_host(comfy, name):
+    """The two workflows of the factorisation, on the bundled default: the video's first frame is
+    the given picture (the shipped example, cropped to the video), or the one-frame image."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from magicvideo.models import video_io
+
+    repo = Path(__file__).resolve().parents[1]
+    workflow = json.loads((repo / "workflows" / f"{name}.json").read_text())
+    entry = comfy.run(comfy.workflow_to_prompt(workflow), workflow=workflow, timeout=600)
+    [info] = comfy.output_files(entry)
+    video = video_io.read_video(comfy.output_path(info)).frames.astype(np.float64) / 255
+    assert video.shape == (16, 64, 64, 3) and video.std() > 0.01
+    if name == "image_to_video":
+        picture = torch.from_numpy(np.asarray(Image.open(repo / "examples" / "red_circle.png").convert("RGB")) / 255.0)
+        target = conditioning.fit_images(picture[None].float(), 64, 64, "crop")[0].numpy()
+        psnr = 10 * np.log10(1 / ((video[0] - target) ** 2).mean())
+        assert psnr > 20, psnr  # the picture, through the VAE and H.264
+    later = np.abs(video[1:] - video[:1]).mean()
+    assert later > 0.003, "the video does not move away from its first frame at all"
