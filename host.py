@@ -185,6 +185,8 @@ def workflow_to_prompt(workflow: dict, object_info: dict) -> dict:
                 if (kind == "INT" and name in _SEED_NAMES) or options.get("control_after_generate"):
                     if values and isinstance(values[0], str):
                         values.pop(0)
+                if options.get("image_upload") and values:  # the UI's upload button is a widget too, sent as "upload"
+                    inputs["upload"] = values.pop(0)
             if name in linked:
                 origin = source(linked[name]["link"], linked[name].get("type"))
                 if origin is not None:

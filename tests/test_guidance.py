@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from magicvideo.models import evaluate as ev, guidance, lexicon, pipeline, world
+from magicvideo.models.conditioning import no_frames_given
 from magicvideo.models.sampling import PRESETS, SamplingOptions, sample
 from magicvideo.models.text import TextConfig, TextEncoder
 from magicvideo.models.unet import UNetConfig, VideoUNet
@@ -249,7 +250,9 @@ def test_default_blobs_move_towards_their_paths(default):
     request = default.text_encoder.motion_request(caption)
     targets = guidance.targets(request, 16)
     assert len(targets) == 2
-    base = guidance.VideoDenoiser(default.unet, default.text_encoder.encode([caption])[0], num_frames=16, fps=8.0)
+    nothing_given = no_frames_given(1, 16, default.unet.config.cond_channels, (16, 16))
+    base = guidance.VideoDenoiser(default.unet, default.text_encoder.encode([caption])[0], num_frames=16, fps=8.0,
+                                  cond=nothing_given)
     steer = guidance.MotionGuidance(base, base, targets, strength=0.2, until=0.3, unit_travel=request["unit_travel"])
     x = torch.randn(16, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     t = torch.full((16,), 900.0)

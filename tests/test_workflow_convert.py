@@ -17,6 +17,7 @@ OBJECT_INFO = {
                        "hidden": {"prompt": "PROMPT"}}},
     "Scale": {"input": {"required": {"image": ["IMAGE"], "width": ["INT", {}]}}},
     "Passthrough": {"input": {"required": {"model": ["MODEL"], "image": ["IMAGE"]}}},
+    "LoadImage": {"input": {"required": {"image": [["a.png", "b.png"], {"image_upload": True}]}}},
 }
 
 
@@ -46,6 +47,14 @@ def test_widgets_map_in_order_and_seed_controls_are_skipped():
                                                   "strength": 0.5}},
         "3": {"class_type": "Noise", "inputs": {"noise_seed": 5, "mode": "b"}},
     }
+
+
+def test_an_image_upload_widget_is_sent_as_the_ui_sends_it():
+    """Core Load Image saves its upload button's value after the file name; the UI sends it as
+    "upload", and so must the runner, or the two prompts of one workflow differ."""
+    workflow = {"nodes": [node(1, "LoadImage", ["b.png", "image"])], "links": []}
+    assert workflow_to_prompt(workflow, OBJECT_INFO) == {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "b.png", "upload": "image"}}}
 
 
 def test_a_widget_converted_to_an_input_takes_the_link_and_keeps_its_slot():
