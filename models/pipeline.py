@@ -196,7 +196,7 @@ def _given_inputs(config, given: GivenFrames | None, latents: torch.Tensor, num_
     return given.place(latents, num_frames), cond, given.mask(videos, num_frames)
 
 
-def _denoiser(unet, positive, negative, *, num_frames, options, cond, mask, motion):
+def _denoiser(unet, positive, negative, *, num_frames, options, cond, mask, motion, targets):
     """The VideoUNet wrapped in the guidance pieces ``options`` ask for."""
     base = guidance.VideoDenoiser(unet, positive, num_frames=num_frames, fps=options.fps, cond=cond)
     denoiser = base
@@ -205,7 +205,6 @@ def _denoiser(unet, positive, negative, *, num_frames, options, cond, mask, moti
             raise RequestError("cfg != 1 needs a negative conditioning (an encoded empty prompt for plain guidance), "
                                "or cfg 1")
         denoiser = guidance.ClassifierFreeGuidance(base, negative, options.cfg, options.guided)
-    targets = guidance.targets(motion, num_frames) if options.motion_guidance > 0 else []
     if targets:
         denoiser = guidance.MotionGuidance(denoiser, base, targets, strength=options.motion_guidance,
                                            until=options.motion_guidance_until, unit_travel=motion["unit_travel"],
@@ -245,7 +244,8 @@ def sample_video(
         if num_frames < 1 or latents.shape[0] % num_frames:
             raise RequestError(f"the latent batch has {latents.shape[0]} frames, which is not divisible by "
                                f"num_frames={num_frames}")
-        if options.motion_guidance > 0 and guidance.targets(motion, num_frames):
+        targets = guidance.targets(motion, num_frames) if options.motion_guidance > 0 else []
+        if targets:
             side = guidance.finest_attention_side(config, *latents.shape[-2:])
             if side < guidance.MIN_SIDE:
                 raise RequestError(
@@ -256,7 +256,7 @@ def sample_video(
                                 motion=motion, callback=callback)
         start, cond, mask = _given_inputs(config, given, latents, num_frames)
         denoiser = _denoiser(unet, positive, negative, num_frames=num_frames, options=options, cond=cond, mask=mask,
-                             motion=motion)
+                             motion=motion, targets=targets)
         denoiser.check(latents.shape[0])
     except ValueError as e:
         raise RequestError(str(e)) from None
