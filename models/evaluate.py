@@ -630,7 +630,10 @@ def merge_shards(parts: list[dict]) -> dict:
     prompts = []
     for k in range(max(len(r["prompts"]) for r in shards)):  # shard i holds prompts i, i + N, ...
         prompts += [r["prompts"][k] for r in shards if k < len(r["prompts"])]
-    return {"summary": summarise(prompts), "prompts": prompts, "config": {**settings[0], "shard": None}}
+    summary = summarise(prompts)
+    if any("seam_jump" in p for p in prompts):  # runs with --given-frames
+        summary["all"]["given"] = summarise_given(prompts)
+    return {"summary": summary, "prompts": prompts, "config": {**settings[0], "shard": None}}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -174,3 +174,15 @@ def test_given_frame_workflows_run_in_the_host(comfy, name):
         assert psnr > 20, psnr  # the picture, through the VAE and H.264
     later = np.abs(video[1:] - video[:1]).mean()
     assert later > 0.003, "the video does not move away from its first frame at all"
+
+
+def test_merged_shards_keep_the_given_frame_summary():
+    from magicvideo.models.evaluate import merge_shards
+
+    def part(i, seam):
+        prompt = {"caption": f"c{i}", "seed": i, "heldout": False, "all_ok": True, "flicker": 0.0,
+                  "extra_objects": 0, "objects": [], "given_psnr": 30.0, "seam_jump": seam, "inside_change": 0.1}
+        return {"prompts": [prompt], "config": {"given_frames": 1, "shard": [i, 2]}}
+
+    merged = merge_shards([part(0, 0.1), part(1, 0.3)])
+    assert merged["summary"]["all"]["given"]["seam_ratio"] == pytest.approx(2.0)
