@@ -38,7 +38,7 @@ from .text import unknown_words_message
 
 __all__ = [
     "RequestError", "UnknownWordsError", "VideoModel", "DTYPES", "PRESETS", "SamplingOptions", "resolve_dtypes",
-    "prepare", "check_size", "encode_prompt", "encode_frames", "sample_video", "decode_frames",
+    "prepare", "check_size", "build_denoiser", "encode_prompt", "encode_frames", "sample_video", "decode_frames",
     "conditioning_to_video", "text_to_video",
 ]
 
@@ -196,8 +196,9 @@ def _given_inputs(config, given: GivenFrames | None, latents: torch.Tensor, num_
     return given.place(latents, num_frames), cond, given.mask(videos, num_frames)
 
 
-def _denoiser(unet, positive, negative, *, num_frames, options, cond, mask, motion, targets):
-    """The VideoUNet wrapped in the guidance pieces ``options`` ask for."""
+def build_denoiser(unet, positive, negative, *, num_frames, options, cond=None, mask=None, motion=None, targets=()):
+    """The VideoUNet wrapped in the guidance pieces ``options`` ask for (``sampling.Denoiser``).
+    :func:`sample_video` builds one per request; the long-video path one per group of windows."""
     base = guidance.VideoDenoiser(unet, positive, num_frames=num_frames, fps=options.fps, cond=cond)
     denoiser = base
     if options.cfg != 1.0:
@@ -255,7 +256,7 @@ def sample_video(
             return _image_first(unet, latents, positive, negative, num_frames=num_frames, options=options,
                                 motion=motion, callback=callback)
         start, cond, mask = _given_inputs(config, given, latents, num_frames)
-        denoiser = _denoiser(unet, positive, negative, num_frames=num_frames, options=options, cond=cond, mask=mask,
+        denoiser = build_denoiser(unet, positive, negative, num_frames=num_frames, options=options, cond=cond, mask=mask,
                              motion=motion, targets=targets)
         denoiser.check(latents.shape[0])
     except ValueError as e:

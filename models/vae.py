@@ -166,7 +166,10 @@ class DirectedTemporalAttention(nn.Module):
 
     ``x`` is ``[(b f), c, h, w]``; frame p attends to frames q <= p of the same video. With a
     ``cache`` dict, the keys and values of earlier chunks are prepended and this chunk's are
-    appended, so chunk-by-chunk calls give the same result as one call over all frames.
+    appended, so chunk-by-chunk calls give the same result as one call over all frames. A
+    cache with a ``"context"`` of n frames lets each frame see only itself and the n - 1
+    frames before it and keeps only those keys: the cost and memory of a long video's
+    decode then stay flat, whatever its length.
     The output projection is zero-initialised: a fresh layer is the identity.
     """
 
@@ -190,17 +193,24 @@ class DirectedTemporalAttention(nn.Module):
             rearrange(m(y), "n f (heads d) -> n heads f d", heads=self.heads)
             for m in (self.to_q, self.to_k, self.to_v)
         )
-        past = 0
+        past = kept = 0
+        context = None
         if cache is not None:
+            past, context = cache.get("seen", 0), cache.get("context")
             if "k" in cache:
-                past = cache["k"].shape[2]
+                kept = cache["k"].shape[2]
                 k = torch.cat([cache["k"], k], dim=2)
                 v = torch.cat([cache["v"], v], dim=2)
-            cache["k"], cache["v"] = k, v
-        if past == 0:
+            keep = k.shape[2] if context is None else min(k.shape[2], context - 1)
+            cache["k"], cache["v"], cache["seen"] = k[:, :, k.shape[2] - keep:], v[:, :, v.shape[2] - keep:], past + num_frames
+        if kept == 0 and context is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:  # query i is frame past + i: it sees keys 0 .. past + i
-            mask = torch.ones(num_frames, past + num_frames, dtype=torch.bool, device=x.device).tril(past)
+        else:  # query i is frame past + i: it sees the keys of frames past + i - context + 1 .. past + i
+            q_pos = torch.arange(past, past + num_frames, device=x.device)[:, None]
+            k_pos = torch.arange(past - kept, past + num_frames, device=x.device)[None]
+            mask = k_pos <= q_pos
+            if context is not None:
+                mask &= k_pos > q_pos - context
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = self.proj_out(rearrange(y, "n heads f d -> n f (heads d)"))
         return x + rearrange(y, "(b h w) f c -> (b f) c h w", h=h, w=w)
@@ -359,14 +369,22 @@ class VideoVAE(nn.Module):
 
     # -- decode
 
-    def decode_raw(self, z: torch.Tensor, num_frames: int | None = None, chunk_size: int | None = None) -> torch.Tensor:
+    def decode_raw(self, z: torch.Tensor, num_frames: int | None = None, chunk_size: int | None = None,
+                   context: int | None = None) -> torch.Tensor:
         """Unscaled latents [(b f), embed_dim, h, w] -> images [(b f), 3, 8h, 8w] in about [-1, 1].
 
         ``num_frames`` frames per video (default: all of them are one video). Without
         ``chunk_size`` all frames go through at once (training); with it, each video is
         decoded ``chunk_size`` frames at a time, the temporal layers carrying a key/value
-        cache of earlier frames, which gives the same result.
+        cache of earlier frames, which gives the same result. ``context``: each frame's
+        temporal layers see at most this many frames (itself and those just before it);
+        None = every earlier frame of its video.
         """
+        return torch.cat(list(self.decode_chunks(z, num_frames, chunk_size, context)))
+
+    def decode_chunks(self, z: torch.Tensor, num_frames: int | None = None, chunk_size: int | None = None,
+                      context: int | None = None):
+        """:meth:`decode_raw` one chunk at a time (a generator): the long-video writer's decode."""
         c = self.config
         if z.ndim != 4 or z.shape[1] != c.embed_dim:
             raise ValueError(
@@ -376,21 +394,25 @@ class VideoVAE(nn.Module):
         num_frames = num_frames or z.shape[0]
         if z.shape[0] % num_frames:
             raise ValueError(f"{z.shape[0]} latent frames do not split into videos of num_frames={num_frames}")
-        z = z.to(self.device, self.dtype)
-        if not chunk_size or chunk_size >= num_frames:
-            if chunk_size and z.shape[0] > num_frames:  # bound memory: one video at a time
-                return torch.cat([self.decoder(self.post_quant_conv(v), num_frames) for v in z.split(num_frames)])
-            return self.decoder(self.post_quant_conv(z), num_frames)
-        out = []
+        if context is not None and context < 1:
+            raise ValueError(f"the decoder's temporal context must be at least 1 frame, got {context}")
+        if context is None and (not chunk_size or chunk_size >= num_frames):
+            if not chunk_size:  # every frame at once (training)
+                yield self.decoder(self.post_quant_conv(z.to(self.device, self.dtype)), num_frames)
+                return
+            for video in z.split(num_frames):  # bound memory: one video at a time
+                yield self.decoder(self.post_quant_conv(video.to(self.device, self.dtype)), num_frames)
+            return
         for video in z.split(num_frames):
-            caches = [{} for _ in self.decoder.temporal]
-            for chunk in video.split(chunk_size):
-                out.append(self.decoder(self.post_quant_conv(chunk), chunk.shape[0], caches))
-        return torch.cat(out)
+            caches = [{"context": context} for _ in self.decoder.temporal]
+            for chunk in video.split(chunk_size or num_frames):
+                chunk = chunk.to(self.device, self.dtype)
+                yield self.decoder(self.post_quant_conv(chunk), chunk.shape[0], caches)
 
-    def decode(self, latents: torch.Tensor, num_frames: int | None = None, chunk_size: int | None = 8) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, num_frames: int | None = None, chunk_size: int | None = 8,
+               context: int | None = None) -> torch.Tensor:
         """Scaled latents [(b f), embed_dim, h, w] -> images [(b f), 3, 8h, 8w] in about [-1, 1]."""
-        return self.decode_raw(latents / self.config.scaling_factor, num_frames, chunk_size)
+        return self.decode_raw(latents / self.config.scaling_factor, num_frames, chunk_size, context)
 
     # -- preview
 

@@ -22,6 +22,7 @@ dropping the file back on ComfyUI restores the graph:
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -29,7 +30,8 @@ import uuid
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from collections.abc import Iterator
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -209,22 +211,32 @@ def write_video(
 ) -> WrittenVideo:
     """Encode ``frames`` into ``path`` atomically (temporary name, then rename).
 
-    ``frames``: a batch ``[F, H, W, 3]`` (uint8, or float in 0..1, numpy or torch), or a
-    sequence of batches/frames of one size. ``metadata``: JSON-able values by key
+    ``frames``: a batch ``[F, H, W, 3]`` (uint8, or float in 0..1, numpy or torch), a
+    sequence of batches/frames of one size, or an iterator of them (a stream: batches are
+    checked and encoded as they come, so a long video never sits in memory whole; an error
+    midway leaves no file). ``metadata``: JSON-able values by key
     (``prompt``, ``workflow``) embedded as described in the module docstring.
     """
     fmt = get_format(format)
     fps = check_fps(fps)
     if odd_size not in ODD_SIZE_POLICIES:
         raise VideoError(f"unknown odd_size policy {odd_size!r}; expected one of {', '.join(ODD_SIZE_POLICIES)}")
-    count, height, width = check_frames(frames)
+    if isinstance(frames, Iterator):  # a stream: checked batch by batch as it is written
+        first = next(frames, None)
+        if first is None:
+            raise VideoError("expected at least one frame, found an empty stream of frames")
+        _, height, width = check_frames(first)
+        frames = _same_size(itertools.chain([first], frames), height, width)
+    else:
+        _, height, width = check_frames(frames)
+    counted = _Counter()
 
     notes: list[str] = []
     fix_odd = fmt.even_size and (height % 2 or width % 2)
     if fix_odd:
         height, width, note = _odd_size_note(height, width, odd_size)
         notes.append(note)
-    frame_iter: Iterable[np.ndarray] = _iter_uint8(frames)
+    frame_iter: Iterable[np.ndarray] = counted.wrap(_iter_uint8(frames))
     if fix_odd:
         frame_iter = (_fix_odd_size(f, odd_size) for f in frame_iter)
 
@@ -239,7 +251,19 @@ def write_video(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return WrittenVideo(path, fmt, count, width, height, fps, notes)
+    return WrittenVideo(path, fmt, counted.count, width, height, fps, notes)
+
+
+def _same_size(batches: Iterable, height: int, width: int) -> Iterator:
+    """A stream's batches, each checked against the first one's size as it comes."""
+    done = 0
+    for batch in batches:
+        count, h, w = check_frames(batch)
+        if (h, w) != (height, width):
+            raise VideoError(f"all frames of a video must have one size: the first frames are {width}x{height} "
+                             f"(width x height), frame {done} is {w}x{h}")
+        done += count
+        yield batch
 
 
 def _json_metadata(metadata: dict | None) -> dict[str, str]:

@@ -57,6 +57,14 @@ def task_mix(tc: dict) -> dict[str, float]:
     return {"text": 1.0 - p, "image": p} if p else {"text": 1.0}
 
 
+def first_new_frames(given: torch.Tensor) -> torch.Tensor:
+    """``[b, f]`` bool: the frames right after a given frame that are not given themselves (the
+    seam a continuation or a sliding window must cross smoothly)."""
+    after = torch.zeros_like(given)
+    after[:, 1:] = given[:, :-1]
+    return after & ~given
+
+
 def given_frames_mask(videos: int, frames: int, mix: dict[str, float], generator: torch.Generator) -> torch.Tensor:
     """Per-frame mask ``[(b f)]`` of given frames, one task per video drawn from ``mix``: ``text``
     nothing given (text to video; with one frame, text to image), ``image`` frame 0 (image to
@@ -244,6 +252,9 @@ def train_unet(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
         raise SystemExit("unet.binding_weight needs the world's clips (their specs say where each object is); "
                          "it cannot be used with --data-dir")
     binding_contrast = bool(tc.get("binding_contrast", False))
+    seam_weight = float(tc.get("seam_weight", 0.0))
+    if seam_weight < 0:
+        raise SystemExit(f"unet.seam_weight: expected a weight >= 0, found {seam_weight}")
     binding_words = tc.get("binding_words", "noun")
     try:
         binding_slots(binding_words)  # before the pool is encoded
@@ -319,6 +330,9 @@ def train_unet(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
             t = t.masked_fill(given, 0)
             xt = torch.where(given.view(-1, 1, 1, 1), x0, xt)
             weights = weights * (~given).view(-1, 1, 1, 1)
+            if seam_weight:  # the first new frame after given ones: where continuation jumps
+                seam = first_new_frames(given.view(b, frames)).flatten()
+                weights = weights * (1 + seam_weight * seam.float()).view(-1, 1, 1, 1)
         if unet.config.cond_channels:
             cond = prior_channels(x0, given if gives_frames else torch.zeros(len(x0), dtype=torch.bool, device=device))
         target = noise if prediction == "epsilon" else a * noise - s * x0
