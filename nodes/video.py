@@ -67,18 +67,31 @@ class SaveVideo:
         video_io.check_fps(fps)
         _, height, width = video_io.check_frames(images)
 
-        output_dir = folder_paths.get_output_directory()
-        folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(prefix, output_dir, width, height)
-        filename = f"{name}_{counter:05}_.{video_io.FORMATS[fmt].extension}"
-        metadata = None if _metadata_disabled() else {"prompt": prompt, "workflow": extra.get("workflow")}
+        path, subfolder = output_path(prefix, fmt, width, height)
+        written = video_io.write_video(path, images, fps, fmt, crf=crf, odd_size=odd_size,
+                                       metadata=embedded(prompt, extra))
+        return shown(written, subfolder, "MagicVideo Save Video")
 
-        written = video_io.write_video(os.path.join(folder, filename), images, fps, fmt, crf=crf,
-                                       odd_size=odd_size, metadata=metadata)
-        for note in written.notes:
-            log.warning("MagicVideo Save Video: %s", note)
-        result = {"filename": filename, "subfolder": subfolder, "type": "output", "format": written.format.mime,
-                  "frame_rate": written.fps, "frame_count": written.frames, "notes": written.notes}
-        return {"ui": {"images": [result], "animated": (True,)}}
+
+def output_path(prefix: str, fmt: str, width: int, height: int) -> tuple[str, str]:
+    """A fresh file in the host's output folder for a video: (path, subfolder)."""
+    output_dir = folder_paths.get_output_directory()
+    folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(prefix, output_dir, width, height)
+    return os.path.join(folder, f"{name}_{counter:05}_.{video_io.FORMATS[fmt].extension}"), subfolder
+
+
+def embedded(prompt, extra) -> dict | None:
+    """What a saved video carries so that dropping it on ComfyUI restores the graph."""
+    return None if _metadata_disabled() else {"prompt": prompt, "workflow": (extra or {}).get("workflow")}
+
+
+def shown(written: video_io.WrittenVideo, subfolder: str, node: str) -> dict:
+    """An output node's result: the file, previewed in the UI."""
+    for note in written.notes:
+        log.warning("%s: %s", node, note)
+    result = {"filename": written.path.name, "subfolder": subfolder, "type": "output", "format": written.format.mime,
+              "frame_rate": written.fps, "frame_count": written.frames, "notes": written.notes}
+    return {"ui": {"images": [result], "animated": (True,)}}
 
 
 def _input_path(name: str) -> str:

@@ -209,3 +209,46 @@ def test_a_stream_that_fails_midway_leaves_no_file(tmp_path):
     with pytest.raises(InterruptedError):
         video_io.write_video(tmp_path / "cancelled.mp4", cancelled(), 8)
     assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- in the host
+
+
+def _minute_workflow():
+    import json
+    from pathlib import Path
+
+    return json.loads((Path(__file__).resolve().parents[1] / "workflows" / "minute_video.json").read_text())
+
+
+@pytest.mark.host
+def test_the_minute_workflow_runs_in_the_host(comfy):
+    """workflows/minute_video.json as shipped: 60 s of keyframes from its schedule, one mp4."""
+    workflow = _minute_workflow()
+    prompt = comfy.workflow_to_prompt(workflow)
+    [sampler] = [n["inputs"] for n in prompt.values() if n["class_type"] == "MagicVideoSlidingWindowSampler"]
+    spans = lv.parse_schedule(sampler["schedule"], sampler["seconds"])
+    assert sampler["seconds"] == 60 and len(spans) > 1 and sampler["method"] == "continue"
+    entry = comfy.run(prompt, workflow=workflow, timeout=900)
+    [info] = comfy.output_files(entry)
+    path = comfy.output_path(info)
+    video = video_io.read_video(path)
+    assert video.frames.shape == (480, 64, 64, 3) and video.fps == pytest.approx(8.0)
+    assert video.frames[::40].std(axis=(1, 2, 3)).min() > 2, "a window came out one flat colour"
+    assert video_io.read_metadata(path)["workflow"]["nodes"] == workflow["nodes"]
+
+
+@pytest.mark.host
+@pytest.mark.parametrize("change, message", [
+    ({"schedule": "0-10: a red circle\n12-60: a red circle"}, "line 2: a gap between 10 s and 12 s"),
+    ({"schedule": "0-60: a red blorp"}, "blorp"),
+    ({"overlap": 16}, "less than the window"),
+    ({"window": 24}, "longer than this model takes"),
+    ({"width": 60}, "multiples of 8"),
+])
+def test_bad_settings_are_clear_errors_before_sampling(comfy, change, message):
+    workflow = _minute_workflow()
+    prompt = comfy.workflow_to_prompt(workflow)
+    [sampler] = [n for n in prompt.values() if n["class_type"] == "MagicVideoSlidingWindowSampler"]
+    sampler["inputs"].update(change)
+    assert message in comfy.run_expect_error(prompt)
