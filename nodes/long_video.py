@@ -19,9 +19,20 @@ from .video import embedded, output_path, shown
 
 CATEGORY = "MagicVideo/long video"
 
-SCHEDULE = ("0-20: a red circle moving to the right\n"
-            "20-40: a red circle moving up\n"
-            "40-60: a red circle moving to the left")
+SCHEDULE = "\n".join([  # the minute workflow's: a linear motion runs into the frame's edge after 2 to 4 s
+    "0-5: a red circle moving to the right",
+    "5-10: a red circle moving to the left",
+    "10-15: a red circle bouncing",
+    "15-20: a red circle moving to the left",
+    "20-25: a red circle moving to the right",
+    "25-30: a red circle bouncing",
+    "30-35: a red circle moving to the right",
+    "35-40: a red circle moving to the left",
+    "40-45: a red circle bouncing",
+    "45-50: a red circle moving to the left",
+    "50-55: a red circle moving to the right",
+    "55-end: a red circle bouncing",
+])
 
 
 class SlidingWindowSampler:

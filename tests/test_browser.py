@@ -47,9 +47,22 @@ def missing_nodes_dialog(page) -> str:
     return page.evaluate("() => [...document.querySelectorAll('.comfy-missing-nodes')].map((e) => e.textContent).join(' ')")
 
 
+def _shorter(workflow: dict) -> dict:
+    """The minute workflow with a 4-second schedule: the same graph, a suite-sized run (the
+    host test runs the full minute headlessly)."""
+    for node in workflow["nodes"]:
+        if node["type"] == "MagicVideoSlidingWindowSampler":
+            node["widgets_values"][:2] = ["0-2: a red circle moving to the right\n2-end: a red circle moving up", 4.0]
+    return workflow
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
-def test_workflow_loads_runs_and_shows_its_output(comfy, page, path):
+def test_workflow_loads_runs_and_shows_its_output(comfy, page, path, tmp_path):
     workflow = json.loads(path.read_text())
+    if path.name == "minute_video.json":
+        workflow = _shorter(workflow)
+        path = tmp_path / path.name
+        path.write_text(json.dumps(workflow))
     types = sorted(n["type"] for n in workflow["nodes"])
 
     drop_file(page, path.name, "application/json", path.read_text())

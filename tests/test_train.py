@@ -356,6 +356,11 @@ def test_task_mix_draws_each_task_mask(config_file, tmp_path):
         unet_stage.task_mix({"tasks": {"text": 0.5, "video": 0.5}})
 
 
+def test_the_seam_frame_is_the_first_new_frame_after_given_ones():
+    given = torch.tensor([[1, 1, 0, 0, 0], [1, 0, 0, 0, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    assert unet_stage.first_new_frames(given).int().tolist() == [[0, 0, 1, 0, 0], [0, 1, 0, 0, 0], [0, 0, 0, 0, 0]]
+
+
 def test_a_model_grows_image_prior_channels_and_learns_given_frames(config_file, tmp_path):
     """Magic 1-For-1's image prior on a trained file: unet.grow adds zero-initialised conditioning
     channels (the function is kept: lr 0 leaves the model as it was), then the task mix trains
