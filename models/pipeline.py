@@ -224,6 +224,7 @@ def sample_video(
     given: GivenFrames | None = None,
     motion: dict | None = None,
     callback: Callback | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Text embeddings -> video latents: the one sampling call of every caller.
 
@@ -232,7 +233,8 @@ def sample_video(
     ``negative`` is needed when ``options.cfg`` != 1. ``given``: frames the video must contain
     (see ``conditioning``). ``motion``: what the prompt asks of each object
     (``TextEncoder.motion_request``), for ``options.motion_guidance``; None = unsteered.
-    ``callback(step, total, x0)`` runs after each step and may raise to stop. Models trained
+    ``callback(step, total, x0)`` runs after each step and may raise to stop. ``noise``: the
+    starting noise, shaped like ``latents`` (default: drawn from ``options.seed``). Models trained
     image-first make text-to-video as text-to-image then image-to-video (Magic 1-For-1): frame 0
     of each video alone, then the rest given it; the callback counts both passes.
     Returns float32 latents on the UNet's device.
@@ -265,7 +267,7 @@ def sample_video(
     sharing = options.noise_sharing if options.noise_sharing is not None else float(getattr(config, "noise_sharing", 0.0))
     return sampling.sample(denoiser, start.to(device), num_frames=num_frames, options=options,
                            prediction_type=config.prediction_type, noise_sharing=sharing,
-                           given=None if mask is None else mask.to(device), callback=callback)
+                           given=None if mask is None else mask.to(device), callback=callback, noise=noise)
 
 
 def _image_first(unet, latents, positive, negative, *, num_frames, options, motion, callback):

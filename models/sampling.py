@@ -247,6 +247,7 @@ def sample(
     noise_sharing: float = 0.0,
     given: torch.Tensor | None = None,
     callback: Callback | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Denoise video latents ``[(b f), c, h, w]`` (on the denoiser's device); returns float32 latents.
 
@@ -258,8 +259,12 @@ def sample(
     unchanged; only the other frames are denoised.
     ``callback(step, total, x0)`` runs after each step (``step`` = steps done, 1..total; ``x0`` =
     the model's current clean-latent prediction); it may raise to stop sampling.
+    ``noise``: the starting noise (shaped like ``latents``) instead of one drawn from
+    ``options.seed``, for callers that seed parts of a batch apart (the interpolator's gaps).
     """
     options.check()
+    if noise is not None and noise.shape != latents.shape:
+        raise ValueError(f"noise must be shaped like the latents {tuple(latents.shape)}; got {tuple(noise.shape)}")
     if latents.ndim != 4 or num_frames < 1 or latents.shape[0] % num_frames:
         raise ValueError(f"latents must be [(videos x {num_frames} frames), channels, h, w]; got {tuple(latents.shape)}")
     device = latents.device
@@ -275,7 +280,9 @@ def sample(
     progress = [1.0 - float(t) / (TRAIN_TIMESTEPS - 1) for t in timesteps]
 
     generator = torch.Generator("cpu").manual_seed(int(options.seed))
-    noise = video_noise(latents.shape, num_frames, noise_sharing, generator).to(device)
+    if noise is None:
+        noise = video_noise(latents.shape, num_frames, noise_sharing, generator)
+    noise = noise.to(device)
     clean = latents.float()
     if start == 0:
         x = noise * sched.init_noise_sigma

@@ -89,7 +89,7 @@ def score(frames: np.ndarray, spans: list[lv.Span], fps: float, seams: list[int]
         [o] = s["objects"]
         segments.append({"start_s": start / fps, "prompt": span.prompt, "colour_ok": o["colour_ok"],
                          "shape_ok": o["shape_ok"], "motion_ok": o["motion_ok"], "found_motion": (o["found"] or {}).get("motion"),
-                         "presence": o["presence"], "all_ok": s["all_ok"]})
+                         "presence": o["presence"], "all_ok": s["all_ok"], "extra_objects": s["extra_objects"]})
     steps = np.abs(np.diff(frames.astype(np.float64), axis=0)).mean(axis=(1, 2, 3))  # steps[i]: frame i -> i + 1
     at_seams = [steps[i - 1] for i in seams]
     inside = np.delete(steps, [i - 1 for i in seams])
@@ -103,6 +103,7 @@ def score(frames: np.ndarray, spans: list[lv.Span], fps: float, seams: list[int]
         "colour_kept": share("colour_ok"), "shape_kept": share("shape_ok"),
         "colour_and_shape_kept": float(np.mean([s["colour_ok"] and s["shape_ok"] for s in segments])),
         "motion_as_scheduled": share("motion_ok"), "presence": share("presence"), "all_ok": share("all_ok"),
+        "extra_objects": share("extra_objects"),
         "seam_change": float(np.mean(at_seams)) if at_seams else None, "inside_change": float(inside.mean()),
         "seam_ratio": float(np.mean(at_seams) / inside.mean()) if at_seams else None,
         "same_object_at_end": bool(drift["windows"][-1]["same_colour"] and drift["windows"][-1]["same_shape"]),
@@ -114,7 +115,8 @@ def quality(args) -> None:
     bundle = checkpoint.load_model(args.model)
     settings = {**workflow_settings(), **dict(args.set)}
     _, vae, _ = pipeline.prepare(bundle, device="cpu")
-    report = {"model": str(args.model.relative_to(REPO)) if args.model.is_relative_to(REPO) else args.model.name,
+    report = {"command": "scripts/long_video_report.py " + " ".join(sys.argv[1:]), "measured": time.strftime("%Y-%m-%d"),
+              "model": str(args.model.relative_to(REPO)) if args.model.is_relative_to(REPO) else args.model.name,
               "settings": {k: v for k, v in settings.items() if k != "control"}, "methods": {}}
     rows, names = [], []
     for method in args.methods.split(","):
@@ -126,7 +128,8 @@ def quality(args) -> None:
             result["sampling_s"] = seconds
             report["methods"].setdefault(method, {})[str(seed)] = result
             print(f"{method} seed {seed}: colour+shape kept {result['colour_and_shape_kept']:.2f}, motion "
-                  f"{result['motion_as_scheduled']:.2f}, presence {result['presence']:.2f}, seam {result['seam_ratio']}, "
+                  f"{result['motion_as_scheduled']:.2f}, presence {result['presence']:.2f}, extra objects "
+                  f"{result['extra_objects']:.2f}, seam {result['seam_ratio']:.2f}, "
                   f"same object at the end {result['same_object_at_end']} ({seconds:.0f} s)", flush=True)
             if seed == args.seeds[0]:
                 rows.append(frames[SEGMENT // 2:: SEGMENT])  # one frame per 2-second segment
@@ -157,6 +160,13 @@ def one_cost(args) -> None:
                       "peak_rss_mib": rss()}))
 
 
+def _cpu() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.machine()
+
+
 def cost(args) -> None:
     runs = []
     for seconds in args.lengths:
@@ -165,7 +175,7 @@ def cost(args) -> None:
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(runs[-1], flush=True)
     base = runs[0]["peak_rss_mib"]
-    report = {"machine": platform.processor() or platform.machine(), "threads": args.threads,
+    report = {"machine": _cpu(), "threads": args.threads, "measured": time.strftime("%Y-%m-%d"),
               "settings": {k: v for k, v in workflow_settings().items() if k not in ("control", "schedule")},
               "runs": runs, "peak_ratio_to_shortest": [r["peak_rss_mib"] / base for r in runs]}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,7 @@ def sample_timesteps(n: int, num_timesteps: int, low_fraction: float = 0.0, low_
     return t
 
 
-TASKS = ("text", "image", "continue", "ends")
+TASKS = ("text", "image", "continue", "ends", "interp")
 
 
 def task_mix(tc: dict) -> dict[str, float]:
@@ -69,12 +69,14 @@ def given_frames_mask(videos: int, frames: int, mix: dict[str, float], generator
     """Per-frame mask ``[(b f)]`` of given frames, one task per video drawn from ``mix``: ``text``
     nothing given (text to video; with one frame, text to image), ``image`` frame 0 (image to
     video), ``continue`` the first k frames, k uniform in 1..frames/2 (a sliding window's
-    overlap), ``ends`` the first and the last frame (what an interpolator gives). A given frame
+    overlap), ``ends`` the first and the last frame, ``interp`` every k-th frame, k uniform in
+    2..4 (keyframes around the gaps an interpolator fills). A given frame
     enters clean at timestep 0 (and in the image-prior channels, when the model has them) and
     is not scored; the other frames learn to go on from it."""
     names = list(mix)
     task = torch.multinomial(torch.tensor([mix[n] for n in names]), videos, replacement=True, generator=generator)
     k = torch.randint(1, max(frames // 2, 1) + 1, (videos,), generator=generator)
+    step = torch.randint(2, 5, (videos,), generator=generator)
     mask = torch.zeros(videos, frames, dtype=torch.bool)
     for v in range(videos):
         name = names[task[v]]
@@ -84,6 +86,8 @@ def given_frames_mask(videos: int, frames: int, mix: dict[str, float], generator
             mask[v, : k[v]] = True
         elif frames > 2 and name == "ends":
             mask[v, [0, -1]] = True
+        elif frames > 2 and name == "interp":
+            mask[v, :: int(step[v])] = True
     return mask.flatten()
 
 
