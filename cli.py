@@ -79,7 +79,9 @@ def generate(args) -> Path:
 
     options = pipeline.SamplingOptions.from_args(args)
     settings = dict(frames=args.frames, width=args.width, height=args.height, options=options, device=device,
-                    dtype=args.dtype, chunk_size=args.chunk_size, callback=progress)
+                    dtype=args.dtype, chunk_size=args.chunk_size, callback=progress, interpolate=args.interpolate)
+    if args.interpolator:
+        settings["interpolator"] = checkpoint.load_model(args.interpolator)
     try:
         if args.conditioning:
             positive, negative = _conditioning_file(args, bundle)
@@ -92,7 +94,7 @@ def generate(args) -> Path:
     except pipeline.RequestError as exc:
         raise SystemExit(f"error: {exc}") from None
     output.parent.mkdir(parents=True, exist_ok=True)
-    written = video_io.write_video(output, frames, options.fps, fmt)
+    written = video_io.write_video(output, frames, options.fps * args.interpolate, fmt)
     print(f"wrote {written.path} ({written.frames} frames, {written.width}x{written.height}, {written.fps:g} fps) "
           f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return Path(written.path)
@@ -115,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=int, default=64)
     g.add_argument("--height", type=int, default=64)
     pipeline.SamplingOptions.add_arguments(g)
+    g.add_argument("--interpolate", type=int, default=1, metavar="K",
+                   help="K > 1: K frames per keyframe gap by the frame interpolator (8 fps keyframes, K=3: 24 fps)")
+    g.add_argument("--interpolator", help="model file that interpolates (default: --model)")
     g.add_argument("--chunk-size", type=int, default=8, help="frames decoded at once by the VAE")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--dtype", choices=list(pipeline.DTYPES), default="auto")

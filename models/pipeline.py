@@ -310,14 +310,20 @@ def conditioning_to_video(
     callback: Callback | None = None,
     timings: dict | None = None,
     latents_only: bool = False,
+    interpolate: int = 1,
+    interpolator=None,
 ) -> torch.Tensor:
     """Text embeddings -> frames ``[frames, height, width, 3]`` float32 in 0..1 on the CPU.
 
     ``given_images`` ``[k, height, width, 3]`` in 0..1 are encoded and given at ``given_indices``
     (default: the first k frames; image-to-video and continuation). ``init_video`` ``[frames,
     height, width, 3]`` with ``options.denoise`` < 1 is video-to-video (denoise 0 = a VAE round
-    trip). ``timings``, when given, receives seconds per stage: ``sampling``, ``vae_decode``.
-    ``latents_only``: skip the VAE and return the sampled latents (scaled) float32 on the CPU.
+    trip). ``interpolate`` k > 1: the keyframes go through the frame interpolator
+    (``models/interpolate.py``, its preset's steps, ``options.seed``) with the positive text,
+    making ``(frames - 1) * k + 1`` frames at ``options.fps * k``; ``interpolator``: the bundle
+    whose UNet interpolates (default this one). ``timings``, when given, receives seconds per
+    stage: ``sampling``, ``interpolation``, ``vae_decode``. ``latents_only``: skip the VAE and
+    return the latents (scaled) float32 on the CPU.
     """
     unet, vae, _ = prepare(bundle, device=device, dtype=dtype)
     check_size(vae.config.downscale, width, height, frames)
@@ -341,13 +347,23 @@ def conditioning_to_video(
                            motion=motion, callback=callback)
     _sync(latents.device)
     t1 = time.perf_counter()
+    stages = {"sampling": t1 - t0}
+    if interpolate > 1:
+        from .interpolate import PRESET, interpolate as fill
+
+        between = unet if interpolator is None else prepare(interpolator, device=device, dtype=dtype)[0]
+        latents = fill(between, latents, interpolate, positive=positive,
+                       options=PRESET.replace(seed=options.seed, fps=options.fps))
+        frames = latents.shape[0]
+        stages["interpolation"] = time.perf_counter() - t1
+    t2 = time.perf_counter()
     if latents_only:
         out = latents.float().cpu()
     else:
         out = decode_frames(vae, latents, frames, chunk_size)
-    t2 = time.perf_counter()
+        stages["vae_decode"] = time.perf_counter() - t2
     if timings is not None:
-        timings.update(sampling=t1 - t0, **({} if latents_only else {"vae_decode": t2 - t1}))
+        timings.update(stages)
     return out
 
 

@@ -76,3 +76,52 @@ def test_latent_blend_baseline():
     keys = torch.stack([torch.zeros(4, 2, 2), torch.ones(4, 2, 2) * 4])
     out = interpolate.blend_latents(keys, 4)
     assert out.shape == (5, 4, 2, 2) and out[:, 0, 0, 0].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_the_generation_path_interpolates(unet):
+    """conditioning_to_video(interpolate=k): keyframes, then k frames per gap, decoded."""
+    from magicvideo.models import checkpoint, pipeline
+    from magicvideo.models.vae import VAEConfig, VideoVAE
+
+    vae = VideoVAE(VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, temporal_head_dim=16)).eval()
+    bundle = checkpoint.MagicVideoBundle(unet, vae, None)
+    positive = torch.randn(1, 5, 16)
+    options = FAST.replace(fps=8.0)
+    keys = pipeline.conditioning_to_video(bundle, positive, frames=4, width=32, height=32, options=options,
+                                          latents_only=True)
+    timings = {}
+    frames = pipeline.conditioning_to_video(bundle, positive, frames=4, width=32, height=32, options=options,
+                                            interpolate=3, latents_only=True, timings=timings)
+    assert frames.shape == (10, 4, 4, 4) and torch.equal(frames[::3], keys)
+    assert set(timings) == {"sampling", "interpolation"}
+
+
+@pytest.mark.host
+def test_the_node_runs_in_the_host(comfy):
+    """Keyframe Sampler -> Frame Interpolator -> VAE Decode -> Save Video on the bundled default."""
+    from magicvideo.models import video_io
+
+    loader = {"class_type": "MagicVideoModelLoader", "inputs": {"model_name": "magicvideo_default.safetensors",
+              "sd15_checkpoint": "none", "motion_module": "none", "dtype": "auto"}}
+    prompt = {
+        "1": loader,
+        "2": {"class_type": "MagicVideoTextEncode", "inputs": {"text_encoder": ["1", 2], "text": "a red circle moving up",
+                                                              "ignore_unknown_words": False}},
+        "3": {"class_type": "MagicVideoTextEncode", "inputs": {"text_encoder": ["1", 2], "text": "",
+                                                              "ignore_unknown_words": False}},
+        "4": {"class_type": "MagicVideoEmptyLatent", "inputs": {"width": 64, "height": 64, "frames": 8, "batch": 1}},
+        "5": {"class_type": "MagicVideoKeyframeSampler", "inputs": {
+            "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent": ["4", 0], "seed": 1, "steps": 4,
+            "cfg": 6.0, "sampler": "euler", "scheduler": "normal", "fps": 8.0, "denoise": 1.0, "frames": 0}},
+        "6": {"class_type": "MagicVideoFrameInterpolator", "inputs": {
+            "model": ["1", 0], "samples": ["5", 0], "positive": ["2", 0], "factor": 3, "steps": 2, "seed": 1, "fps": 8.0}},
+        "7": {"class_type": "MagicVideoVAEDecode", "inputs": {"vae": ["1", 1], "samples": ["6", 0], "frames": 0,
+                                                             "chunk_size": 8}},
+        "8": {"class_type": "MagicVideoSaveVideo", "inputs": {"images": ["7", 0], "fps": ["6", 1], "format": "mp4",
+                                                             "crf": 19, "odd_size": "pad", "filename_prefix": "interp"}},
+    }
+    [info] = comfy.output_files(comfy.run(prompt, timeout=600))
+    video = video_io.read_video(comfy.output_path(info))
+    assert video.frames.shape == (22, 64, 64, 3) and video.fps == pytest.approx(24.0)
+    prompt["4"]["inputs"]["frames"] = 1
+    assert "at least 2 keyframes" in comfy.run_expect_error(prompt)
