@@ -249,7 +249,7 @@ def test_the_minute_workflow_runs_in_the_host(comfy):
     ({"schedule": "0-10: a red circle\n12-60: a red circle"}, "line 2: a gap between 10 s and 12 s"),
     ({"schedule": "0-60: a red blorp"}, "blorp"),
     ({"overlap": 16}, "less than the window"),
-    ({"window": 24}, "longer than this model takes"),
+    ({"window": 40}, "longer than this model takes"),
     ({"width": 60}, "multiples of 8"),
 ])
 def test_bad_settings_are_clear_errors_before_sampling(comfy, change, message):

@@ -3,7 +3,7 @@
 // preview videos, upload them and read the prompt/workflow out of dropped mp4/webm files on
 // their own, so there this file does nothing.
 //
-// - Save Video: shows the written mp4/webm in the node (gif/webp the host shows itself),
+// - Save Video and Save Long Video: show the written mp4/webm in the node (gif/webp the host shows itself),
 //   with the encoder's notes (e.g. an odd size padded for H.264).
 // - Load Video: an upload button and a preview of the chosen video.
 // - Dropping a video written by Save Video on the canvas restores its workflow: mp4 keeps it
@@ -11,7 +11,7 @@
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
-const SAVE = "MagicVideoSaveVideo";
+const SAVES = ["MagicVideoSaveVideo", "MagicVideoSaveLongVideo"];
 const LOAD = "MagicVideoLoadVideo";
 const LEGACY = !window.__COMFYUI_FRONTEND_VERSION__;
 const PREVIEW = "magicvideo_preview";
@@ -285,7 +285,7 @@ if (LEGACY) {
 			};
 		},
 		async beforeRegisterNodeDef(nodeType, nodeData) {
-			if (nodeData.name === SAVE) setUpSaveVideo(nodeType);
+			if (SAVES.includes(nodeData.name)) setUpSaveVideo(nodeType);
 			if (nodeData.name === LOAD) setUpLoadVideo(nodeType);
 		},
 	});
