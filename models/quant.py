@@ -1,0 +1,158 @@
+"""8-bit, sparsified weights (Magic 1-For-1's memory optimisation), weight-only.
+
+A linear or convolution weight ``[out, ...]`` becomes int8 with one fp32 scale per output
+channel (symmetric: ``w ~ q * scale``, ``|q| <= 127``). With 2:4 sparsity, in every group of 4
+consecutive input weights of an output channel the 2 of largest magnitude are kept: the
+layer stores those 2 int8 values and their 2 positions in the group (2 bits each, two groups
+per byte), so a 2:4 layer takes 0.625 bytes per weight against 1 for int8 and 2 for fp16.
+
+Inference dequantises one layer at a time, inside its forward: the full-precision copy of a
+weight lives only while that layer runs, so peak memory follows the small stored weights.
+
+    quantize(unet, sparsity="2:4")       # in place: its linears and convs become Quant* layers
+    unet(x, t, context, num_frames=16)   # as before
+
+Kept in full precision: norms, embeddings, biases, and whatever ``keep(name, module)`` says
+(by default the UNet's first and last convolutions, where the latent enters and leaves, and
+layers too small to matter).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["SCHEMES", "SPARSITIES", "QuantizedWeight", "QuantLinear", "QuantConv2d", "quantize", "default_keep",
+           "prune_2_4", "pack_2_4", "unpack_2_4", "stored_bytes"]
+
+SCHEMES = ("int8",)
+SPARSITIES = ("none", "2:4")
+MIN_WEIGHTS = 1024  # smaller layers stay as they are: nothing to gain
+KEEP_NAMES = ("input_blocks.0.0", "out.2", "cond_in")  # the latent's way in and out
+
+
+def prune_2_4(w: torch.Tensor) -> torch.Tensor:
+    """Bool mask like ``w`` ``[out, n]`` (n divisible by 4): the 2 largest magnitudes of every 4."""
+    out, n = w.shape
+    if n % 4:
+        raise ValueError(f"2:4 sparsity needs input sizes divisible by 4, got {n}")
+    groups = w.abs().view(out, n // 4, 4)
+    top = groups.topk(2, dim=-1).indices
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, top, True)
+    return mask.view(out, n)
+
+
+def pack_2_4(q: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 ``[out, n]`` and its 2:4 mask -> (values int8 ``[out, n/2]``, positions uint8
+    ``[out, n/8]``: per group two 2-bit positions, two groups a byte). n divisible by 8."""
+    out, n = q.shape
+    if n % 8:
+        raise ValueError(f"packed 2:4 needs input sizes divisible by 8, got {n}")
+    values = q[mask].view(out, n // 2)
+    pos = mask.view(out, n // 4, 4).nonzero()[:, 2].view(out, n // 4, 2).to(torch.uint8)  # ascending in each group
+    nibble = pos[..., 0] | (pos[..., 1] << 2)  # [out, n/4], 4 bits each
+    return values, (nibble[:, 0::2] | (nibble[:, 1::2] << 4)).contiguous()
+
+
+def unpack_2_4(values: torch.Tensor, positions: torch.Tensor, n: int) -> torch.Tensor:
+    """The inverse of :func:`pack_2_4`: dense int8 ``[out, n]`` with zeros where pruned."""
+    out = values.shape[0]
+    nibble = torch.stack([positions & 0xF, positions >> 4], dim=-1).view(out, n // 4)
+    pos = torch.stack([nibble & 0x3, (nibble >> 2) & 0x3], dim=-1).long()  # [out, n/4, 2]
+    dense = torch.zeros(out, n // 4, 4, dtype=values.dtype, device=values.device)
+    dense.scatter_(-1, pos, values.view(out, n // 4, 2))
+    return dense.view(out, n)
+
+
+class QuantizedWeight(nn.Module):
+    """An int8 weight with per-output-channel scales, dense or 2:4-packed; :meth:`dense` rebuilds it."""
+
+    def __init__(self, weight: torch.Tensor, sparsity: str = "none"):
+        super().__init__()
+        if sparsity not in SPARSITIES:
+            raise ValueError(f"sparsity must be one of {SPARSITIES}, got {sparsity!r}")
+        self.shape, self.sparsity = tuple(weight.shape), sparsity
+        flat = weight.detach().float().flatten(1)
+        mask = prune_2_4(flat) if sparsity == "2:4" else None
+        if mask is not None:
+            flat = flat * mask
+        scale = flat.abs().amax(dim=1).clamp(min=1e-12) / 127
+        q = torch.round(flat / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        self.register_buffer("scale", scale)
+        if mask is None:
+            self.register_buffer("values", q)
+            self.register_buffer("positions", None)
+        else:
+            values, positions = pack_2_4(q, mask)
+            self.register_buffer("values", values)
+            self.register_buffer("positions", positions)
+
+    def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        q = self.values if self.positions is None else unpack_2_4(self.values, self.positions, self.in_size)
+        return (q.to(dtype) * self.scale.to(dtype)[:, None]).view(self.shape)
+
+    @property
+    def in_size(self) -> int:
+        n = 1
+        for s in self.shape[1:]:
+            n *= s
+        return n
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, linear: nn.Linear, sparsity: str = "none"):
+        super().__init__()
+        self.weight_q = QuantizedWeight(linear.weight, sparsity)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x):
+        return F.linear(x, self.weight_q.dense(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+class QuantConv2d(nn.Module):
+    def __init__(self, conv: nn.Conv2d, sparsity: str = "none"):
+        super().__init__()
+        self.weight_q = QuantizedWeight(conv.weight, sparsity)
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        if hasattr(conv, "adaptor"):  # a FramewiseConv2d: its frame adaptor stays in full precision
+            self.adaptor = conv.adaptor
+
+    def forward(self, x, *frames):
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        y = F.conv2d(x, self.weight_q.dense(x.dtype), bias, self.stride, self.padding, self.dilation, self.groups)
+        return self.adaptor(y, *frames) if hasattr(self, "adaptor") else y
+
+
+def default_keep(name: str, module: nn.Module) -> bool:
+    """Layers left in full precision: the latent's way in and out, and small layers."""
+    return any(name == k or name.startswith(k + ".") for k in KEEP_NAMES) or module.weight.numel() < MIN_WEIGHTS
+
+
+def quantize(model: nn.Module, scheme: str = "int8", sparsity: str = "none",
+             keep: Callable[[str, nn.Module], bool] = default_keep) -> list[str]:
+    """Replace ``model``'s linears and 2D convs in place by int8 (+ 2:4) layers; returns their
+    names. A layer whose input size does not split into 2:4 groups (divisible by 8) stays int8."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"quantisation scheme must be one of {SCHEMES}, got {scheme!r}")
+    if sparsity not in SPARSITIES:
+        raise ValueError(f"sparsity must be one of {SPARSITIES}, got {sparsity!r}")
+    done = []
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, (nn.Linear, nn.Conv2d)) or keep(name, module):
+            continue
+        fits = module.weight[0].numel() % 8 == 0
+        layer_sparsity = sparsity if fits else "none"
+        layer = (QuantLinear if isinstance(module, nn.Linear) else QuantConv2d)(module, layer_sparsity)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        done.append(name)
+    return done
+
+
+def stored_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer as stored (int8 values, packed positions, scales)."""
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
