@@ -3,6 +3,7 @@
     python -m magicvideo generate --prompt "a red circle moving left" --output clip.mp4
     magicvideo generate --conditioning cond.safetensors --model my_model.safetensors --frames 16
     magicvideo upgrade old_model.safetensors          # an older file format rewritten as the current one
+    magicvideo quantize model.safetensors model_int8_24.safetensors --sparsity 2:4
 
 Sampling flags (``--steps``, ``--cfg``, ``--cfg-end``, ``--motion-guidance``, ...) default to the
 main workflow's settings (``sampling.PRESETS["main"]``).
@@ -123,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chunk-size", type=int, default=8, help="frames decoded at once by the VAE")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--dtype", choices=list(pipeline.DTYPES), default="auto")
+    q = sub.add_parser("quantize", help="write a MagicVideo file's UNet as int8 (+ 2:4 sparse) weights")
+    q.add_argument("model", help="a full MagicVideo .safetensors file")
+    q.add_argument("out", help="the quantised file to write")
+    q.add_argument("--scheme", default="int8", help="int8 (weight-only, one scale per output channel)")
+    q.add_argument("--sparsity", default="none", help="none, or 2:4 (2 of every 4 input weights kept)")
     u = sub.add_parser("upgrade", help="rewrite a MagicVideo file of an older format version as the current one")
     u.add_argument("model", help="a MagicVideo .safetensors file")
     u.add_argument("--out", help="where to write it (default: in place)")
@@ -135,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             generate(args)
+        elif args.command == "quantize":
+            from .models import checkpoint
+
+            print(f"wrote {checkpoint.quantize_file(args.model, args.out, scheme=args.scheme, sparsity=args.sparsity)}")
         elif args.command == "upgrade":
             from .models import checkpoint
 

@@ -43,6 +43,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from . import quant
 from .unet import UNetConfig, VideoUNet, is_motion_key
 from .vae import VAEConfig, VideoVAE
 
@@ -424,6 +425,11 @@ def load_model(path, *, dtype=torch.float32, device="cpu") -> MagicVideoBundle:
     unet_config = _config_from_json(header, "unet_config", UNetConfig)
     if unet_config is not None:
         unet = _new_unet(unet_config, device, dtype)
+        if "quantization" in header.metadata:
+            try:
+                quant.restructure(unet, json.loads(header.metadata["quantization"]))
+            except (json.JSONDecodeError, TypeError, AttributeError, ValueError) as e:
+                raise CheckpointError(f"{header.path.name}: its quantization metadata cannot be used: {e}") from None
         _fill(unet.state_dict(), header, UNET_PREFIX, what="the VideoUNet of its unet_config")
     vae_config = _config_from_json(header, "vae_config", VAEConfig)
     if vae_config is not None:
@@ -574,12 +580,29 @@ def save_model(path, *, unet: VideoUNet | None = None, vae: VideoVAE | None = No
     if unet is None and vae is None and text_encoder is None:
         raise ValueError("save_model needs at least one of unet, vae, text_encoder")
     meta, tensors = _metadata("full", extra_metadata), {}
+    quantized = quant.describe(unet) if unet is not None else None
+    if quantized:  # int8 (+ 2:4) layers: the loader rebuilds them from this
+        meta["quantization"] = json.dumps(quantized, sort_keys=True)
     for module, prefix, name in ((unet, UNET_PREFIX, "unet_config"), (vae, VAE_PREFIX, "vae_config"),
                                  (text_encoder, TEXT_PREFIX, "text_config")):
         if module is not None:
             meta[name] = _config_json(module)
             tensors.update(_tensors(module, prefix, dtype))
     return _write(path, tensors, meta)
+
+
+def quantize_file(path, out, *, scheme: str = "int8", sparsity: str = "none") -> Path:
+    """A full MagicVideo file with its UNet's weights as int8 (``models/quant.py``), the VAE and
+    text encoder as they are, and the rest of its metadata kept."""
+    bundle = load_model(path)
+    if bundle.unet is None:
+        raise CheckpointError(f"{Path(path).name}: has no UNet to quantise")
+    if quant.describe(bundle.unet):
+        raise CheckpointError(f"{Path(path).name}: is quantised already; convert its full-precision file")
+    quant.quantize(bundle.unet, scheme, sparsity)
+    keep = {k: v for k, v in bundle.metadata.items()
+            if k not in ("format", "format_version", "kind", "quantization") and not k.endswith("_config")}
+    return save_model(out, unet=bundle.unet, vae=bundle.vae, text_encoder=bundle.text_encoder, extra_metadata=keep)
 
 
 def save_motion(path, unet: VideoUNet, *, extra_metadata: dict | None = None, dtype: torch.dtype | None = None) -> Path:

@@ -25,11 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SCHEMES", "SPARSITIES", "QuantizedWeight", "QuantLinear", "QuantConv2d", "quantize", "default_keep",
-           "prune_2_4", "pack_2_4", "unpack_2_4", "stored_bytes"]
+__all__ = ["SCHEMES", "SPARSITIES", "FORMAT_VERSION", "QuantizedWeight", "QuantLinear", "QuantConv2d", "quantize",
+           "default_keep", "prune_2_4", "pack_2_4", "unpack_2_4", "stored_bytes", "describe", "restructure"]
 
 SCHEMES = ("int8",)
 SPARSITIES = ("none", "2:4")
+FORMAT_VERSION = 1  # of the "quantization" metadata a quantised file carries (:func:`describe`)
 MIN_WEIGHTS = 1024  # smaller layers stay as they are: nothing to gain
 KEEP_NAMES = ("input_blocks.0.0", "out.2", "cond_in")  # the latent's way in and out
 
@@ -75,6 +76,12 @@ class QuantizedWeight(nn.Module):
         if sparsity not in SPARSITIES:
             raise ValueError(f"sparsity must be one of {SPARSITIES}, got {sparsity!r}")
         self.shape, self.sparsity = tuple(weight.shape), sparsity
+        if weight.is_meta:  # the layout only, to be filled from a file
+            out, n = self.shape[0], self.in_size
+            self.register_buffer("scale", torch.zeros(out))
+            self.register_buffer("values", torch.zeros(out, n // 2 if sparsity == "2:4" else n, dtype=torch.int8))
+            self.register_buffer("positions", torch.zeros(out, n // 8, dtype=torch.uint8) if sparsity == "2:4" else None)
+            return
         flat = weight.detach().float().flatten(1)
         mask = prune_2_4(flat) if sparsity == "2:4" else None
         if mask is not None:
@@ -130,6 +137,40 @@ class QuantConv2d(nn.Module):
 def default_keep(name: str, module: nn.Module) -> bool:
     """Layers left in full precision: the latent's way in and out, and small layers."""
     return any(name == k or name.startswith(k + ".") for k in KEEP_NAMES) or module.weight.numel() < MIN_WEIGHTS
+
+
+def describe(model: nn.Module) -> dict | None:
+    """The "quantization" metadata of a quantised model (None for a plain one): scheme, format
+    version, the sparsity asked for and each quantised layer's own."""
+    layers = {name: m.weight_q.sparsity for name, m in model.named_modules() if isinstance(m, (QuantLinear, QuantConv2d))}
+    if not layers:
+        return None
+    sparsity = "2:4" if "2:4" in layers.values() else "none"
+    return {"scheme": "int8", "version": FORMAT_VERSION, "sparsity": sparsity, "layers": layers}
+
+
+def restructure(model: nn.Module, description: dict) -> None:
+    """Give a freshly built model the quantised layers a file describes (:func:`describe`), empty,
+    so that the file's tensors load into them. ValueError for what this code does not know."""
+    scheme, version = description.get("scheme"), description.get("version")
+    if scheme not in SCHEMES or version != FORMAT_VERSION:
+        raise ValueError(f"quantization scheme {scheme!r} version {version!r}: this pack reads {SCHEMES} version "
+                         f"{FORMAT_VERSION} (update the pack, or convert the full-precision file again)")
+    modules = dict(model.named_modules())
+    for name, sparsity in description.get("layers", {}).items():
+        module = modules.get(name)
+        if not isinstance(module, (nn.Linear, nn.Conv2d)) or sparsity not in SPARSITIES:
+            raise ValueError(f"quantised layer {name!r} ({sparsity!r}) does not fit this model's layout")
+        with torch.device("meta"):
+            weight = torch.empty(module.weight.shape)
+        shell = nn.Module()
+        shell.weight, shell.bias = weight, module.bias
+        for attr in ("stride", "padding", "dilation", "groups", "adaptor"):
+            if hasattr(module, attr):
+                setattr(shell, attr, getattr(module, attr))
+        layer = (QuantLinear if isinstance(module, nn.Linear) else QuantConv2d)(shell, sparsity)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
 
 
 def quantize(model: nn.Module, scheme: str = "int8", sparsity: str = "none",

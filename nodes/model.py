@@ -17,7 +17,7 @@ import comfy.model_management as mm
 import comfy.utils
 import folder_paths
 
-from ..models import checkpoint, guidance, pipeline, sampling, vae as vae_lib
+from ..models import checkpoint, guidance, pipeline, quant, sampling, vae as vae_lib
 from ..models.conditioning import GivenFrames
 
 CATEGORY = "MagicVideo"
@@ -32,7 +32,8 @@ PREVIEW_SIZE = 512
 folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER))
 folder_paths.add_model_folder_path(FOLDER, PACK_WEIGHTS)
 
-MAIN = sampling.PRESETS["main"]  # the node defaults are the main workflow's settings
+MAIN = sampling.PRESETS["main"]
+WEIGHTS = {"as stored": None, "int8": "none", "int8 + 2:4": "2:4"}  # the loader's conversions (models/quant.py)  # the node defaults are the main workflow's settings
 
 
 def _safetensors(folder: str) -> list[str]:
@@ -139,16 +140,25 @@ class ModelLoader:
                                              "onto the SD1.5 checkpoint. none keeps the untrained motion layers."}),
                 "dtype": (list(pipeline.DTYPES), {"default": "auto",
                           "tooltip": "Weight precision. auto: bf16/fp16 on a GPU (VAE bf16 or fp32), fp32 on CPU."}),
-            }
+            },
+            "optional": {
+                "weights": (list(WEIGHTS), {"default": "as stored",
+                            "tooltip": "The UNet's weights: as the file stores them, or converted on load to int8 "
+                                       "(one scale per output channel; about a quarter of fp32's memory) or int8 with "
+                                       "2:4 sparsity (2 of every 4 weights kept; smaller still, and it costs quality). "
+                                       "`magicvideo quantize` writes such a file once."}),
+            },
         }
 
-    def load(self, model_name, sd15_checkpoint, motion_module, dtype):
+    def load(self, model_name, sd15_checkpoint, motion_module, dtype, weights="as stored"):
         # the host runs nodes under torch.inference_mode; weights made there could not take part in
         # the autograd that the sampler's motion guidance runs (gradients w.r.t. the latent only)
         with torch.inference_mode(False):
-            return self._load(model_name, sd15_checkpoint, motion_module, dtype)
+            return self._load(model_name, sd15_checkpoint, motion_module, dtype, weights)
 
-    def _load(self, model_name, sd15_checkpoint, motion_module, dtype):
+    def _load(self, model_name, sd15_checkpoint, motion_module, dtype, weights="as stored"):
+        if weights not in WEIGHTS:
+            raise ValueError(f"weights must be one of {list(WEIGHTS)}, got {weights!r}")
         if model_name != NONE and sd15_checkpoint != NONE:
             raise ValueError(
                 f"choose one source: model_name is {model_name!r} and sd15_checkpoint is {sd15_checkpoint!r}; "
@@ -163,6 +173,10 @@ class ModelLoader:
             bundle = checkpoint.load_sd15(_path("checkpoints", sd15_checkpoint), motion=motion)
         else:
             raise ValueError("no model chosen: pick a model_name, or set it to none and pick an sd15_checkpoint")
+        if WEIGHTS[weights] is not None:
+            if quant.describe(bundle.unet):
+                raise ValueError(f"{model_name} is quantised already; load it with weights 'as stored'")
+            quant.quantize(bundle.unet, sparsity=WEIGHTS[weights])
         unet, video_vae, text = pipeline.prepare(bundle, device=mm.get_torch_device(), dtype=dtype)
         model = pipeline.VideoModel(unet, video_vae.config.scaling_factor, video_vae.latent_rgb())
         return (model, video_vae, text)

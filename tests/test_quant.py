@@ -79,3 +79,83 @@ def test_unknown_schemes():
         quant.quantize(_unet(), scheme="int4")
     with pytest.raises(ValueError, match="sparsity must be one of"):
         quant.quantize(_unet(), sparsity="1:4")
+
+
+def test_a_quantised_file_round_trips_and_says_what_it_is(tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from magicvideo.models import checkpoint
+
+    unet = _unet()
+    quant.quantize(unet, sparsity="2:4")
+    path = checkpoint.save_model(tmp_path / "q.safetensors", unet=unet)
+    loaded = checkpoint.load_model(path).unet
+    x, t, c = torch.randn(4, 4, 8, 8), torch.full((4,), 300.0), torch.randn(1, 5, 16).expand(4, -1, -1)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, c, num_frames=4), unet(x, t, c, num_frames=4))
+    meta = checkpoint.read_header(path).metadata
+    assert json.loads(meta["quantization"])["sparsity"] == "2:4"
+    assert quant.describe(loaded) == quant.describe(unet)
+
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for change, message in (({"scheme": "int4"}, "scheme 'int4'"), ({"version": 9}, "version 9")):
+        bad = {**json.loads(meta["quantization"]), **change}
+        save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={**meta, "quantization": json.dumps(bad)})
+        with pytest.raises(checkpoint.CheckpointError, match=message):
+            checkpoint.load_model(tmp_path / "bad.safetensors")
+    tampered = dict(tensors)
+    name = next(k for k in tensors if k.endswith("weight_q.values"))
+    tampered[name] = tensors[name][:, :-1].contiguous()
+    save_file(tampered, str(tmp_path / "tampered.safetensors"), metadata=meta)
+    with pytest.raises(checkpoint.CheckpointError, match="shape mismatch"):
+        checkpoint.load_model(tmp_path / "tampered.safetensors")
+    (tmp_path / "truncated.safetensors").write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(checkpoint.CheckpointError):
+        checkpoint.load_model(tmp_path / "truncated.safetensors")
+
+
+@pytest.mark.host
+@pytest.mark.parametrize("weights", ["int8", "int8 + 2:4"])
+def test_the_main_workflow_with_converted_weights_in_the_host(comfy, weights):
+    """The loader's weights option converts the bundled default on load; the main workflow renders."""
+    import json
+    from pathlib import Path
+
+    from magicvideo.models import video_io
+
+    workflow = json.loads((Path(__file__).resolve().parents[1] / "workflows" / "text_to_video.json").read_text())
+    prompt = comfy.workflow_to_prompt(workflow)
+    [loader] = [n for n in prompt.values() if n["class_type"] == "MagicVideoModelLoader"]
+    loader["inputs"]["weights"] = weights
+    [info] = comfy.output_files(comfy.run(prompt, timeout=600))
+    video = video_io.read_video(comfy.output_path(info))
+    assert video.frames.shape == (16, 64, 64, 3) and video.frames.std() > 2
+
+
+def test_the_loader_converts_on_load_and_refuses_a_second_conversion(host_modules, tmp_path):
+    import importlib
+
+    import comfy.cli_args
+    import folder_paths
+
+    from magicvideo.models import checkpoint
+
+    comfy.cli_args.args.cpu = True
+    nodes = importlib.import_module("magicvideo.nodes.model")
+    folder_paths.add_model_folder_path("magicvideo", str(tmp_path))
+    unet = _unet()
+    checkpoint.save_model(tmp_path / "plain_test.safetensors", unet=unet)
+    quantised = checkpoint.quantize_file(tmp_path / "plain_test.safetensors", tmp_path / "quantised_test.safetensors",
+                                         sparsity="2:4")
+    assert quantised.stat().st_size < 0.5 * (tmp_path / "plain_test.safetensors").stat().st_size
+    loader = nodes.ModelLoader()
+    with pytest.raises(ValueError, match="quantised already"):
+        loader._load("quantised_test.safetensors", "none", "none", "auto", "int8")
+    with pytest.raises(ValueError, match="weights must be one of"):
+        loader._load("plain_test.safetensors", "none", "none", "auto", "int4")
+    with pytest.raises(checkpoint.CheckpointError, match="quantised already"):
+        checkpoint.quantize_file(quantised, tmp_path / "twice.safetensors")
