@@ -344,8 +344,8 @@ def _squeezable(expected, found) -> bool:
     return [d for d in expected if d != 1] == [d for d in found if d != 1]
 
 
-def _new_unet(config: UNetConfig, device, dtype) -> VideoUNet:
-    return VideoUNet.for_loading(config, device=device, dtype=dtype)
+def _new_unet(config: UNetConfig, device, dtype, layout=None) -> VideoUNet:
+    return VideoUNet.for_loading(config, device=device, dtype=dtype, layout=layout)
 
 
 def _new_vae(config: VAEConfig, device, dtype) -> VideoVAE:
@@ -424,12 +424,17 @@ def load_model(path, *, dtype=torch.float32, device="cpu") -> MagicVideoBundle:
     unet = vae = text = None
     unet_config = _config_from_json(header, "unet_config", UNetConfig)
     if unet_config is not None:
-        unet = _new_unet(unet_config, device, dtype)
-        if "quantization" in header.metadata:
+        layout = None
+        if "quantization" in header.metadata:  # int8 layers, built as such (no full-precision copy)
             try:
-                quant.restructure(unet, json.loads(header.metadata["quantization"]))
+                description = json.loads(header.metadata["quantization"])
+                quant.restructure(VideoUNet.for_loading(unet_config, device="meta"), description)  # check it first
             except (json.JSONDecodeError, TypeError, AttributeError, ValueError) as e:
                 raise CheckpointError(f"{header.path.name}: its quantization metadata cannot be used: {e}") from None
+
+            def layout(model):
+                quant.restructure(model, description)
+        unet = _new_unet(unet_config, device, dtype, layout)
         _fill(unet.state_dict(), header, UNET_PREFIX, what="the VideoUNet of its unet_config")
     vae_config = _config_from_json(header, "vae_config", VAEConfig)
     if vae_config is not None:
@@ -602,7 +607,8 @@ def quantize_file(path, out, *, scheme: str = "int8", sparsity: str = "none") ->
     quant.quantize(bundle.unet, scheme, sparsity)
     keep = {k: v for k, v in bundle.metadata.items()
             if k not in ("format", "format_version", "kind", "quantization") and not k.endswith("_config")}
-    return save_model(out, unet=bundle.unet, vae=bundle.vae, text_encoder=bundle.text_encoder, extra_metadata=keep)
+    return save_model(out, unet=bundle.unet, vae=bundle.vae, text_encoder=bundle.text_encoder, extra_metadata=keep,
+                      dtype=torch.float16)  # what stays floating point (scales, norms, the VAE) in half precision
 
 
 def save_motion(path, unet: VideoUNet, *, extra_metadata: dict | None = None, dtype: torch.dtype | None = None) -> Path:

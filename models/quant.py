@@ -115,6 +115,9 @@ class QuantLinear(nn.Module):
         self.weight_q = QuantizedWeight(linear.weight, sparsity)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
+    def reset_parameters(self) -> None:
+        """Nothing to initialise: a quantised layer's values come from a file or a trained layer."""
+
     def forward(self, x):
         return F.linear(x, self.weight_q.dense(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
@@ -127,6 +130,9 @@ class QuantConv2d(nn.Module):
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
         if hasattr(conv, "adaptor"):  # a FramewiseConv2d: its frame adaptor stays in full precision
             self.adaptor = conv.adaptor
+
+    def reset_parameters(self) -> None:
+        """Nothing to initialise: a quantised layer's values come from a file or a trained layer."""
 
     def forward(self, x, *frames):
         bias = None if self.bias is None else self.bias.to(x.dtype)

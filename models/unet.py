@@ -444,7 +444,7 @@ class VideoUNet(nn.Module):
         self.reset_motion_parameters()
 
     @classmethod
-    def for_loading(cls, config: UNetConfig, device="cpu", dtype=torch.float32) -> "VideoUNet":
+    def for_loading(cls, config: UNetConfig, device="cpu", dtype=torch.float32, layout=None) -> "VideoUNet":
         """A model whose 2D weights are left uninitialised (fast): load them next.
 
         Built on the meta device and materialised empty; only the MagicVideo layers get
@@ -453,8 +453,11 @@ class VideoUNet(nn.Module):
         """
         with torch.device("meta"):
             model = cls(config).to(dtype)  # free on meta; memory is allocated once, below
+            if layout is not None:  # e.g. int8 layers (quant.restructure): never allocated in full precision
+                layout(model)
         model = model.to_empty(device=device)
-        model.reset_motion_parameters()
+        if layout is None:  # a changed layout comes whole from a file: nothing to initialise
+            model.reset_motion_parameters()
         return model
 
     # -- the new layers
