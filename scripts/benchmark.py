@@ -42,6 +42,16 @@ PROMPT = "a red circle moving to the left"
 DTYPES = ("fp32", "bf16", "fp16")
 
 
+def _peak_rss_mib() -> float:
+    """This process's peak resident memory in MiB: VmHWM, which starts afresh at exec (ru_maxrss
+    carries the parent's peak into a child process on Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _torch_dtype(name: str):
     import torch
 
@@ -53,7 +63,7 @@ def _peak_memory_mib(device) -> float:
 
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return _peak_rss_mib()
 
 
 def _setup(job: dict):
