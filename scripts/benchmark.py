@@ -29,27 +29,18 @@ import json
 import math
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from measure import peak_rss_mib  # scripts/measure.py
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "weights" / "magicvideo_default.safetensors"
 PROMPT = "a red circle moving to the left"
 DTYPES = ("fp32", "bf16", "fp16")
-
-
-def _peak_rss_mib() -> float:
-    """This process's peak resident memory in MiB: VmHWM, which starts afresh at exec (ru_maxrss
-    carries the parent's peak into a child process on Linux)."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _torch_dtype(name: str):
@@ -63,7 +54,7 @@ def _peak_memory_mib(device) -> float:
 
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return _peak_rss_mib()
+    return peak_rss_mib()
 
 
 def _setup(job: dict):

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -35,19 +34,11 @@ if str(REPO.parent) not in sys.path:
     sys.path.insert(0, str(REPO.parent))
 
 from magicvideo.models import checkpoint, evaluate, interpolate, pipeline, world  # noqa: E402
+from measure import peak_rss_mib  # noqa: E402 - scripts/measure.py
 
 WEIGHTS = REPO / "weights" / "magicvideo_default.safetensors"
 KEYFRAMES = world.REFERENCE_FRAMES
 
-
-def _peak_rss_mib() -> float:
-    """This process's peak resident memory in MiB: VmHWM, which starts afresh at exec (ru_maxrss
-    carries the parent's peak into a child process on Linux)."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> float:
@@ -143,12 +134,12 @@ def run(args) -> dict:
 def memory(args) -> dict:
     torch.set_num_threads(args.threads)
     unet, _, text = pipeline.prepare(checkpoint.load_model(args.model), device="cpu")
-    before = _peak_rss_mib()
+    before = peak_rss_mib()
     keys = torch.randn(480, unet.config.in_channels, 8, 8)
     t0 = time.perf_counter()
     out = interpolate.interpolate(unet, keys, 3, positive=pipeline.encode_prompt(text, ""))
     return {"keyframes": 480, "factor": 3, "frames": out.shape[0], "seconds": time.perf_counter() - t0,
-            "peak_rss_mib": _peak_rss_mib(), "rss_after_load_mib": before}
+            "peak_rss_mib": peak_rss_mib(), "rss_after_load_mib": before}
 
 
 def main() -> None:

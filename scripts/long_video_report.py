@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -38,20 +37,12 @@ if str(REPO.parent) not in sys.path:
 
 from magicvideo.models import checkpoint, evaluate, long_video as lv, pipeline, world  # noqa: E402
 from magicvideo.models.sampling import PRESETS  # noqa: E402
+from measure import peak_rss_mib  # noqa: E402 - scripts/measure.py
 
 WEIGHTS = REPO / "weights" / "magicvideo_default.safetensors"
 WORKFLOW = REPO / "workflows" / "minute_video.json"
 SEGMENT = world.REFERENCE_FRAMES  # 16 keyframes: 2 s at 8 fps
 
-
-def _peak_rss_mib() -> float:
-    """This process's peak resident memory in MiB: VmHWM, which starts afresh at exec (ru_maxrss
-    carries the parent's peak into a child process on Linux)."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def workflow_settings() -> dict:
@@ -156,7 +147,7 @@ def one_cost(args) -> None:
     bundle = checkpoint.load_model(args.model)
     settings = workflow_settings()
     _, vae, _ = pipeline.prepare(bundle, device="cpu")
-    rss = lambda: _peak_rss_mib()  # noqa: E731 - MiB on Linux
+    rss = lambda: peak_rss_mib()  # noqa: E731 - MiB on Linux
     loaded = rss()
     _, latents, sampling_s = make(bundle, settings, settings["method"], seconds=args.seconds)
     after_sampling = rss()

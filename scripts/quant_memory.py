@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -29,23 +28,15 @@ if str(REPO.parent) not in sys.path:
 
 from magicvideo.models import checkpoint  # noqa: E402
 from magicvideo.models.unet import UNetConfig, VideoUNet  # noqa: E402
+from measure import peak_rss_mib  # noqa: E402 - scripts/measure.py
 
 ROWS = {"fp32": ("fp16", torch.float32), "bf16": ("fp16", torch.bfloat16), "int8": ("int8", torch.float32),
         "int8+2:4": ("int8_24", torch.float32)}
 
 
-def _peak_rss_mib() -> float:
-    """This process's peak resident memory in MiB: VmHWM, which starts afresh at exec (ru_maxrss
-    carries the parent's peak into a child process on Linux)."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
 
 def rss() -> float:
-    return _peak_rss_mib()
+    return peak_rss_mib()
 
 
 def measure(path: Path, dtype: torch.dtype, threads: int) -> dict:
