@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["SCHEMES", "SPARSITIES", "FORMAT_VERSION", "QuantizedWeight", "QuantLinear", "QuantConv2d", "quantize",
-           "default_keep", "prune_2_4", "pack_2_4", "unpack_2_4", "stored_bytes", "describe", "restructure"]
+           "default_keep", "prune_2_4", "pack_2_4", "unpack_2_4", "stored_bytes", "describe", "restructure", "sparsity_masks",
+           "apply_masks"]
 
 SCHEMES = ("int8",)
 SPARSITIES = ("none", "2:4")
@@ -198,6 +199,20 @@ def quantize(model: nn.Module, scheme: str = "int8", sparsity: str = "none",
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
         done.append(name)
     return done
+
+
+def sparsity_masks(model: nn.Module, keep: Callable[[str, nn.Module], bool] = default_keep) -> dict[str, torch.Tensor]:
+    """2:4 masks of the weights :func:`quantize` would make sparse, by name (for a sparsity-aware
+    fine-tune: apply them after every optimiser step, then quantise the result)."""
+    return {name: prune_2_4(m.weight.detach().flatten(1)).view_as(m.weight) for name, m in model.named_modules()
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and not keep(name, m) and m.weight[0].numel() % 8 == 0}
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Zero the pruned weights of ``masks`` in place."""
+    for name, mask in masks.items():
+        model.get_submodule(name).weight.mul_(mask.to(model.get_submodule(name).weight))
 
 
 def stored_bytes(model: nn.Module) -> int:

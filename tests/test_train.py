@@ -638,3 +638,23 @@ def test_profile_writes_where_the_steps_time_goes(config_file, tmp_path):
     with pytest.raises(SystemExit, match="--profile must be at least 1 step, got 0"):
         cli.main(base + ["--stage", "unet", "--profile", "0"])
 
+
+
+def test_a_sparsity_aware_leg_keeps_two_of_every_four_weights(config_file, tmp_path):
+    """unet.sparsity 2:4: the pruned weights stay zero through training and in the exported EMA
+    weights, so quantising the file with 2:4 loses nothing more."""
+    from magicvideo.models import quant
+
+    run = tmp_path / "run"
+    base = ["--config", str(config_file), "--run-dir", str(run), "--threads", "1"]
+    cli.main(base + ["--stage", "vae"])
+    cli.main(base + ["--stage", "unet", "--set", "unet.steps=3", "--set", 'unet.sparsity="2:4"'])
+    unet = checkpoint.load_model(run / "model.safetensors").unet
+    masks = quant.sparsity_masks(unet)
+    assert masks
+    for name, mask in masks.items():
+        weight = unet.get_submodule(name).weight
+        assert not weight[~mask].any(), name
+        assert ((weight.flatten(1) != 0).view(weight.shape[0], -1, 4).sum(-1) <= 2).all()
+    with pytest.raises(SystemExit, match="unet.sparsity: expected none or 2:4"):
+        cli.main(base + ["--stage", "unet", "--set", 'unet.sparsity="1:4"'])

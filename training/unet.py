@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..models import checkpoint, world
+from ..models import checkpoint, quant, world
 from ..models.conditioning import prior_channels
 from ..models.sampling import training_schedule, video_noise
 from ..models.text import TextConfig, TextEncoder
@@ -282,6 +282,12 @@ def train_unet(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
         opt.load_state_dict(state["optimizer"])
         start = state["step"] + 1
         print(f"[train unet] resumed at step {start}")
+    masks = {}
+    if tc.get("sparsity", "none") not in ("none", "2:4"):
+        raise SystemExit(f"unet.sparsity: expected none or 2:4, found {tc['sparsity']!r}")
+    if tc.get("sparsity") == "2:4":  # a sparsity-aware fine-tune: the pruned weights stay zero
+        masks = quant.sparsity_masks(unet)
+        quant.apply_masks(unet, masks)
     emas = {k: EMA(m, tc["ema"]) for k, m in modules.items()}
     if args.resume and state_path.exists():
         for k in modules:
@@ -360,6 +366,8 @@ def train_unet(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        if masks:
+            quant.apply_masks(unet, masks)
         for k, m in modules.items():
             emas[k].update(m, step)
         if step % 10 == 0 or step == end - 1:
