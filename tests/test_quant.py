@@ -119,9 +119,12 @@ def test_a_quantised_file_round_trips_and_says_what_it_is(tmp_path):
 
 
 @pytest.mark.host
-@pytest.mark.parametrize("weights", ["int8", "int8 + 2:4"])
-def test_the_main_workflow_with_converted_weights_in_the_host(comfy, weights):
-    """The loader's weights option converts the bundled default on load; the main workflow renders."""
+@pytest.mark.parametrize("model, weights", [("magicvideo_default.safetensors", "int8"),
+                                            ("magicvideo_default.safetensors", "int8 + 2:4"),
+                                            ("magicvideo_default_int8_24.safetensors", "as stored")])
+def test_the_main_workflow_with_converted_weights_in_the_host(comfy, model, weights):
+    """The loader's weights option converts the bundled default on load, and the shipped int8 + 2:4
+    file loads as stored; the main workflow renders either way."""
     import json
     from pathlib import Path
 
@@ -130,7 +133,7 @@ def test_the_main_workflow_with_converted_weights_in_the_host(comfy, weights):
     workflow = json.loads((Path(__file__).resolve().parents[1] / "workflows" / "text_to_video.json").read_text())
     prompt = comfy.workflow_to_prompt(workflow)
     [loader] = [n for n in prompt.values() if n["class_type"] == "MagicVideoModelLoader"]
-    loader["inputs"]["weights"] = weights
+    loader["inputs"].update(model_name=model, weights=weights)
     [info] = comfy.output_files(comfy.run(prompt, timeout=600))
     video = video_io.read_video(comfy.output_path(info))
     assert video.frames.shape == (16, 64, 64, 3) and video.frames.std() > 2
