@@ -101,8 +101,12 @@ def interpolate(
             if callback is not None:
                 callback(done + step, total, x0)
 
-        # from pure noise (denoise 1), or from the keyframes' latent blend noised to options.denoise
-        start = torch.cat([blend_latents(keyframes[s: s + count], factor) for _, (s, _) in group])
+        # from pure noise (denoise 1: the start gives only the shape), or from the keyframes'
+        # latent blend noised to options.denoise
+        if options.denoise >= 1.0:
+            start = torch.zeros(len(group) * frames, *keyframes.shape[1:])
+        else:
+            start = torch.cat([blend_latents(keyframes[s: s + count], factor) for _, (s, _) in group])
         video = pipeline.sample_video(unet, start, positive, negative,
                                       num_frames=frames, options=options, given=given, noise=noise, callback=report)
         for (_, (start, _)), clip in zip(group, video.float().cpu().split(frames)):
