@@ -658,3 +658,37 @@ def test_a_sparsity_aware_leg_keeps_two_of_every_four_weights(config_file, tmp_p
         assert ((weight.flatten(1) != 0).view(weight.shape[0], -1, 4).sum(-1) <= 2).all()
     with pytest.raises(SystemExit, match="unet.sparsity: expected none or 2:4"):
         cli.main(base + ["--stage", "unet", "--set", 'unet.sparsity="1:4"'])
+
+
+def test_a_world_source_at_k_times_the_rate_gives_true_in_betweens():
+    """rate k: windows of (frames - 1) // k * k + 1 frames cut from the clip rendered at k times
+    the rate; every k-th frame is a keyframe one usual frame interval from the next."""
+    source = data.WorldSource(5, frames=7, size=32, rate=3)
+    videos, captions, specs = source.batch_with_specs(3)
+    assert videos.shape == (3, 7, 3, 32, 32) and len(captions) == 3
+    for video, spec in zip(videos, specs):
+        full = world.render(spec, frames=19, size=32).permute(0, 3, 1, 2) * 2 - 1
+        starts = [s for s in range(13) if torch.allclose(full[s: s + 7], video, atol=1e-6)]
+        assert starts  # a run of consecutive frames of the clip at 3x the rate
+    assert data.WorldSource(5, frames=7, size=32, rate=2).batch(1)[0].shape[1] == 7
+    assert data.WorldSource(5, frames=7, size=32, rate=4).batch(1)[0].shape[1] == 5
+    with pytest.raises(ValueError, match="rate must be"):
+        data.WorldSource(5, frames=7, size=32, rate=0)
+
+
+def test_interp_rate_trains_on_clips_at_k_times_the_rate(config_file, tmp_path):
+    """unet.interp_rate: interpolation batches come from clips at 2-3x the rate (frames 4 holds
+    a gap for k <= 3), every k-th frame given, at fps 8k; other batches keep the usual tasks."""
+    g = torch.Generator().manual_seed(0)
+    drawn = [unet_stage.draw_rate({"text": 0.5, "interp": 0.5}, (2, 3), g) for _ in range(2000)]
+    assert 0.45 < drawn.count(0) / 2000 < 0.55 and set(drawn) == {0, 2, 3}
+    out = tmp_path / "interp.safetensors"
+    cli.main(["--config", str(config_file), "--stage", "all", "--run-dir", str(tmp_path / "run"), "--threads", "1",
+              "--set", 'unet.tasks={"text": 0.2, "interp": 0.8}', "--set", "unet.interp_rate=true",
+              "--set", "unet.steps=4", "--out", str(out)])
+    logged = [json.loads(line) for line in (tmp_path / "run" / "unet.log").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) for r in logged)
+    assert checkpoint.load_model(out).unet.config.image_first  # it learned from given frames
+    with pytest.raises(SystemExit, match="interp_rate"):
+        cli.main(["--config", str(config_file), "--stage", "unet", "--run-dir", str(tmp_path / "run2"),
+                  "--set", 'unet.tasks={"text": 1.0}', "--set", "unet.interp_rate=true"])

@@ -25,12 +25,20 @@ from ..models.vae import VideoVAE
 
 
 class WorldSource:
-    """Clips of the procedural world, made on the fly (deterministic by seed)."""
+    """Clips of the procedural world, made on the fly (deterministic by seed).
+
+    ``rate`` k > 1: each clip is rendered at k times the usual frame rate over the same
+    seconds, and a window of ``(frames - 1) // k * k + 1`` consecutive frames from a random
+    start is kept: every k-th frame of it is a keyframe at the usual rate, the frames between
+    them are the true in-betweens an interpolator must make."""
 
     def __init__(self, seed: int, frames: int, size: int, split: str = "train",
-                 two_object_prob: float = world.TWO_OBJECT_PROB, motion_weights: dict[str, float] | None = None):
+                 two_object_prob: float = world.TWO_OBJECT_PROB, motion_weights: dict[str, float] | None = None,
+                 rate: int = 1):
+        if rate < 1:
+            raise ValueError(f"rate must be a whole multiple of the frame rate (>= 1), got {rate}")
         self.rng = np.random.default_rng(seed)
-        self.frames, self.size, self.split = frames, size, split
+        self.frames, self.size, self.split, self.rate = frames, size, split, rate
         self.two_object_prob = two_object_prob
         self.motion_weights = motion_weights
         world.motion_probs(world.split_triples(split), motion_weights)  # a bad setting fails here, not mid-run
@@ -42,8 +50,15 @@ class WorldSource:
 
     def batch_with_specs(self, batch_size: int):
         """-> videos, captions, the clips' specs (for the training aids that need them)"""
-        return world.batch(self.rng, batch_size, self.frames, self.size, self.split, self.two_object_prob,
-                           self.motion_weights)
+        if self.rate == 1:
+            return world.batch(self.rng, batch_size, self.frames, self.size, self.split, self.two_object_prob,
+                               self.motion_weights)
+        rendered = (self.frames - 1) * self.rate + 1
+        window = (self.frames - 1) // self.rate * self.rate + 1
+        videos, captions, specs = world.batch(self.rng, batch_size, rendered, self.size, self.split,
+                                              self.two_object_prob, self.motion_weights)
+        starts = self.rng.integers(0, rendered - window + 1, batch_size)
+        return torch.stack([v[s: s + window] for v, s in zip(videos, starts)]), captions, specs
 
     def batch_with_twins(self, batch_size: int):
         """-> videos [2B, F, 3, H, W]: B clips, then each clip's shape twin (world.shape_twin)."""
@@ -103,13 +118,13 @@ def _square_resize(frames_hw3: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="area")
 
 
-def make_source(cfg: dict, args, seed: int):
+def make_source(cfg: dict, args, seed: int, rate: int = 1):
     data = cfg["data"]
     if args.data_dir:
         return FolderSource(args.data_dir, seed, data["frames"], data["size"])
     return WorldSource(seed, data["frames"], data["size"], split="train",
                        two_object_prob=float(data.get("two_object_prob", world.TWO_OBJECT_PROB)),
-                       motion_weights=data.get("motion_weights"))
+                       motion_weights=data.get("motion_weights"), rate=rate)
 
 
 def foreground_weights(x: torch.Tensor, weight: float) -> torch.Tensor:

@@ -57,6 +57,19 @@ def task_mix(tc: dict) -> dict[str, float]:
     return {"text": 1.0 - p, "image": p} if p else {"text": 1.0}
 
 
+INTERP_RATES = (2, 3, 4)
+
+
+def draw_rate(mix: dict[str, float], rates: tuple[int, ...], generator: torch.Generator) -> int:
+    """``unet.interp_rate``: the batch is an interpolation batch (with probability ``mix["interp"]``)
+    from clips at k times the rate, k uniform over ``rates``, or 0: a batch of the usual rate
+    for the other tasks."""
+    draw = torch.rand(2, generator=generator)
+    if draw[0] >= mix.get("interp", 0.0):
+        return 0
+    return rates[int(draw[1] * len(rates))]
+
+
 def first_new_frames(given: torch.Tensor) -> torch.Tensor:
     """``[b, f]`` bool: the frames right after a given frame that are not given themselves (the
     seam a continuation or a sliding window must cross smoothly)."""
@@ -207,6 +220,11 @@ def train_unet(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
     works; the EMA weights are what we ship.
     """
     tc = cfg["unet"]
+    interp_rate = bool(tc.get("interp_rate", False))
+    if interp_rate and (args.data_dir or tc.get("binding_weight") or not task_mix(tc).get("interp")):
+        raise SystemExit("unet.interp_rate renders the world at 2-4 times the frame rate for the interp task: it needs "
+                         "the world's clips (no --data-dir), an interp share in unet.tasks, and no binding_weight "
+                         "(its object maps are made for the usual rate)")
     torch.manual_seed(cfg["seed"] + 1)
     init = magicvideo_init(args.init)
     history = lineage(init)
@@ -296,11 +314,20 @@ def train_unet(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
 
     alphas_cumprod = training_schedule().to(device)
     prediction = unet.config.prediction_type
-    frames, fps = cfg["data"]["frames"], cfg["data"].get("fps", 8)
+    fps = cfg["data"].get("fps", 8)
+    other_tasks = {k: v for k, v in mix.items() if k != "interp"} or {"text": 1.0}
     source = make_source(cfg, args, cfg["seed"] + 1 + start)
     pool = LatentPool(source, vae, tc["pool_size"], tc["pool_refresh"], device, cfg["seed"] + 3 + start,
                       tc.get("foreground_weight", 0.0), labels=bool(aux_weight),
                       binding=binding_words if binding_weight else None)
+    rate_pools, rates = {}, tuple(k for k in INTERP_RATES if k < cfg["data"]["frames"])  # a window holds a gap
+    if interp_rate and not rates:
+        raise SystemExit(f"unet.interp_rate needs clips of at least {INTERP_RATES[0] + 1} frames (data.frames)")
+    if interp_rate:  # interpolation on clips rendered at k times the rate: true in-betweens
+        rate_pools = {k: LatentPool(make_source(cfg, args, cfg["seed"] + 5 + k + start, rate=k), vae,
+                                    tc["pool_size"], tc["pool_refresh"], device, cfg["seed"] + 9 + k + start,
+                                    tc.get("foreground_weight", 0.0), labels=bool(aux_weight))
+                      for k in rates}
     drop_rng = random.Random(cfg["seed"] + 2 + start)
     task_rng = torch.Generator().manual_seed(cfg["seed"] + 4 + start)
     log = Logger(run_dir / "unet.log", tc["steps"], start)
@@ -318,8 +345,10 @@ def train_unet(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
             (run_dir / "config.json").write_text(json.dumps(cfg, indent=2))
         if step >= end:
             break
-        x0, captions, weights, labels, binding = pool.batch(tc["batch_size"])  # [(b f), 4, h, w], scaled
-        b = len(captions)
+        rate = interp_rate and draw_rate(mix, rates, task_rng)  # 0: a batch of the usual rate
+        x0, captions, weights, labels, binding = (rate_pools[rate] if rate else pool).batch(tc["batch_size"])
+        b = len(captions)  # x0 [(b f), 4, h, w], scaled
+        frames = len(x0) // b
         captions = ["" if drop_rng.random() < tc["cond_drop"] else c for c in captions]
         dropped = torch.tensor([not c for c in captions], device=device)
         if labels is not None:  # the empty prompt names nothing
@@ -336,7 +365,12 @@ def train_unet(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
         xt = a * x0 + s * noise
         cond = None
         if gives_frames:  # given frames clean (timestep 0), in the image-prior channels too, not scored
-            given = given_frames_mask(b, frames, mix, task_rng).to(device)
+            if rate:  # every rate-th frame given: the keyframes around the gaps
+                given = torch.zeros(b, frames, dtype=torch.bool)
+                given[:, ::rate] = True
+                given = given.flatten().to(device)
+            else:
+                given = given_frames_mask(b, frames, other_tasks if interp_rate else mix, task_rng).to(device)
             t = t.masked_fill(given, 0)
             xt = torch.where(given.view(-1, 1, 1, 1), x0, xt)
             weights = weights * (~given).view(-1, 1, 1, 1)
@@ -346,7 +380,7 @@ def train_unet(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
         if unet.config.cond_channels:
             cond = prior_channels(x0, given if gives_frames else torch.zeros(len(x0), dtype=torch.bool, device=device))
         target = noise if prediction == "epsilon" else a * noise - s * x0
-        fps_t = torch.full((b * frames,), float(fps), device=device)
+        fps_t = torch.full((b * frames,), float(fps * (rate or 1)), device=device)
         with torch.autocast(device.type, dtype=precision or torch.float32, enabled=precision is not None):
             pred = unet(xt, t, context, num_frames=frames, fps=fps_t, cond=cond).float()
         loss = ((pred - target).pow(2) * weights).mean() / weights.mean()
