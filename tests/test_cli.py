@@ -14,16 +14,10 @@ from magicvideo.models import checkpoint, video_io, world
 from magicvideo.models.text import TextConfig, TextEncoder
 from magicvideo.models.unet import UNetConfig, VideoUNet
 from magicvideo.models.vae import VAEConfig, VideoVAE
+from tiny_models import awake
 
 WIDTH = 16
 
-
-def _awake(module):
-    with torch.no_grad():
-        for p in module.parameters():
-            if not p.any():
-                p.normal_(0, 0.02)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +25,9 @@ def files(tmp_path_factory):
     """A tiny full model file without a text encoder, and a conditioning file for it."""
     root = tmp_path_factory.mktemp("cli")
     torch.manual_seed(0)
-    unet = _awake(VideoUNet(UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+    unet = awake(VideoUNet(UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
                                        attention_resolutions=(2,), num_heads=2, context_dim=WIDTH, max_frames=8)))
-    vae = _awake(VideoVAE(VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, temporal_head_dim=16)))
+    vae = awake(VideoVAE(VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, temporal_head_dim=16)))
     model = checkpoint.save_model(root / "tiny.safetensors", unet=unet, vae=vae)
     cond = root / "cond.safetensors"
     save_file({"positive": torch.randn(1, 5, WIDTH), "negative": torch.zeros(1, 5, WIDTH)}, cond)
@@ -123,7 +117,7 @@ def test_interpolate_flag(files, capsys):
     unet = VideoUNet(UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
                                 num_heads=2, context_dim=WIDTH, max_frames=8, cond_channels=5))
     vae = VideoVAE(VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, temporal_head_dim=16))
-    given = checkpoint.save_model(root / "given.safetensors", unet=_awake(unet), vae=_awake(vae))
+    given = checkpoint.save_model(root / "given.safetensors", unet=awake(unet), vae=awake(vae))
     assert main(_args(given, cond, root / "k.mp4", "--interpolate", "2", "--fps", "8")) == 0
     video = video_io.read_video(root / "k.mp4")
     assert video.frames.shape[0] == 5 and video.fps == pytest.approx(16.0)

@@ -12,26 +12,20 @@ from magicvideo.models import sampling, video_io, world
 from magicvideo.models.text import TextConfig, TextEncoder
 from magicvideo.models.unet import UNetConfig, VideoUNet
 from magicvideo.models.vae import VAEConfig, VideoVAE
+from tiny_models import awake
 
 WIDTH = 16
 FAST = sampling.PRESETS["main"].replace(steps=2, motion_guidance=0.0)
 
 
-def _awake(module):
-    with torch.no_grad():
-        for p in module.parameters():
-            if not p.any():
-                p.normal_(0, 0.02)
-    return module.eval()
-
 
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    unet = _awake(VideoUNet(UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
+    unet = awake(VideoUNet(UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
                                        num_heads=2, context_dim=WIDTH, max_frames=8, cond_channels=5)))
-    vae = _awake(VideoVAE(VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, temporal_head_dim=16)))
-    text = _awake(TextEncoder(TextConfig(**world.text_fields(), width=WIDTH, layers=1, heads=2)))
+    vae = awake(VideoVAE(VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, temporal_head_dim=16)))
+    text = awake(TextEncoder(TextConfig(**world.text_fields(), width=WIDTH, layers=1, heads=2)))
     return unet, vae, text
 
 

@@ -11,6 +11,7 @@ from magicvideo.models.conditioning import GivenFrames
 from magicvideo.models.text import TextConfig, TextEncoder
 from magicvideo.models.unet import UNetConfig, VideoUNet
 from magicvideo.models.vae import VAEConfig, VideoVAE
+from tiny_models import awake
 
 WIDTH = 16
 SMALL = dict(frames=3, width=16, height=24)
@@ -31,23 +32,15 @@ def _sample(unet, latents, positive, negative, *, num_frames, options, given=Non
                            prediction_type=unet.config.prediction_type, given=mask)
 
 
-def _awake(module):
-    """Random weights where the model starts at zero, so every layer changes the output."""
-    with torch.no_grad():
-        for p in module.parameters():
-            if not p.any():
-                p.normal_(0, 0.02)
-    return module
-
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     torch.manual_seed(0)
-    unet = _awake(VideoUNet(UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
+    unet = awake(VideoUNet(UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
                                        num_heads=2, context_dim=WIDTH, max_frames=8)))
-    vae = _awake(VideoVAE(VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, temporal_head_dim=16)))
-    text = _awake(TextEncoder(TextConfig(**world.text_fields(), width=WIDTH, layers=1, heads=2)))
+    vae = awake(VideoVAE(VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, temporal_head_dim=16)))
+    text = awake(TextEncoder(TextConfig(**world.text_fields(), width=WIDTH, layers=1, heads=2)))
     full = checkpoint.save_model(root / "tiny_text.safetensors", unet=unet, vae=vae, text_encoder=text)
     no_text = checkpoint.save_model(root / "tiny.safetensors", unet=unet, vae=vae)
     return full, no_text
