@@ -82,23 +82,28 @@ def run(args) -> dict:
     prompts = evaluate.prompt_set(args.seed, args.n)
     report = {"command": "scripts/interpolation_report.py " + " ".join(sys.argv[1:]),
               "measured": time.strftime("%Y-%m-%d"), "model": args.model.name, "prompts": args.n,
-              "steps": interpolate.PRESET.steps, "factors": {}}
+              "steps": interpolate.PRESET.steps, "denoise": args.denoise[0], "factors": {}}
     strip = []
     for k in args.factors:
         frames = (KEYFRAMES - 1) * k + 1
         between = torch.tensor([i % k != 0 for i in range(frames)])
-        methods = {"ours": [], "blend_pixels": [], "blend_latents": [], **{n: [] for n in others}}
+        extra = {f"ours_denoise_{d:g}": d for d in args.denoise[1:]}  # the same model started from the blend
+        methods = {"ours": [], **{n: [] for n in extra}, "blend_pixels": [], "blend_latents": [],
+                   **{n: [] for n in others}}
         truths, masks, seconds = [], [], 0.0
         for p in prompts:
             truth = world.render_batch([p.spec], frames=frames)[0]  # [F, H, W, 3]
             mask = world.object_coverage([p.spec], frames, truth.shape[1], truth.shape[1])[0].sum(1).clamp(max=1)
             keys = pipeline.encode_frames(vae, truth[::k])
             positive = pipeline.encode_prompt(text, p.caption)
-            opts = interpolate.PRESET.replace(seed=p.seed)
+            opts = interpolate.PRESET.replace(seed=p.seed, denoise=args.denoise[0])
             t0 = time.perf_counter()
             ours = interpolate.interpolate(unet, keys, k, positive=positive, options=opts)
             seconds += time.perf_counter() - t0
             methods["ours"].append(pipeline.decode_frames(vae, ours, frames))
+            for name, d in extra.items():
+                methods[name].append(pipeline.decode_frames(vae, interpolate.interpolate(
+                    unet, keys, k, positive=positive, options=opts.replace(denoise=d)), frames))
             for name, u in others.items():
                 methods[name].append(pipeline.decode_frames(vae, interpolate.interpolate(u, keys, k, positive=positive,
                                                                                          options=opts), frames))
@@ -147,6 +152,9 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=WEIGHTS)
     parser.add_argument("--compare", nargs="*", help="other weights to interpolate with, in the same run")
     parser.add_argument("--factors", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--denoise", type=float, nargs="+", default=[interpolate.PRESET.denoise],
+                        help="ours at the first value; each further value adds ours started from the keyframes' "
+                             "latent blend noised to it (ours_denoise_<value>)")
     parser.add_argument("--n", type=int, default=40)
     parser.add_argument("--seed", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
