@@ -500,6 +500,18 @@ class VideoUNet(nn.Module):
             raise ValueError(f"grown({changes}): cannot keep the weights (missing {missing}, unexpected {unexpected})")
         return model
 
+    def set_temporal_bidirectional(self, bidirectional: bool) -> "VideoUNet":
+        """Let every frame's temporal attention see later frames too (or only earlier ones again).
+
+        No weights change; the function does, so a model switched this way is fine-tuned after.
+        The interpolator is: the frames between two keyframes must see the keyframe after them,
+        which directed attention hides (``temporal_bidirectional`` travels in the file)."""
+        self.config.temporal_bidirectional = bool(bidirectional)
+        for m in self.modules():
+            if isinstance(m, DirectedTemporalAttention):
+                m.bidirectional = bool(bidirectional)
+        return self
+
     def motion_parameters(self):
         return [p for n, p in self.named_parameters() if is_motion_key(n)]
 

@@ -689,6 +689,14 @@ def test_interp_rate_trains_on_clips_at_k_times_the_rate(config_file, tmp_path):
     logged = [json.loads(line) for line in (tmp_path / "run" / "unet.log").read_text().splitlines()]
     assert all(np.isfinite(r["loss"]) for r in logged)
     assert checkpoint.load_model(out).unet.config.image_first  # it learned from given frames
+    # the interpolator's view: its temporal attention sees both sides of a gap, and its file says so
+    both = tmp_path / "both.safetensors"
+    cli.main(["--config", str(config_file), "--stage", "unet", "--run-dir", str(tmp_path / "run"), "--threads", "1",
+              "--init", str(out), "--set", 'unet.tasks={"interp": 1.0}', "--set", "unet.interp_rate=true",
+              "--set", "unet.temporal_bidirectional=true", "--set", "unet.steps=2", "--out", str(both)])
+    unet = checkpoint.load_model(both).unet
+    assert unet.config.temporal_bidirectional and all(
+        m.bidirectional for m in unet.modules() if hasattr(m, "bidirectional"))
     with pytest.raises(SystemExit, match="interp_rate"):
         cli.main(["--config", str(config_file), "--stage", "unet", "--run-dir", str(tmp_path / "run2"),
                   "--set", 'unet.tasks={"text": 1.0}', "--set", "unet.interp_rate=true"])

@@ -248,6 +248,10 @@ def train_unet(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
         unet = checkpoint.load_sd15(args.init, unet_overrides=video_fields).unet
     else:
         unet = VideoUNet(UNetConfig.from_dict(tc["config"]))
+    if "temporal_bidirectional" in tc:  # the interpolator's view: keyframes on both sides of a gap
+        if not isinstance(tc["temporal_bidirectional"], bool):
+            raise SystemExit(f"unet.temporal_bidirectional: expected true or false, found {tc['temporal_bidirectional']!r}")
+        unet.set_temporal_bidirectional(tc["temporal_bidirectional"])
     low_t_fraction, low_t_max = float(tc.get("low_t_fraction", 0.0)), int(tc.get("low_t_max", 300))
     if not 0.0 <= low_t_fraction <= 1.0 or not 0 < low_t_max <= len(training_schedule()):
         raise SystemExit(f"unet.low_t_fraction must be in [0, 1] and unet.low_t_max in [1, "
