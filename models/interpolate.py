@@ -87,7 +87,8 @@ def interpolate(
     for count in dict.fromkeys(c for _, c in windows):  # windows of one size together, in order
         same = [(i, w) for i, w in enumerate(windows) if w[1] == count]
         groups += [same[g: g + batch] for g in range(0, len(same), batch)]
-    done, total = 0, len(groups) * options.steps
+    run = min(int(options.steps * options.denoise), options.steps)  # steps a window runs (denoise < 1: fewer)
+    done, total = 0, len(groups) * run
     sharing = options.noise_sharing if options.noise_sharing is not None else float(getattr(config, "noise_sharing", 0.0))
     for group in groups:
         count = group[0][1][1]
@@ -111,7 +112,7 @@ def interpolate(
                                       num_frames=frames, options=options, given=given, noise=noise, callback=report)
         for (_, (start, _)), clip in zip(group, video.float().cpu().split(frames)):
             out[start * factor: start * factor + frames] = clip
-        done += options.steps
+        done += run
     out[::factor] = keyframes  # exactly (the sampler returns them unchanged; this states it)
     return out
 

@@ -48,10 +48,15 @@ class FrameInterpolator:
                 "batch": ("INT", {"default": 8, "min": 1, "max": 256,
                           "tooltip": "Windows of keyframes denoised together: memory grows with it, the frames do not "
                                      "change."}),
+                "denoise": ("FLOAT", {"default": interpolate.PRESET.denoise, "min": 0.0, "max": 1.0, "step": 0.05,
+                            "tooltip": "1 = the in-betweens from pure noise; below 1 = from the keyframes' latent "
+                                       "blend noised to this level (the last steps x denoise steps run); "
+                                       "0 = the latent blend itself, no model call."}),
             },
         }
 
-    def interpolate(self, model, samples, positive, factor, steps, seed, fps, frames=0, batch=8):
+    def interpolate(self, model, samples, positive, factor, steps, seed, fps, frames=0, batch=8,
+                    denoise=interpolate.PRESET.denoise):
         keyframes = samples["samples"] * model.scaling_factor
         num_frames = _num_frames(samples, frames)
         if keyframes.shape[0] % num_frames:
@@ -61,7 +66,7 @@ class FrameInterpolator:
         windows = len(interpolate.plan_gaps(num_frames, factor, model.config.max_frames))
         per_video = -(-windows // batch) * steps
         progress = _preview_callback(model, per_video * len(videos))
-        options = interpolate.PRESET.replace(steps=steps, seed=seed, fps=fps)
+        options = interpolate.PRESET.replace(steps=steps, seed=seed, fps=fps, denoise=denoise)
         pos = _conditioning(positive, "positive")
         out = []
         for v, video in enumerate(videos):

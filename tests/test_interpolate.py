@@ -72,6 +72,22 @@ def test_errors_before_sampling(unet):
         interpolate.interpolate(_unet(), torch.randn(4, 4, 4, 4), 2, positive=positive, options=FAST)
 
 
+def test_denoise_starts_from_the_latent_blend(unet):
+    """denoise < 1: the in-betweens start from the keyframes' latent blend noised to that level
+    (progress counts the steps that run); 0 is the blend itself."""
+    keys = torch.randn(5, 4, 4, 4)
+    positive = torch.randn(1, 5, 16)
+    blend = interpolate.interpolate(unet, keys, 3, positive=positive, options=FAST.replace(denoise=0.0))
+    assert torch.allclose(blend, interpolate.blend_latents(keys, 3))
+    steps = []
+    half = interpolate.interpolate(unet, keys, 3, positive=positive, options=FAST.replace(steps=4, denoise=0.5),
+                                   callback=lambda s, total, x0: steps.append((s, total)))
+    assert steps[-1] == (2, 2) and torch.equal(half[::3], keys)
+    between = torch.tensor([i % 3 != 0 for i in range(len(half))])
+    from_noise = interpolate.interpolate(unet, keys, 3, positive=positive, options=FAST.replace(steps=4))
+    assert 0 < (half - blend)[between].abs().mean() < (from_noise - blend)[between].abs().mean()
+
+
 def test_latent_blend_baseline():
     keys = torch.stack([torch.zeros(4, 2, 2), torch.ones(4, 2, 2) * 4])
     out = interpolate.blend_latents(keys, 4)
