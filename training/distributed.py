@@ -79,8 +79,7 @@ class Dist:
         if shard == "fsdp":
             from torch.distributed.fsdp import fully_shard
 
-            blocks = [m for name in ("input_blocks", "output_blocks", "blocks") for m in getattr(module, name, [])]
-            for block in blocks + ([module.middle_block] if hasattr(module, "middle_block") else []):
+            for block in fsdp_units(module):
                 fully_shard(block)
             return fully_shard(module)
         if shard != "ddp":
@@ -135,6 +134,14 @@ class Dist:
     def barrier(self):
         if self.size > 1:
             td.barrier()
+
+
+def fsdp_units(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The blocks FSDP gathers one at a time: a VideoUNet's blocks (not ``input_blocks.0``, whose
+    conv the UNet runs by hand) or a text encoder's; other modules are one unit."""
+    if hasattr(module, "input_blocks"):
+        return [*module.input_blocks[1:], module.middle_block, *module.output_blocks]
+    return list(getattr(module, "blocks", []))
 
 
 def mix_seed(*parts: int) -> int:

@@ -120,7 +120,9 @@ class TextAttributeProbe(torch.nn.Module):
         logits = self.logits(context)
         losses = [F.cross_entropy(lg, labels[:, i], ignore_index=world.IGNORE_LABEL)
                   for i, lg in enumerate(logits) if (labels[:, i] != world.IGNORE_LABEL).any()]
-        return torch.stack(losses).mean() if losses else context.sum() * 0
+        # nothing to read (every caption dropped): a zero that still reaches the probe's weights, as DDP
+        # expects a gradient for every parameter in every step
+        return torch.stack(losses).mean() if losses else sum(lg.sum() for lg in logits) * 0
 
 
 def binding_loss(probs: list[torch.Tensor], coverage: torch.Tensor, words: torch.Tensor,
