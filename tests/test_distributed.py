@@ -92,18 +92,23 @@ def test_two_processes_train_as_one_and_resume_on_one(single, tmp_path):
     assert max_diff(run / "model.safetensors", ref / "model.safetensors") < 1e-5
 
 
-def test_a_one_process_run_resumes_on_two_with_its_optimizer_and_data_position(single, tmp_path):
+def test_a_one_process_run_resumes_on_two_sharded_with_its_optimizer_and_data_position(single, tmp_path):
+    """Saved by one process, resumed by two under FSDP (unet.shard fsdp: the UNet, its Adam state
+    and its EMA in shards) with 2 micro-batches each: the same last steps as the unbroken run."""
     config, ref = single
     run = tmp_path / "run"
     run.mkdir()
     (run / "vae.safetensors").write_bytes((ref / "vae.safetensors").read_bytes())
     base = ["--config", str(config), "--stage", "unet", "--run-dir", str(run), "--threads", "1"]
     cli.main(base + ["--stop-at", "2"])
-    torchrun(base + ["--resume", "--set", "unet.accumulate=2"])  # micro-batches of 1 clip: the same steps
+    torchrun(base + ["--resume", "--set", "unet.accumulate=2", "--set", "unet.shard=fsdp"])
     assert losses(run)[3] == pytest.approx(losses(ref)[3], rel=1e-5)
     assert max_diff(run / "model.safetensors", ref / "model.safetensors") < 1e-5
     state = torch.load(run / "unet_state.pt", weights_only=True)
     assert state["step"] == 3 and state["optimizer"]["state"]  # rank 0 saved the whole Adam state
+    moments = [st["exp_avg"] for st in state["optimizer"]["state"].values()]  # whole, not shards
+    assert all(type(m) is torch.Tensor for m in moments)
+    assert sum(m.numel() for m in moments) == sum(v.numel() for k in ("unet", "text") for v in state[k].values())
 
 
 def test_a_global_batch_splits_into_the_same_clips_for_any_number_of_processes():

@@ -73,8 +73,9 @@ class Dist:
     def wrap(self, module: torch.nn.Module, shard: str = "ddp") -> torch.nn.Module:
         """DDP (gradients averaged over the ranks in the backward pass) or FSDP (``shard="fsdp"``:
         parameters, gradients and optimizer states split over the ranks; torch's ``fully_shard``
-        per block, then the whole). One process: the module itself."""
-        if self.size == 1 or not any(p.requires_grad for p in module.parameters()):
+        per block, then the whole, in place). One process: the module itself. A module without
+        trainable parameters is only sharded (an EMA copy that FSDP keeps in shards)."""
+        if self.size == 1 or (shard != "fsdp" and not any(p.requires_grad for p in module.parameters())):
             return module
         if shard == "fsdp":
             from torch.distributed.fsdp import fully_shard
@@ -185,33 +186,75 @@ def teardown():
     _CURRENT = None
 
 
+def _whole(x):
+    """A tensor whole on the CPU: an FSDP shard (DTensor) gathered from every rank."""
+    if not torch.is_tensor(x):
+        return x
+    return (x.full_tensor() if hasattr(x, "full_tensor") else x).cpu()
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    return any(hasattr(p, "device_mesh") for p in module.parameters())
+
+
 def full_state(module: torch.nn.Module) -> dict:
-    """The whole (unsharded) state dict of a module, wrapped or not, on the CPU (for rank 0 to save)."""
-    if hasattr(module, "full_tensor") or any(hasattr(p, "full_tensor") for p in module.parameters()):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return unwrap(module).state_dict()
+    """The whole state dict of a module, wrapped or sharded or not, on the CPU. Under FSDP every
+    rank must call it (it gathers); rank 0 saves it."""
+    return {k: _whole(v) for k, v in unwrap(module).state_dict().items()}
 
 
-def full_optimizer_state(modules: list, opt: torch.optim.Optimizer) -> dict:
-    """The optimizer's whole state (FSDP: gathered to rank 0) in the plain form any world size loads."""
-    if any(hasattr(p, "full_tensor") for m in modules for p in m.parameters()):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        container = torch.nn.ModuleList(modules)
-        return get_optimizer_state_dict(container, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return opt.state_dict()
+def full_optimizer_state(opt: torch.optim.Optimizer) -> dict:
+    """The optimizer's state dict with every sharded state gathered whole: the plain form that
+    one process, DDP and FSDP on any number of processes all load (``load_optimizer_state``)."""
+    sd = opt.state_dict()
+    return {"state": {i: {k: _whole(v) for k, v in st.items()} for i, st in sd["state"].items()},
+            "param_groups": sd["param_groups"]}
 
 
-def load_optimizer_state(modules: list, opt: torch.optim.Optimizer, state: dict):
-    if any(hasattr(p, "full_tensor") for m in modules for p in m.parameters()):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+def load_optimizer_state(opt: torch.optim.Optimizer, state: dict):
+    """Load a whole optimizer state; the states of sharded parameters are cut to this rank's shard."""
+    opt.load_state_dict(state)
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if not hasattr(p, "device_mesh"):
+                continue
+            from torch.distributed.tensor import distribute_tensor
 
-        set_optimizer_state_dict(torch.nn.ModuleList(modules), opt, state,
-                                 options=StateDictOptions(full_state_dict=True))
-    else:
-        opt.load_state_dict(state)
+            for k, v in opt.state[p].items():
+                if torch.is_tensor(v) and not hasattr(v, "device_mesh") and v.shape == p.shape:
+                    opt.state[p][k] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
+
+
+def plain_copy(module: torch.nn.Module, state: dict) -> torch.nn.Module:
+    """A sharded module's own class, unsharded, holding ``state`` (for rank 0 to export); any
+    other module as it is."""
+    if not is_sharded(module):
+        return module
+    from torch.distributed.fsdp import FSDPModule
+
+    cls = next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
+    with torch.device("meta"):
+        copy = cls(module.config)
+    copy.load_state_dict(state, assign=True)
+    return copy.eval().requires_grad_(False)
+
+
+def clip_grad_norm_(params: list, max_norm: float) -> torch.Tensor:
+    """torch's gradient clipping over plain and FSDP-sharded gradients together (the norm of
+    the sharded ones is reduced over the ranks)."""
+    params = [p for p in params if p.grad is not None]
+    sharded = [p for p in params if hasattr(p.grad, "device_mesh")]
+    if not sharded:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    plain = [p for p in params if not hasattr(p.grad, "device_mesh")]
+    norms = [torch.nn.utils.get_total_norm([p.grad for p in sharded]).full_tensor()]
+    if plain:
+        norms.append(torch.nn.utils.get_total_norm([p.grad for p in plain]).to(norms[0].device))
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    for group in (sharded, plain):  # torch's foreach ops take no mix of the two
+        if group:
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    return total
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:

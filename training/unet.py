@@ -184,6 +184,13 @@ class EMA:
         self.decay = decay
         self.shadow = copy.deepcopy(module).eval().requires_grad_(False)
 
+    @classmethod
+    def of(cls, shadow: torch.nn.Module) -> "EMA":
+        """An EMA holding ``shadow`` as its average (a gathered copy, for exporting)."""
+        ema = cls.__new__(cls)
+        ema.decay, ema.shadow = None, shadow
+        return ema
+
     @torch.no_grad()
     def update(self, module: torch.nn.Module, step: int):
         d = min(self.decay, (1 + step) / (10 + step))  # warm up: early averages follow closely
@@ -300,17 +307,34 @@ def train_unet(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
     if tc.get("sparsity") == "2:4":  # a sparsity-aware fine-tune: the pruned weights stay zero
         masks = quant.sparsity_masks(unet)
         quant.apply_masks(unet, masks)
-    emas = {k: EMA(m, tc["ema"]) for k, m in modules.items()} if dist.main else {}
+    shard = tc.get("shard", "ddp")
+    sharded = shard == "fsdp" and dist.size > 1  # every process keeps the EMA of its shard
+    if sharded and masks:
+        raise SystemExit("unet.sparsity keeps whole weight masks: train it with unet.shard ddp")
+    emas = {k: EMA(m, tc["ema"]) for k, m in modules.items()} if dist.main or sharded else {}
     if state is not None:
         for k in emas:
             if f"ema_{k}" in state:
                 emas[k].shadow.load_state_dict(state[f"ema_{k}"])
-    shard = tc.get("shard", "ddp")
     wrapped = {k: dist.wrap(m, shard if k == "unet" else "ddp") for k, m in modules.items()}
+    if sharded:
+        dist.wrap(emas["unet"].shadow, "fsdp")
     params = [p for m in wrapped.values() for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=tc["lr"], weight_decay=0.01)
     if state is not None:
-        distributed.load_optimizer_state(list(wrapped.values()), opt, state["optimizer"])
+        distributed.load_optimizer_state(opt, state["optimizer"])
+
+    def save(step: int | None):
+        """The resumable state (``step``; None: none) and the model file, written by rank 0 from
+        whole states (under FSDP every process takes part in gathering them)."""
+        kept = {f"ema_{k}": distributed.full_state(e.shadow) for k, e in emas.items()}
+        whole = {k: distributed.full_state(m) for k, m in modules.items()} if step is not None else {}
+        optim = distributed.full_optimizer_state(opt) if step is not None else None
+        if dist.main:
+            if step is not None:
+                save_state(state_path, step, whole | kept, optim)
+            export(run_dir / "model.safetensors", {k: EMA.of(distributed.plain_copy(e.shadow, kept[f"ema_{k}"]))
+                                                   for k, e in emas.items()}, vae, cfg, history)
 
     alphas_cumprod = training_schedule().to(device)
     prediction = unet.config.prediction_type
@@ -409,7 +433,7 @@ def train_unet(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
             for k, v in extra.items():
                 logged[k] = logged.get(k, 0.0) + v.detach() / accumulate
 
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        distributed.clip_grad_norm_(params, 1.0)
         opt.step()
         if masks:
             quant.apply_masks(unet, masks)
@@ -419,14 +443,10 @@ def train_unet(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
             logged = {k: dist.mean(v) for k, v in logged.items()}
             log.log(step, loss=logged.pop("loss"), lr=opt.param_groups[0]["lr"], **logged)
         if (step + 1) % tc["save_every"] == 0 or step == end - 1:
-            whole = {k: distributed.full_state(m) for k, m in wrapped.items()}
-            optim = distributed.full_optimizer_state(list(wrapped.values()), opt)
-            if dist.main:
-                save_state(state_path, step, whole | {f"ema_{k}": e.shadow.state_dict() for k, e in emas.items()}, optim)
-                export(run_dir / "model.safetensors", emas, vae, cfg, history)
+            save(step)
     profile.at(end, final=True)
     if dist.main:
         print(file=sys.stderr)
-        export(run_dir / "model.safetensors", emas, vae, cfg, history)
+    save(None)
     dist.barrier()  # the file is written before any process goes on
     return run_dir / "model.safetensors"
