@@ -36,6 +36,8 @@ def main():
     p.add_argument("--frames", type=int, default=2)
     p.add_argument("--latent", type=int, default=16, help="latent side (pixels / 8)")
     p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing of the UNet's blocks")
+    p.add_argument("--bf16", action="store_true", help="the forward under bf16 autocast")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="append the result lines to this file")
     args = p.parse_args()
@@ -43,6 +45,7 @@ def main():
     dist = distributed.setup(args.device)
     torch.manual_seed(0)
     unet = VideoUNet(UNetConfig(model_channels=args.width)).to(dist.device)
+    unet.gradient_checkpointing = args.checkpointing
     n_params = sum(p.numel() for p in unet.parameters())
     built = peak_rss_mib()
     net = dist.wrap(unet, args.shard)
@@ -54,12 +57,13 @@ def main():
     times = []
     for _ in range(args.steps):
         t0 = time.time()
-        loss = net(x, t, context, num_frames=f).pow(2).mean()
+        with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            loss = net(x, t, context, num_frames=f).float().pow(2).mean()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.time() - t0)
-    row = {"shard": args.shard, "processes": dist.size, "rank": dist.rank, "width": args.width,
+    row = {"shard": args.shard, "checkpointing": args.checkpointing, "bf16": args.bf16, "processes": dist.size, "rank": dist.rank, "width": args.width,
            "params_m": round(n_params / 1e6, 1), "frames": f, "latent": s, "device": str(dist.device),
            "rss_after_build_mib": round(built), "peak_rss_mib": round(peak_rss_mib()),
            "seconds_per_step": round(min(times), 2), "torch": torch.__version__}

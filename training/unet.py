@@ -293,6 +293,7 @@ def train_unet(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
         m.record_probs = bool(binding_weight)
     for m in modules.values():
         m.to(device).train().requires_grad_(True)
+    unet.gradient_checkpointing = bool(tc.get("gradient_checkpointing", False))  # blocks' activations recomputed
     start, state = 0, None
     if args.resume and state_path.exists():  # saved whole by rank 0: any number of processes resumes it
         state = load_state(state_path)
@@ -441,6 +442,8 @@ def train_unet(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
             ema.update(modules[k], step)
         if step % 10 == 0 or step == end - 1:  # the mean over the processes: the global batch's loss
             logged = {k: dist.mean(v) for k, v in logged.items()}
+            if device.type == "cuda":  # this process's peak (scripts/train_rate.py reports it)
+                logged["cuda_peak_mib"] = torch.cuda.max_memory_allocated(device) >> 20
             log.log(step, loss=logged.pop("loss"), lr=opt.param_groups[0]["lr"], **logged)
         if (step + 1) % tc["save_every"] == 0 or step == end - 1:
             save(step)
