@@ -3,9 +3,10 @@ same code in one plain process.
 
 What a stage needs, in a few lines (``unet`` and ``vae`` are the examples)::
 
-    dist = distributed.current()                 # rank, size, device; size 1 without torchrun
+    dist = distributed.current(device)           # rank, size, device; size 1 without torchrun
     dist.check_batch(tc["batch_size"], "unet.batch_size", accumulate)
     net = dist.wrap(unet)                        # DDP (or FSDP, ``shard="fsdp"``); the module itself alone
+    out = net(...)                               # or forward_as(net, "encode_dist", x) for another method
     gen = dist.step_generator(seed, step, device)    # this step's draws: the same on every rank
     noise = dist.shard(torch.randn(global_shape, generator=gen, device=device), per=frames)
     loss.backward()                              # DDP averages the gradients over the ranks
