@@ -2,7 +2,8 @@
 built-in text encoder (``python -m magicvideo.train``; docs/TRAINING.md).
 
 Read in this order: ``data`` (clips and what is made from them), ``loop`` (what every
-stage's loop shares), ``vae`` (stage 1 and the decoder stage), ``unet`` (stage 2),
+stage's loop shares), ``distributed`` (the same loops under torchrun: global batches split over
+processes, DDP or FSDP, rank 0's duties), ``vae`` (stage 1 and the decoder stage), ``unet`` (stage 2),
 ``export`` (the model files a run reads and writes), ``cli`` (the command line).
 
 The node pack and the inference modules in ``models/`` never import it.

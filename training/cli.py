@@ -9,6 +9,10 @@ scratch or from an SD1.5 checkpoint (``--init``), on CPU or GPU (``--device``).
 Each stage writes its checkpoint and a resumable state to the run folder every
 ``save_every`` steps; ``--resume`` carries on from the last one. The loss log is
 ``<run-dir>/<stage>.log`` (one JSON line per logged step).
+
+The same command runs under ``torchrun`` (one process per GPU, or several CPU processes with
+gloo): ``torchrun --nproc-per-node 2 -m magicvideo.train ...``; batch sizes are global
+(``training/distributed.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from .export import export_run
 from .loop import StepProfile, TimeBudget
 from .unet import train_unet
@@ -80,10 +85,20 @@ def main(argv=None):
             node[leaf] = value  # a bare word is a string (--set unet.binding_words=object)
     if args.threads:
         torch.set_num_threads(args.threads)
+    dist = distributed.setup(args.device)  # torchrun's process group, or one plain process
+    try:
+        _run(args, cfg, dist)
+    finally:
+        distributed.teardown()
+
+
+def _run(args, cfg: dict, dist: distributed.Dist):
     run_dir = Path(args.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(cfg, indent=2))
-    device = torch.device(args.device)
+    if dist.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+    dist.barrier()
+    device = dist.device
     if device.type == "cuda":  # TF32 matmuls and convolutions: fp32 accuracy is not what limits us
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -95,9 +110,9 @@ def main(argv=None):
         final = train_unet(cfg, args, run_dir, device)
     if args.stage == "decoder":
         final = train_vae(cfg, args, run_dir, device, decoder_only=True)
-    if args.stage == "export":
+    if args.stage == "export" and dist.main:
         final = export_run(cfg, run_dir)
-    if args.out and final is not None:
+    if args.out and final is not None and dist.main:
         import shutil
 
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

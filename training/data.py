@@ -11,102 +11,147 @@ can also learn from ``DecoderPairs``: what the sampler made of world clips, agai
 from __future__ import annotations
 
 import json
-import random
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Dataset
 
 from ..models import world
 from ..models.sampling import PRESETS, SamplingOptions
 from ..models.vae import VideoVAE
+from .distributed import ClipStream, Dist
+
+
+class WorldClips(Dataset):
+    """Draw ``k`` of the procedural world: a clip (and its shape twin's spec, for
+    ``vae.separation_weight``) made from the seed ``(seed, k)``, so any process can make it.
+
+    ``rate`` k > 1: the clip is rendered at k times the usual frame rate over the same seconds,
+    and a window of ``(frames - 1) // k * k + 1`` consecutive frames from a random start is kept:
+    every k-th frame of it is a keyframe at the usual rate, the frames between them are the true
+    in-betweens an interpolator must make."""
+
+    def __init__(self, seed: int, frames: int, size: int, split: str, two_object_prob: float,
+                 motion_weights: dict[str, float] | None, rate: int = 1):
+        if rate < 1:
+            raise ValueError(f"rate must be a whole multiple of the frame rate (>= 1), got {rate}")
+        self.seed, self.frames, self.size, self.split, self.rate = seed, frames, size, split, rate
+        self.two_object_prob, self.motion_weights = two_object_prob, motion_weights
+
+    @property
+    def window(self) -> int:
+        """Frames of a clip: ``frames``, or at ``rate`` k the frames from one keyframe to the last."""
+        return (self.frames - 1) // self.rate * self.rate + 1
+
+    def __getitem__(self, k: int) -> dict:
+        rng = np.random.default_rng([self.seed, k])
+        spec = world.sample_spec(rng, self.split, self.two_object_prob, self.motion_weights)
+        text = world.caption(spec, rng)
+        rendered = (self.frames - 1) * self.rate + 1
+        video = world.render_batch([spec], rendered, self.size)[0].permute(0, 3, 1, 2) * 2 - 1
+        if self.rate > 1:
+            start = int(rng.integers(0, rendered - self.window + 1))
+            video = video[start: start + self.window]
+        return {"video": video.contiguous(), "caption": text, "spec": spec, "twin": world.shape_twin(spec, rng)}
 
 
 class WorldSource:
-    """Clips of the procedural world, made on the fly (deterministic by seed).
+    """Clips of the procedural world, made on the fly (deterministic by seed and position).
 
-    ``rate`` k > 1: each clip is rendered at k times the usual frame rate over the same
-    seconds, and a window of ``(frames - 1) // k * k + 1`` consecutive frames from a random
-    start is kept: every k-th frame of it is a keyframe at the usual rate, the frames between
-    them are the true in-betweens an interpolator must make."""
+    ``first`` is the stream's position (the draws a run already used); under torchrun each
+    process makes only its share of every batch (``ClipStream``). ``rate``: see ``WorldClips``
+    (the interpolator's clips at 2-4 times the frame rate)."""
 
     def __init__(self, seed: int, frames: int, size: int, split: str = "train",
                  two_object_prob: float = world.TWO_OBJECT_PROB, motion_weights: dict[str, float] | None = None,
-                 rate: int = 1):
-        if rate < 1:
-            raise ValueError(f"rate must be a whole multiple of the frame rate (>= 1), got {rate}")
-        self.rng = np.random.default_rng(seed)
-        self.frames, self.size, self.split, self.rate = frames, size, split, rate
+                 first: int = 0, dist=None, workers: int = 0, rate: int = 1):
+        clips = WorldClips(seed, frames, size, split, two_object_prob, motion_weights, rate)
+        self.frames, self.size, self.split = clips.window, size, split
         self.two_object_prob = two_object_prob
         self.motion_weights = motion_weights
         world.motion_probs(world.split_triples(split), motion_weights)  # a bad setting fails here, not mid-run
+        self.stream = ClipStream(clips, first, dist, workers)
 
     def batch(self, batch_size: int):
-        """-> videos [B, F, 3, H, W] in -1..1, captions list[str]"""
+        """-> videos [B, F, 3, H, W] in -1..1, captions list[str] (this process's share of B)"""
         videos, captions, _ = self.batch_with_specs(batch_size)
         return videos, captions
 
     def batch_with_specs(self, batch_size: int):
         """-> videos, captions, the clips' specs (for the training aids that need them)"""
-        if self.rate == 1:
-            return world.batch(self.rng, batch_size, self.frames, self.size, self.split, self.two_object_prob,
-                               self.motion_weights)
-        rendered = (self.frames - 1) * self.rate + 1
-        window = (self.frames - 1) // self.rate * self.rate + 1
-        videos, captions, specs = world.batch(self.rng, batch_size, rendered, self.size, self.split,
-                                              self.two_object_prob, self.motion_weights)
-        starts = self.rng.integers(0, rendered - window + 1, batch_size)
-        return torch.stack([v[s: s + window] for v, s in zip(videos, starts)]), captions, specs
+        items = self.stream.take(batch_size)
+        return _stack(items, self.frames, self.size), [i["caption"] for i in items], [i["spec"] for i in items]
 
     def batch_with_twins(self, batch_size: int):
         """-> videos [2B, F, 3, H, W]: B clips, then each clip's shape twin (world.shape_twin)."""
-        videos, captions, specs = self.batch_with_specs(batch_size)
-        twins = world.render_batch([world.shape_twin(s, self.rng) for s in specs], self.frames, self.size)
-        return torch.cat([videos, twins.permute(0, 1, 4, 2, 3) * 2 - 1]), captions
+        items = self.stream.take(batch_size)
+        videos = _stack(items, self.frames, self.size)
+        if items:
+            twins = world.render_batch([i["twin"] for i in items], self.frames, self.size)
+            videos = torch.cat([videos, twins.permute(0, 1, 4, 2, 3) * 2 - 1])
+        return videos, [i["caption"] for i in items]
+
+
+def _stack(items: list[dict], frames: int, size: int) -> torch.Tensor:
+    if not items:  # a process whose share of a small batch is empty
+        return torch.empty(0, frames, 3, size, size)
+    return torch.stack([i["video"] for i in items])
+
+
+class FolderClips(Dataset):
+    """Draw ``k`` of a folder of clips: epoch ``k // n`` visits the clips in a permutation seeded
+    by ``(seed, epoch)``; the clip is decoded when drawn (in a DataLoader worker, ``data.workers``),
+    ``frames`` frames from a start seeded by ``(seed, k)``, centre cropped to a square, resized."""
+
+    def __init__(self, paths: list[Path], captions: list[str], seed: int, frames: int, size: int):
+        self.paths, self.captions, self.seed, self.frames, self.size = paths, captions, seed, frames, size
+
+    def __getitem__(self, k: int) -> dict:
+        from ..models.video_io import read_video
+
+        n = len(self.paths)
+        i = int(np.random.default_rng([self.seed, k // n]).permutation(n)[k % n])
+        frames_hw3 = torch.from_numpy(read_video(str(self.paths[i])).frames).float() / 255  # [F, H, W, 3] in 0..1
+        if frames_hw3.shape[0] < self.frames:
+            raise ValueError(f"{self.paths[i].name}: has {frames_hw3.shape[0]} frames, "
+                             f"training needs at least {self.frames}")
+        start = int(np.random.default_rng([self.seed, k, 1]).integers(frames_hw3.shape[0] - self.frames + 1))
+        clip = _square_resize(frames_hw3[start : start + self.frames], self.size)
+        return {"video": clip * 2 - 1, "caption": self.captions[i], "spec": None}
 
 
 class FolderSource:
     """The user's own clips: every video in a folder, captions from a .txt beside each.
 
-    Clips are decoded once with PyAV (at most ``frames`` frames from a random start), centre
-    cropped to a square and resized to ``size``. A clip without a caption file trains with
-    the empty caption (unconditional), which is reported once at start.
+    Clips are decoded with PyAV when drawn (``FolderClips``; ``data.workers`` DataLoader workers
+    decode ahead), so a folder of thousands of clips does not sit in memory, and each process
+    of a torchrun decodes only its share. A clip without a caption file trains with the empty
+    caption (unconditional), which is reported once at start.
     """
 
     EXTENSIONS = {".mp4", ".webm", ".mov", ".mkv", ".gif", ".avi"}
 
-    def __init__(self, folder: str, seed: int, frames: int, size: int):
-        from ..models.video_io import read_video
-
+    def __init__(self, folder: str, seed: int, frames: int, size: int, first: int = 0, dist=None, workers: int = 0):
         paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in self.EXTENSIONS)
         if not paths:
             raise ValueError(f"no video files ({', '.join(sorted(self.EXTENSIONS))}) found in {folder}")
-        self.clips, self.captions, missing = [], [], []
+        captions, missing = [], []
         for path in paths:
-            frames_hw3 = read_video(str(path)).frames  # [F, H, W, 3] in 0..1
-            if frames_hw3.shape[0] < frames:
-                raise ValueError(f"{path.name}: has {frames_hw3.shape[0]} frames, training needs at least {frames}")
-            self.clips.append(_square_resize(frames_hw3, size))
             txt = path.with_suffix(".txt")
-            self.captions.append(txt.read_text().strip() if txt.exists() else "")
+            captions.append(txt.read_text().strip() if txt.exists() else "")
             if not txt.exists():
                 missing.append(path.name)
-        if missing:
+        if missing and (dist is None or dist.main):
             print(f"[train] {len(missing)} clip(s) have no caption file and train unconditionally: {missing[:5]}")
-        self.rng = random.Random(seed)
-        self.frames = frames
+        self.frames, self.size = frames, size
+        self.stream = ClipStream(FolderClips(paths, captions, seed, frames, size), first, dist, workers)
 
     def batch(self, batch_size: int):
-        videos, captions = [], []
-        for _ in range(batch_size):
-            i = self.rng.randrange(len(self.clips))
-            clip = self.clips[i]
-            start = self.rng.randrange(clip.shape[0] - self.frames + 1)
-            videos.append(clip[start : start + self.frames])
-            captions.append(self.captions[i])
-        return torch.stack(videos) * 2 - 1, captions
+        items = self.stream.take(batch_size)
+        return _stack(items, self.frames, self.size), [i["caption"] for i in items]
 
 
 def _square_resize(frames_hw3: torch.Tensor, size: int) -> torch.Tensor:
@@ -118,13 +163,18 @@ def _square_resize(frames_hw3: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="area")
 
 
-def make_source(cfg: dict, args, seed: int, rate: int = 1):
+def make_source(cfg: dict, args, seed: int, first: int = 0, dist=None, rate: int = 1):
+    """The clip stream of a stage: seeded by ``seed``, from draw ``first`` (the draws a resumed
+    run already used), this process's share of each batch under torchrun (``dist``); world
+    clips at ``rate`` times the frame rate for the interpolation task."""
     data = cfg["data"]
+    workers = int(data.get("workers", 0))
     if args.data_dir:
-        return FolderSource(args.data_dir, seed, data["frames"], data["size"])
+        return FolderSource(args.data_dir, seed, data["frames"], data["size"], first, dist, workers)
     return WorldSource(seed, data["frames"], data["size"], split="train",
                        two_object_prob=float(data.get("two_object_prob", world.TWO_OBJECT_PROB)),
-                       motion_weights=data.get("motion_weights"), rate=rate)
+                       motion_weights=data.get("motion_weights"), first=first, dist=dist, workers=workers,
+                       rate=rate)
 
 
 def foreground_weights(x: torch.Tensor, weight: float) -> torch.Tensor:
@@ -193,47 +243,68 @@ class LatentPool:
     """
 
     def __init__(self, source, vae: VideoVAE, size: int, refresh: int, device, seed: int,
-                 foreground_weight: float = 0.0, labels: bool = False, binding: str | None = None):
+                 foreground_weight: float = 0.0, labels: bool = False, binding: str | None = None, dist=None):
         self.source, self.vae, self.refresh, self.device = source, vae, refresh, device
         self.foreground_weight = foreground_weight
-        self.rng = np.random.default_rng(seed)
+        self.seed, self.rng = seed, np.random.default_rng(seed)
+        self.dist = dist or Dist()
         self.with_labels = labels
         self.binding_words = binding  # which words (``binding_targets``), None: no binding targets
         self.latents, self.captions, self.weights, self.labels = [], [], [], []
         self.coverage, self.words = [], []  # binding targets: where each object is, its words
         while len(self.latents) < size:
-            print(f"\r[train unet] encoding the latent pool: {len(self.latents)}/{size}", end="", file=sys.stderr)
+            if self.dist.main:
+                print(f"\r[train unet] encoding the latent pool: {len(self.latents)}/{size}", end="", file=sys.stderr)
             self._add(min(16, size - len(self.latents)))
-        print(file=sys.stderr)
+        if self.dist.main:
+            print(file=sys.stderr)
 
     @torch.no_grad()
     def _add(self, n: int):
+        """The next ``n`` clips of the stream. Under torchrun each process encodes its share and
+        the shares are gathered, so every process holds the same pool as one process would."""
         if self.with_labels or self.binding_words:
             videos, captions, specs = self.source.batch_with_specs(n)
         else:
             (videos, captions), specs = self.source.batch(n), None
-        b, f = videos.shape[:2]
-        pixels = videos.flatten(0, 1).to(self.device)
-        latents = self.vae.encode(pixels, chunk_size=None)
-        weights = latent_weights(pixels, latents.shape[-2:], f, self.foreground_weight)
-        self.latents.extend(latents.view(b, f, *latents.shape[1:]).cpu())
-        self.weights.extend(weights.view(b, f, *weights.shape[1:]).cpu())
-        self.captions.extend(captions)
-        if self.with_labels:
-            self.labels.extend(torch.tensor([world.attribute_labels(s) for s in specs]))
-        if self.binding_words:
-            self.coverage.extend(world.object_coverage(specs, f, videos.shape[-1], latents.shape[-1]))
-            self.words.extend(torch.tensor([binding_targets(s, c, self.binding_words) for s, c in zip(specs, captions)]))
+        rows = []
+        if captions:
+            b, f = videos.shape[:2]
+            pixels = videos.flatten(0, 1).to(self.device)
+            latents = self.vae.encode(pixels, chunk_size=None)
+            weights = latent_weights(pixels, latents.shape[-2:], f, self.foreground_weight)
+            labels = coverage = words = [None] * b
+            if self.with_labels:
+                labels = list(torch.tensor([world.attribute_labels(s) for s in specs]))
+            if self.binding_words:
+                coverage = list(world.object_coverage(specs, f, videos.shape[-1], latents.shape[-1]))
+                words = list(torch.tensor([binding_targets(s, c, self.binding_words) for s, c in zip(specs, captions)]))
+            rows = list(zip(latents.view(b, f, *latents.shape[1:]).cpu(), weights.view(b, f, *weights.shape[1:]).cpu(),
+                            captions, labels, coverage, words))
+        if self.dist.size > 1:
+            rows = self.source.stream.interleave(n, self.dist.gather(rows))
+        for latent, weight, caption, label, cover, word in rows:
+            self.latents.append(latent)
+            self.weights.append(weight)
+            self.captions.append(caption)
+            if self.with_labels:
+                self.labels.append(label)
+            if self.binding_words:
+                self.coverage.append(cover)
+                self.words.append(word)
 
-    def batch(self, batch_size: int):
+    def batch(self, batch_size: int, step: int | None = None):
         """-> latents [(b f), 4, h, w] (scaled), captions, loss weights [(b f), 1, h, w],
         attribute labels [b, n] and binding targets (coverage [b, f, MAX_OBJECTS, h, w], words
-        [b, MAX_OBJECTS, slots]); each None unless the pool keeps it. Replaces the oldest clips."""
+        [b, MAX_OBJECTS, slots]); each None unless the pool keeps it. Replaces the oldest clips.
+        ``batch_size`` is the global batch; this process gets its share (``Dist.shard``). With
+        ``step`` the choice is seeded by ``(seed, step)``, so a resumed run chooses as an unbroken one."""
         if self.refresh:
             self._add(self.refresh)
             for kept in (self.latents, self.captions, self.weights, self.labels, self.coverage, self.words):
                 del kept[: self.refresh]
-        idx = self.rng.choice(len(self.latents), batch_size, replace=False)
+        rng = self.rng if step is None else np.random.default_rng([self.seed, step])
+        idx = self.dist.shard(list(rng.choice(len(self.latents), batch_size, replace=False)))
 
         def stack(items):
             return torch.stack([items[i] for i in idx]).to(self.device)

@@ -16,11 +16,13 @@ import torch
 class Logger:
     """One JSON line per logged step, to ``<run-dir>/<stage>.log``, and a progress line."""
 
-    def __init__(self, path: Path, total: int, start: int):
-        self.file = open(path, "a", buffering=1)
+    def __init__(self, path: Path, total: int, start: int, enabled: bool = True):
+        self.file = open(path, "a", buffering=1) if enabled else None  # under torchrun: rank 0's
         self.total, self.t0, self.start = total, time.time(), start
 
     def log(self, step: int, **values):
+        if self.file is None:
+            return
         self.file.write(json.dumps({"step": step, "time": round(time.time() - self.t0, 1), **values}) + "\n")
         done = step + 1 - self.start
         rate = done / max(time.time() - self.t0, 1e-6)
@@ -36,9 +38,11 @@ def cosine_lr(step: int, total: int, base: float, warmup: int = 200) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def save_state(path: Path, step: int, modules: dict, optimizer: torch.optim.Optimizer):
-    """Resumable training state (tensors and numbers only; loaded with weights_only=True)."""
-    state = {"step": step, "optimizer": optimizer.state_dict(), **{k: m.state_dict() for k, m in modules.items()}}
+def save_state(path: Path, step: int, modules: dict, optimizer: torch.optim.Optimizer | dict):
+    """Resumable training state (tensors and numbers only; loaded with weights_only=True).
+    ``modules`` maps names to modules or to their state dicts (gathered whole under FSDP)."""
+    state = {"step": step, "optimizer": optimizer if isinstance(optimizer, dict) else optimizer.state_dict(),
+             **{k: m if isinstance(m, dict) else m.state_dict() for k, m in modules.items()}}
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)

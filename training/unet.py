@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import random
 import sys
 from pathlib import Path
 
@@ -21,21 +20,22 @@ from ..models.conditioning import prior_channels
 from ..models.sampling import training_schedule, video_noise
 from ..models.text import TextConfig, TextEncoder
 from ..models.unet import UNetConfig, VideoUNet
+from . import distributed
 from .data import LatentPool, binding_slots, make_source
 from .export import adopt_vae, export, lineage, magicvideo_init
 from .loop import Logger, StepProfile, TimeBudget, cosine_lr, load_state, save_state
 
 
 def sample_timesteps(n: int, num_timesteps: int, low_fraction: float = 0.0, low_max: int = 300,
-                     device=None) -> torch.Tensor:
+                     device=None, generator: torch.Generator | None = None) -> torch.Tensor:
     """One training timestep per clip: uniform over the schedule, except that a share
     ``low_fraction`` of the clips draws from [0, low_max) only. The low-noise end is where
     a layout already chosen gets its fine detail (which of two latent cells a circle's rim
     falls in), and uniform sampling spends only low_max/num_timesteps of the steps there."""
-    t = torch.randint(0, num_timesteps, (n,), device=device)
+    t = torch.randint(0, num_timesteps, (n,), device=device, generator=generator)
     if low_fraction:
-        low = torch.rand(n, device=device) < low_fraction
-        t = torch.where(low, torch.randint(0, low_max, (n,), device=device), t)
+        low = torch.rand(n, device=device, generator=generator) < low_fraction
+        t = torch.where(low, torch.randint(0, low_max, (n,), device=device, generator=generator), t)
     return t
 
 
@@ -125,12 +125,17 @@ class TextAttributeProbe(torch.nn.Module):
         """context [B, seq, width] -> one [B, classes] per label (object 1's four, then object 2's)."""
         return self.net(context.mean(1)).split(self.sizes, dim=-1)
 
+    def forward(self, context: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.loss(context, labels)  # the forward DDP wraps
+
     def loss(self, context: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """context [B, seq, width], labels [B, len(sizes)] (IGNORE_LABEL where none)."""
         logits = self.logits(context)
         losses = [F.cross_entropy(lg, labels[:, i], ignore_index=world.IGNORE_LABEL)
                   for i, lg in enumerate(logits) if (labels[:, i] != world.IGNORE_LABEL).any()]
-        return torch.stack(losses).mean() if losses else context.sum() * 0
+        # nothing to read (every caption dropped): a zero that still reaches the probe's weights, as DDP
+        # expects a gradient for every parameter in every step
+        return torch.stack(losses).mean() if losses else sum(lg.sum() for lg in logits) * 0
 
 
 def binding_loss(probs: list[torch.Tensor], coverage: torch.Tensor, words: torch.Tensor,
@@ -192,6 +197,13 @@ class EMA:
         self.decay = decay
         self.shadow = copy.deepcopy(module).eval().requires_grad_(False)
 
+    @classmethod
+    def of(cls, shadow: torch.nn.Module) -> "EMA":
+        """An EMA holding ``shadow`` as its average (a gathered copy, for exporting)."""
+        ema = cls.__new__(cls)
+        ema.decay, ema.shadow = None, shadow
+        return ema
+
     @torch.no_grad()
     def update(self, module: torch.nn.Module, step: int):
         d = min(self.decay, (1 + step) / (10 + step))  # warm up: early averages follow closely
@@ -218,6 +230,10 @@ def train_unet(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
     One timestep per clip (all its frames share it, as at sampling time); captions are
     dropped to the empty prompt with probability ``cond_drop`` so classifier-free guidance
     works; the EMA weights are what we ship.
+
+    Under torchrun (``training/distributed.py``): ``batch_size`` is the global batch, split over
+    the processes and ``unet.accumulate`` micro-batches; DDP averages the gradients (``unet.shard``
+    "fsdp" shards the UNet instead); rank 0 logs, keeps the EMA, saves and exports.
     """
     tc = cfg["unet"]
     interp_rate = bool(tc.get("interp_rate", False))
@@ -225,6 +241,9 @@ def train_unet(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
         raise SystemExit("unet.interp_rate renders the world at 2-4 times the frame rate for the interp task: it needs "
                          "the world's clips (no --data-dir), an interp share in unet.tasks, and no binding_weight "
                          "(its object maps are made for the usual rate)")
+    dist = distributed.current(device)
+    accumulate = int(tc.get("accumulate", 1))
+    micro = dist.check_batch(tc["batch_size"], "unet.batch_size", accumulate)
     torch.manual_seed(cfg["seed"] + 1)
     init = magicvideo_init(args.init)
     history = lineage(init)
@@ -232,7 +251,9 @@ def train_unet(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
         history = json.loads(checkpoint.read_header(run_dir / "model.safetensors").metadata.get("lineage", "[]"))
     if tc.get("grow") and init is None:
         raise SystemExit("unet.grow adds layers to an --init MagicVideo model; for a new model set them in unet.config")
-    adopt_vae(init, run_dir)
+    if dist.main:
+        adopt_vae(init, run_dir)
+    dist.barrier()
     vae = checkpoint.load_model(run_dir / "vae.safetensors").vae.to(device).eval().requires_grad_(False)
     state_path = run_dir / "unet_state.pt"
 
@@ -294,125 +315,181 @@ def train_unet(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
         m.record_probs = bool(binding_weight)
     for m in modules.values():
         m.to(device).train().requires_grad_(True)
-    params = [p for m in modules.values() for p in m.parameters()]
-    opt = torch.optim.AdamW(params, lr=tc["lr"], weight_decay=0.01)
-    start = 0
-    if args.resume and state_path.exists():
+    unet.gradient_checkpointing = bool(tc.get("gradient_checkpointing", False))  # blocks' activations recomputed
+    start, state = 0, None
+    if args.resume and state_path.exists():  # saved whole by rank 0: any number of processes resumes it
         state = load_state(state_path)
         for k, m in modules.items():
             m.load_state_dict(state[k])
-        opt.load_state_dict(state["optimizer"])
         start = state["step"] + 1
-        print(f"[train unet] resumed at step {start}")
+        if dist.main:
+            print(f"[train unet] resumed at step {start}")
     masks = {}
     if tc.get("sparsity", "none") not in ("none", "2:4"):
         raise SystemExit(f"unet.sparsity: expected none or 2:4, found {tc['sparsity']!r}")
     if tc.get("sparsity") == "2:4":  # a sparsity-aware fine-tune: the pruned weights stay zero
         masks = quant.sparsity_masks(unet)
         quant.apply_masks(unet, masks)
-    emas = {k: EMA(m, tc["ema"]) for k, m in modules.items()}
-    if args.resume and state_path.exists():
-        for k in modules:
+    shard = tc.get("shard", "ddp")
+    sharded = shard == "fsdp" and dist.size > 1  # every process keeps the EMA of its shard
+    if sharded and masks:
+        raise SystemExit("unet.sparsity keeps whole weight masks: train it with unet.shard ddp")
+    emas = {k: EMA(m, tc["ema"]) for k, m in modules.items()} if dist.main or sharded else {}
+    if state is not None:
+        for k in emas:
             if f"ema_{k}" in state:
                 emas[k].shadow.load_state_dict(state[f"ema_{k}"])
+    wrapped = {k: dist.wrap(m, shard if k == "unet" else "ddp") for k, m in modules.items()}
+    if sharded:
+        dist.wrap(emas["unet"].shadow, "fsdp")
+    params = [p for m in wrapped.values() for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=tc["lr"], weight_decay=0.01)
+    if state is not None:
+        distributed.load_optimizer_state(opt, state["optimizer"])
+
+    def save(step: int | None):
+        """The resumable state (``step``; None: none) and the model file, written by rank 0 from
+        whole states (under FSDP every process takes part in gathering them)."""
+        kept = {f"ema_{k}": distributed.full_state(e.shadow) for k, e in emas.items()}
+        whole = {k: distributed.full_state(m) for k, m in modules.items()} if step is not None else {}
+        optim = distributed.full_optimizer_state(opt) if step is not None else None
+        if dist.main:
+            if step is not None:
+                save_state(state_path, step, whole | kept, optim)
+            export(run_dir / "model.safetensors", {k: EMA.of(distributed.plain_copy(e.shadow, kept[f"ema_{k}"]))
+                                                   for k, e in emas.items()}, vae, cfg, history)
 
     alphas_cumprod = training_schedule().to(device)
     prediction = unet.config.prediction_type
     fps = cfg["data"].get("fps", 8)
     other_tasks = {k: v for k, v in mix.items() if k != "interp"} or {"text": 1.0}
-    source = make_source(cfg, args, cfg["seed"] + 1 + start)
-    pool = LatentPool(source, vae, tc["pool_size"], tc["pool_refresh"], device, cfg["seed"] + 3 + start,
+    # the data position is the step: the pool holds draws [start * refresh, + pool_size) of the
+    # stream, and each step's choices and draws are seeded by (seed, step) (any world size)
+    source = make_source(cfg, args, cfg["seed"] + 1, first=start * tc["pool_refresh"], dist=dist)
+    pool = LatentPool(source, vae, tc["pool_size"], tc["pool_refresh"], device, cfg["seed"] + 3,
                       tc.get("foreground_weight", 0.0), labels=bool(aux_weight),
-                      binding=binding_words if binding_weight else None)
-    rate_pools, rates = {}, tuple(k for k in INTERP_RATES if k < cfg["data"]["frames"])  # a window holds a gap
+                      binding=binding_words if binding_weight else None, dist=dist)
+    rates = tuple(k for k in INTERP_RATES if k < cfg["data"]["frames"])  # a window holds a gap
     if interp_rate and not rates:
         raise SystemExit(f"unet.interp_rate needs clips of at least {INTERP_RATES[0] + 1} frames (data.frames)")
-    if interp_rate:  # interpolation on clips rendered at k times the rate: true in-betweens
-        rate_pools = {k: LatentPool(make_source(cfg, args, cfg["seed"] + 5 + k + start, rate=k), vae,
-                                    tc["pool_size"], tc["pool_refresh"], device, cfg["seed"] + 9 + k + start,
-                                    tc.get("foreground_weight", 0.0), labels=bool(aux_weight))
-                      for k in rates}
-    drop_rng = random.Random(cfg["seed"] + 2 + start)
-    task_rng = torch.Generator().manual_seed(cfg["seed"] + 4 + start)
-    log = Logger(run_dir / "unet.log", tc["steps"], start)
+    rate_pools = {k: LatentPool(make_source(cfg, args, cfg["seed"] + 5 + k, first=start * tc["pool_refresh"], dist=dist,
+                                            rate=k),
+                                vae, tc["pool_size"], tc["pool_refresh"], device, cfg["seed"] + 9 + k,
+                                tc.get("foreground_weight", 0.0), labels=bool(aux_weight), dist=dist)
+                  for k in (rates if interp_rate else ())}  # the interp task's clips at k times the rate
+    log = Logger(run_dir / "unet.log", tc["steps"], start, enabled=dist.main)
     end = min(tc["steps"], args.stop_at) if getattr(args, "stop_at", None) else tc["steps"]
     budget = TimeBudget(getattr(args, "minutes", None), start)
-    profile = StepProfile(getattr(args, "profile", None), start, run_dir / "profile.txt", device)
+    profile = StepProfile(getattr(args, "profile", None) if dist.main else None, start, run_dir / "profile.txt", device)
     for step in range(start, end):
         profile.at(step)
         fitted = budget.fit(step, tc["steps"])
+        if budget.seconds is not None:  # rank 0's clock decides for all
+            fitted = dist.broadcast(fitted)
         if fitted is not None:  # the schedule now ends when the time is up
-            print(f"\n[train unet] {args.minutes} minutes fit {fitted} steps at {budget.rate:.2f} steps/s; "
-                  f"the learning-rate schedule now ends there", file=sys.stderr)
+            if dist.main:
+                print(f"\n[train unet] {args.minutes} minutes fit {fitted} steps at {budget.rate:.2f} steps/s; "
+                      f"the learning-rate schedule now ends there", file=sys.stderr)
             tc["steps"] = log.total = fitted
             end = min(end, fitted)
-            (run_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+            if dist.main:
+                (run_dir / "config.json").write_text(json.dumps(cfg, indent=2))
         if step >= end:
             break
-        rate = interp_rate and draw_rate(mix, rates, task_rng)  # 0: a batch of the usual rate
-        x0, captions, weights, labels, binding = (rate_pools[rate] if rate else pool).batch(tc["batch_size"])
-        b = len(captions)  # x0 [(b f), 4, h, w], scaled
-        frames = len(x0) // b
-        captions = ["" if drop_rng.random() < tc["cond_drop"] else c for c in captions]
-        dropped = torch.tensor([not c for c in captions], device=device)
-        if labels is not None:  # the empty prompt names nothing
-            labels = labels.masked_fill(dropped[:, None], world.IGNORE_LABEL)
-        context, unknown = text.encode(captions)
-        if unknown:
-            raise ValueError(f"training captions use words outside the text encoder's vocabulary: {sorted(set(unknown))}")
-        context = context.to(device)
-
-        t = sample_timesteps(b, len(alphas_cumprod), low_t_fraction, low_t_max, device).repeat_interleave(frames)
-        noise = video_noise(x0.shape, frames, unet.config.noise_sharing, device=device)
-        a = alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
-        s = (1 - alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
-        xt = a * x0 + s * noise
-        cond = None
-        if gives_frames:  # given frames clean (timestep 0), in the image-prior channels too, not scored
-            if rate:  # every rate-th frame given: the keyframes around the gaps
-                given = torch.zeros(b, frames, dtype=torch.bool)
-                given[:, ::rate] = True
-                given = given.flatten().to(device)
-            else:
-                given = given_frames_mask(b, frames, other_tasks if interp_rate else mix, task_rng).to(device)
-            t = t.masked_fill(given, 0)
-            xt = torch.where(given.view(-1, 1, 1, 1), x0, xt)
-            weights = weights * (~given).view(-1, 1, 1, 1)
-            if seam_weight:  # the first new frame after given ones: where continuation jumps
-                seam = first_new_frames(given.view(b, frames)).flatten()
-                weights = weights * (1 + seam_weight * seam.float()).view(-1, 1, 1, 1)
-        if unet.config.cond_channels:
-            cond = prior_channels(x0, given if gives_frames else torch.zeros(len(x0), dtype=torch.bool, device=device))
-        target = noise if prediction == "epsilon" else a * noise - s * x0
-        fps_t = torch.full((b * frames,), float(fps * (rate or 1)), device=device)
-        with torch.autocast(device.type, dtype=precision or torch.float32, enabled=precision is not None):
-            pred = unet(xt, t, context, num_frames=frames, fps=fps_t, cond=cond).float()
-        loss = ((pred - target).pow(2) * weights).mean() / weights.mean()
-        extra = {}
-        if aux_weight:
-            extra["text_aux"] = modules["probe"].loss(context, labels)
-            loss = loss + aux_weight * extra["text_aux"]
-        if binding_weight:
-            coverage, words = binding
-            words = words.masked_fill(dropped[:, None, None], -1)
-            extra["binding"] = binding_loss([m.probs for m in cross_attention], coverage, words, binding_contrast)
-            loss = loss + binding_weight * extra["binding"]
-
+        # the global batch's draws, seeded by (seed, step); this process keeps its share of each
+        gen = dist.step_generator(cfg["seed"] + 2, step, device)
+        host_gen = dist.step_generator(cfg["seed"] + 4, step, "cpu")
+        B = tc["batch_size"]
+        rate = draw_rate(mix, rates, host_gen) if interp_rate else 0  # 0: a batch of the usual rate
+        drawn = rate_pools[rate] if rate else pool
+        frames = drawn.source.frames
+        x0_all, captions_all, weights_all, labels_all, binding_all = drawn.batch(B, step)  # [(b f), 4, h, w], scaled
+        drop_all = dist.shard(list(torch.rand(B, generator=host_gen) < tc["cond_drop"]))
+        t_all = dist.shard(sample_timesteps(B, len(alphas_cumprod), low_t_fraction, low_t_max, device, gen))
+        noise_all = dist.shard(video_noise((B * frames, *x0_all.shape[1:]), frames, unet.config.noise_sharing,
+                                           generator=gen, device=device), frames)
+        if rate:  # every rate-th frame given: the keyframes around the gaps
+            given_all = dist.shard(torch.arange(frames).remainder(rate).eq(0).repeat(B), frames).to(device)
+        elif gives_frames:
+            given_all = dist.shard(given_frames_mask(B, frames, other_tasks if interp_rate else mix, host_gen),
+                                   frames).to(device)
+        else:
+            given_all = None
+        if gives_frames:  # given frames are not scored; the first new frame after them is weighted up
+            weights_all = weights_all * (~given_all).view(-1, 1, 1, 1)
+            if seam_weight:  # where continuation jumps
+                seam = first_new_frames(given_all.view(-1, frames)).flatten()
+                weights_all = weights_all * (1 + seam_weight * seam.float()).view(-1, 1, 1, 1)
+        # the loss is the global batch's weighted mean: each process's sum over the weight of all
+        # (times the process count, as DDP averages), whatever the split into processes and micro-batches
+        scale = dist.size / (dist.sum(weights_all.sum()) * x0_all.shape[1])
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, tc["steps"], tc["lr"])
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        logged = {}
+        for part in range(accumulate):  # micro-batches of this process's share
+            clips = slice(part * micro, (part + 1) * micro)
+            rows = slice(clips.start * frames, clips.stop * frames)
+            x0, weights, noise = x0_all[rows], weights_all[rows], noise_all[rows]
+            captions = ["" if d else c for d, c in zip(drop_all[clips], captions_all[clips])]
+            labels = None if labels_all is None else labels_all[clips]
+            binding = None if binding_all is None else (binding_all[0][clips], binding_all[1][clips])
+            b = len(captions)
+            dropped = torch.tensor([not c for c in captions], device=device)
+            if labels is not None:  # the empty prompt names nothing
+                labels = labels.masked_fill(dropped[:, None], world.IGNORE_LABEL)
+            ids, keep, unknown = text.tokenize(captions)
+            if unknown:
+                raise ValueError(f"training captions use words outside the text encoder's vocabulary: {sorted(set(unknown))}")
+            with dist.no_sync(list(wrapped.values()), last=part == accumulate - 1):
+                context = wrapped["text"](ids.to(device), keep.to(device))
+
+                t = t_all[clips].repeat_interleave(frames)
+                a = alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
+                s = (1 - alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
+                xt = a * x0 + s * noise
+                cond = None
+                if gives_frames:  # given frames clean (timestep 0), in the image-prior channels too
+                    given = given_all[rows]
+                    t = t.masked_fill(given, 0)
+                    xt = torch.where(given.view(-1, 1, 1, 1), x0, xt)
+                if unet.config.cond_channels:
+                    cond = prior_channels(x0, given if gives_frames else torch.zeros(len(x0), dtype=torch.bool, device=device))
+                target = noise if prediction == "epsilon" else a * noise - s * x0
+                fps_t = torch.full((b * frames,), float(fps * (rate or 1)), device=device)
+                with torch.autocast(device.type, dtype=precision or torch.float32, enabled=precision is not None):
+                    pred = wrapped["unet"](xt, t, context, num_frames=frames, fps=fps_t, cond=cond).float()
+                loss = ((pred - target).pow(2) * weights).sum() * scale
+                extra = {}
+                if aux_weight:
+                    extra["text_aux"] = wrapped["probe"](context, labels)
+                    loss = loss + aux_weight * extra["text_aux"] / accumulate
+                if binding_weight:
+                    coverage, words = binding
+                    words = words.masked_fill(dropped[:, None, None], -1)
+                    extra["binding"] = binding_loss([m.probs for m in cross_attention], coverage, words, binding_contrast)
+                    loss = loss + binding_weight * extra["binding"] / accumulate
+                loss.backward()
+            logged["loss"] = logged.get("loss", 0.0) + loss.detach()
+            for k, v in extra.items():
+                logged[k] = logged.get(k, 0.0) + v.detach() / accumulate
+
+        distributed.clip_grad_norm_(params, 1.0)
         opt.step()
         if masks:
             quant.apply_masks(unet, masks)
-        for k, m in modules.items():
-            emas[k].update(m, step)
-        if step % 10 == 0 or step == end - 1:
-            log.log(step, loss=loss.item(), lr=opt.param_groups[0]["lr"], **{k: v.item() for k, v in extra.items()})
+        for k, ema in emas.items():  # rank 0's
+            ema.update(modules[k], step)
+        if step % 10 == 0 or step == end - 1:  # the mean over the processes: the global batch's loss
+            logged = {k: dist.mean(v) for k, v in logged.items()}
+            if device.type == "cuda":  # this process's peak (scripts/train_rate.py reports it)
+                logged["cuda_peak_mib"] = torch.cuda.max_memory_allocated(device) >> 20
+            log.log(step, loss=logged.pop("loss"), lr=opt.param_groups[0]["lr"], **logged)
         if (step + 1) % tc["save_every"] == 0 or step == end - 1:
-            save_state(state_path, step, modules | {f"ema_{k}": e.shadow for k, e in emas.items()}, opt)
-            export(run_dir / "model.safetensors", emas, vae, cfg, history)
+            save(step)
     profile.at(end, final=True)
-    print(file=sys.stderr)
-    return export(run_dir / "model.safetensors", emas, vae, cfg, history)
+    if dist.main:
+        print(file=sys.stderr)
+    save(None)
+    dist.barrier()  # the file is written before any process goes on
+    return run_dir / "model.safetensors"

@@ -11,6 +11,7 @@ import torch
 from ..models import checkpoint
 from ..models.sampling import predict_x0, training_schedule, video_noise
 from ..models.vae import VAEConfig, VideoVAE
+from . import distributed
 from .data import foreground_weights, load_decoder_pairs, make_source
 from .export import adopt_model, magicvideo_init
 from .loop import Logger, cosine_lr, load_state, save_state
@@ -36,8 +37,12 @@ def train_vae(cfg: dict, args, run_dir: Path, device: torch.device, decoder_only
     VAE's ``scaling_factor``, so the UNet sees unit-variance latents as SD's does. With
     ``decoder_only`` (stage ``decoder``) the encoder is frozen: the latents, and so a UNet
     already trained on them, stay valid while the decoder keeps improving.
+
+    Under torchrun (``training/distributed.py``): ``batch_size`` is the global batch, split over
+    the processes; DDP averages the gradients; rank 0 logs, saves and writes the VAE.
     """
     tc = cfg["vae"]
+    dist = distributed.current(device)
     name = "decoder" if decoder_only else "vae"
     steps = tc["decoder_steps"] if decoder_only else tc["steps"]
     torch.manual_seed(cfg["seed"] + (10 if decoder_only else 0))
@@ -46,8 +51,9 @@ def train_vae(cfg: dict, args, run_dir: Path, device: torch.device, decoder_only
 
     on_unet = int(tc.get("decoder_unet_max_t", 0)) if decoder_only else 0
     pairs = load_decoder_pairs(tc.get("decoder_pairs") or []) if decoder_only else None
-    if decoder_only:
+    if decoder_only and dist.main:
         adopt_model(magicvideo_init(args.init), run_dir)
+    dist.barrier()
     denoiser = _decoder_denoiser(run_dir, device) if on_unet else None
     if decoder_only:
         if not out_path.exists():
@@ -62,15 +68,18 @@ def train_vae(cfg: dict, args, run_dir: Path, device: torch.device, decoder_only
     else:
         vae = VideoVAE(VAEConfig.from_dict(tc["config"]))
     vae.to(device).train()
-    params = [p for p in vae.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=tc["lr"], weight_decay=0.0)
-    start = 0
-    if args.resume and state_path.exists():
+    start, state = 0, None
+    if args.resume and state_path.exists():  # saved whole by rank 0: any number of processes resumes it
         state = load_state(state_path)
         vae.load_state_dict(state["vae"])
-        opt.load_state_dict(state["optimizer"])
         start = state["step"] + 1
-        print(f"[train {name}] resumed at step {start}")
+        if dist.main:
+            print(f"[train {name}] resumed at step {start}")
+    net = dist.wrap(vae)  # DDP under torchrun; the VAE itself in one process
+    params = [p for p in vae.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=tc["lr"], weight_decay=0.0)
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
 
     sep_weight, sep_margin = float(tc.get("separation_weight", 0.0)), float(tc.get("separation_margin", 3.0))
     if sep_weight and (decoder_only or args.data_dir):
@@ -87,30 +96,38 @@ def train_vae(cfg: dict, args, run_dir: Path, device: torch.device, decoder_only
         raise SystemExit(f"vae.decoder_pairs_share: expected a share of the batch of {tc['batch_size']} clips "
                          f"that is at least one clip and leaves at least one round trip, "
                          f"found {tc.get('decoder_pairs_share')}")
-    pair_rng = np.random.default_rng(cfg["seed"] + 20 + start)
-    source = make_source({"data": {**cfg["data"], "frames": clip_frames}}, args, cfg["seed"] + start)
-    log = Logger(run_dir / f"{name}.log", steps, start)
+    round_trips = tc["batch_size"] - n_pairs
+    dist.check_batch(round_trips, f"vae.batch_size{' less the decoder pairs' if n_pairs else ''}")
+    if n_pairs:
+        dist.check_batch(n_pairs, "vae.batch_size x vae.decoder_pairs_share")
+    # the data position is the step: the stream from draw start * round_trips, draws seeded by (seed, step)
+    source = make_source({"data": {**cfg["data"], "frames": clip_frames}}, args, cfg["seed"],
+                         first=start * round_trips, dist=dist)
+    log = Logger(run_dir / f"{name}.log", steps, start, enabled=dist.main)
     for step in range(start, steps):
-        videos, captions = (source.batch_with_twins if sep_weight else source.batch)(tc["batch_size"] - n_pairs)
+        videos, captions = (source.batch_with_twins if sep_weight else source.batch)(round_trips)
         frames = videos.shape[1]
         x = videos.flatten(0, 1).to(device)  # [(b f), 3, H, W]
         with torch.set_grad_enabled(not decoder_only):
-            mean, logvar = vae.encode_dist(x)
-        z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
+            mean, logvar = distributed.forward_as(net, "encode_dist", x)
+        gen = dist.step_generator(cfg["seed"] + 30, step, device)  # the global batch's noise; this process's share
+        sets = 2 if sep_weight else 1  # clips, then their twins
+        eps = torch.randn((sets, round_trips * frames, *mean.shape[1:]), generator=gen, device=device)
+        z = mean + torch.cat([dist.shard(e, frames) for e in eps]) * (0.5 * logvar).exp()
         if denoiser is not None:  # decode what the UNet makes of these latents, not the latents
             scale = vae.config.scaling_factor
             z = denoiser(mean * scale, captions, frames, on_unet) / scale
         if n_pairs:  # and what the sampler made of other clips, against those clips
-            latents, truth = pairs.batch(pair_rng, n_pairs)
-            z = torch.cat([z, latents.flatten(0, 1).to(device) / vae.config.scaling_factor])
-            x = torch.cat([x, truth.flatten(0, 1).to(device)])
-        recon = vae.decode_raw(z, num_frames=frames)
+            latents, truth = pairs.batch(np.random.default_rng([cfg["seed"] + 20, step]), n_pairs)
+            z = torch.cat([z, dist.shard(latents).flatten(0, 1).to(device) / vae.config.scaling_factor])
+            x = torch.cat([x, dist.shard(truth).flatten(0, 1).to(device)])
+        recon = distributed.forward_as(net, "decode_raw", z, num_frames=frames)
         err = (recon - x).abs() + (recon - x).pow(2)
         weighted = err * foreground_weights(x, tc.get("foreground_weight", 0.0))
         rec = weighted.mean()
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
         loss = rec + tc["kl_weight"] * kl
-        extra = {"rec_pairs": weighted[-n_pairs * frames:].detach().mean()} if n_pairs else {}
+        extra = {"rec_pairs": weighted[-(n_pairs // dist.size) * frames:].detach().mean()} if n_pairs else {}
         if sep_weight:
             extra["sep"] = separation_loss(mean, x, sep_margin)
             loss = loss + sep_weight * extra["sep"]
@@ -120,20 +137,27 @@ def train_vae(cfg: dict, args, run_dir: Path, device: torch.device, decoder_only
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        if step % 10 == 0 or step == steps - 1:
-            log.log(step, loss=loss.item(), rec=rec.item(), kl=kl.item(), **{k: v.item() for k, v in extra.items()})
+        if step % 10 == 0 or step == steps - 1:  # means over the processes: the global batch's
+            log.log(step, loss=dist.mean(loss), rec=dist.mean(rec), kl=dist.mean(kl),
+                    **{k: dist.mean(v) for k, v in extra.items()})
         if (step + 1) % tc["save_every"] == 0 or step == steps - 1:
-            save_state(state_path, step, {"vae": vae}, opt)
-    print(file=sys.stderr)
+            if dist.main:
+                save_state(state_path, step, {"vae": vae}, opt)
+    if dist.main:
+        print(file=sys.stderr)
 
     vae.eval()
     if not decoder_only:
-        with torch.no_grad():  # latent scale from fresh clips
+        with torch.no_grad():  # latent scale from fresh clips (each process encodes its share)
             videos, _ = source.batch(16)
-            mean, _ = vae.encode_dist(videos.flatten(0, 1).to(device))
+            mean = vae.encode_dist(videos.flatten(0, 1).to(device))[0] if len(videos) else torch.empty(0)
+            mean = torch.cat([t.flatten() for share in dist.gather([mean.cpu()]) for t in share])
             vae.config.scaling_factor = float(1.0 / mean.std())
-        print(f"[train vae] scaling_factor = {vae.config.scaling_factor:.4f}")
-    checkpoint.save_model(out_path, vae=vae.cpu())
+        if dist.main:
+            print(f"[train vae] scaling_factor = {vae.config.scaling_factor:.4f}")
+    if dist.main:
+        checkpoint.save_model(out_path, vae=vae.cpu())
+    dist.barrier()  # the file is written before any process goes on
     return out_path
 
 
