@@ -4,6 +4,7 @@
     magicvideo generate --conditioning cond.safetensors --model my_model.safetensors --frames 16
     magicvideo upgrade old_model.safetensors          # an older file format rewritten as the current one
     magicvideo quantize model.safetensors model_int8_24.safetensors --sparsity 2:4
+    magicvideo quantize motion.safetensors motion_int8.safetensors   # a motion-only file: its temporal layers
 
 Sampling flags (``--steps``, ``--cfg``, ``--cfg-end``, ``--motion-guidance``, ...) default to the
 main workflow's settings (``sampling.PRESETS["main"]``).
@@ -125,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--dtype", choices=list(pipeline.DTYPES), default="auto")
     q = sub.add_parser("quantize", help="write a MagicVideo file's UNet as int8 (+ 2:4 sparse) weights")
-    q.add_argument("model", help="a full MagicVideo .safetensors file")
+    q.add_argument("model", help="a full or motion-only MagicVideo .safetensors file")
     q.add_argument("out", help="the quantised file to write")
     q.add_argument("--scheme", default="int8", help="int8 (weight-only, one scale per output channel)")
     q.add_argument("--sparsity", default="none", help="none, or 2:4 (2 of every 4 input weights kept)")

@@ -18,7 +18,9 @@ Key prefixes, as in SD1.x checkpoints so an SD1.5 file inflates by name:
     text_encoder.*            the built-in text encoder of the bundled default
 
 A motion-only file holds just the UNet's motion keys (``unet.is_motion_key``) under the
-same prefix, so full = SD1.5 checkpoint + motion file. Three ways in:
+same prefix, so full = SD1.5 checkpoint + motion file. Either kind may be quantised
+(``quantize_file``, ``models/quant.py``): its ``quantization`` metadata lists the int8 layers
+(a motion file's: motion layers only), which loading builds as such. Three ways in:
 
     load_model(path)                   a full MagicVideo file (any of its parts may be absent)
     load_sd15(path, motion=None)       an SD1.x checkpoint inflated (new layers start as identity),
@@ -59,6 +61,7 @@ TEXT_PREFIX = "text_encoder."
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
 _SHOW = 5  # keys listed in an error
+_DTYPE_NAMES = {torch.int8: "I8", torch.uint8: "U8"}  # safetensors' names of the integer types quantised layers store
 
 
 class CheckpointError(ValueError):
@@ -314,7 +317,12 @@ def _fill(state: dict[str, torch.Tensor], header: Header, prefix: str, *, what: 
         (k, tuple(state[k].shape), found[k]) for k in state
         if k in found and tuple(state[k].shape) != found[k] and not _squeezable(state[k].shape, found[k])
     ]
+    wrong_dtype = [(k, _DTYPE_NAMES[state[k].dtype], header.dtypes[prefix + k]) for k in state
+                   if k in found and state[k].dtype in _DTYPE_NAMES and header.dtypes[prefix + k] != _DTYPE_NAMES[state[k].dtype]]
     problems = []
+    if wrong_dtype:  # integers (int8 weights, packed 2:4 positions) are read as stored, never cast
+        listed = "; ".join(f"{prefix + k}: expected {e}, found {f}" for k, e, f in wrong_dtype[:_SHOW])
+        problems.append(f"{len(wrong_dtype)} tensors of the wrong type ({listed}{'; ...' if len(wrong_dtype) > _SHOW else ''})")
     if mismatched:
         listed = "; ".join(f"{k}: expected {e}, found {f}" for k, e, f in mismatched[:_SHOW])
         problems.append(f"{len(mismatched)} shape mismatches ({listed}{'; ...' if len(mismatched) > _SHOW else ''})")
@@ -363,6 +371,34 @@ def _eval(module):
 
 
 # ----------------------------------------------------------------------------- loading
+
+
+def _quantization(header: Header, config: UNetConfig) -> dict | None:
+    """A file's "quantization" metadata (``quant.describe``), checked against a model of ``config``
+    built on the meta device; None for a file in full precision. A motion file may quantise its
+    motion layers only (the image layers come from the SD1.x checkpoint it is applied onto)."""
+    text = header.metadata.get("quantization")
+    if text is None:
+        return None
+    try:
+        description = json.loads(text)
+        if header.metadata.get("kind") == "motion":
+            image = [name for name in description.get("layers", {}) if not is_motion_key(name + ".weight")]
+            if image:
+                raise ValueError(f"a motion file quantises motion layers only, but it lists {len(image)} image "
+                                 f"layers ({', '.join(image[:_SHOW])})")
+        quant.restructure(VideoUNet.for_loading(config, device="meta"), description)
+    except (json.JSONDecodeError, TypeError, AttributeError, ValueError) as e:
+        raise CheckpointError(f"{header.path.name}: its quantization metadata cannot be used: {e}") from None
+    return description
+
+
+def _quantized_layout(header: Header, config: UNetConfig):
+    """For ``VideoUNet.for_loading``: the int8 layers a file describes, built as such (no
+    full-precision copy), or None."""
+    description = _quantization(header, config)
+    return None if description is None else (lambda model: quant.restructure(model, description))
+
 
 
 def load(path, *, motion=None, dtype=torch.float32, device="cpu", unet_overrides: dict | None = None) -> MagicVideoBundle:
@@ -424,17 +460,7 @@ def load_model(path, *, dtype=torch.float32, device="cpu") -> MagicVideoBundle:
     unet = vae = text = None
     unet_config = _config_from_json(header, "unet_config", UNetConfig)
     if unet_config is not None:
-        layout = None
-        if "quantization" in header.metadata:  # int8 layers, built as such (no full-precision copy)
-            try:
-                description = json.loads(header.metadata["quantization"])
-                quant.restructure(VideoUNet.for_loading(unet_config, device="meta"), description)  # check it first
-            except (json.JSONDecodeError, TypeError, AttributeError, ValueError) as e:
-                raise CheckpointError(f"{header.path.name}: its quantization metadata cannot be used: {e}") from None
-
-            def layout(model):
-                quant.restructure(model, description)
-        unet = _new_unet(unet_config, device, dtype, layout)
+        unet = _new_unet(unet_config, device, dtype, _quantized_layout(header, unet_config))
         _fill(unet.state_dict(), header, UNET_PREFIX, what="the VideoUNet of its unet_config")
     vae_config = _config_from_json(header, "vae_config", VAEConfig)
     if vae_config is not None:
@@ -498,7 +524,9 @@ def load_sd15(path, *, motion=None, unet_overrides: dict | None = None, vae_over
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"expected a valid UNet configuration for {header.path.name}, found {fields} ({e})") from None
 
-    unet = _new_unet(config, device, dtype)
+    # a quantised motion file: its int8 layers built as such; every motion key then comes from it
+    layout = _quantized_layout(motion_header, config) if motion_header is not None else None
+    unet = _new_unet(config, device, dtype, layout)
     _fill(unet.state_dict(), header, prefix, what="an SD1.x UNet", optional=is_motion_key)
     if motion_header is not None:
         _fill(_motion_state(unet), motion_header, UNET_PREFIX, what="the motion layers of its unet_config")
@@ -535,6 +563,15 @@ def apply_motion(unet: VideoUNet, path) -> VideoUNet:
     if header.metadata.get("kind") == "full":  # the motion part of a full file
         header = Header(header.path, header.metadata, {k: s for k, s in header.shapes.items()
                                                        if k.startswith(UNET_PREFIX) and is_motion_key(k)}, header.dtypes)
+    description = _quantization(header, unet.config)
+    if description is not None:  # the file's int8 motion layers replace this UNet's
+        motion_layers = {k: v for k, v in description["layers"].items() if is_motion_key(k + ".weight")}
+        where = next(unet.parameters())
+        quant.restructure(unet, {**description, "layers": motion_layers})
+        unet.to(where.device)
+    elif any(is_motion_key(name + ".weight") for name in (quant.describe(unet) or {}).get("layers", {})):
+        raise CheckpointError(f"{header.path.name}: expected an int8 motion file for this UNet, whose motion layers "
+                              "are int8, found one in full precision; apply it to a full-precision UNet")
     _fill(_motion_state(unet), header, UNET_PREFIX, what="the motion layers of this UNet")
     return unet
 
@@ -596,25 +633,52 @@ def save_model(path, *, unet: VideoUNet | None = None, vae: VideoVAE | None = No
     return _write(path, tensors, meta)
 
 
+def _kept_metadata(metadata: dict) -> dict:
+    return {k: v for k, v in metadata.items()
+            if k not in ("format", "format_version", "kind", "quantization") and not k.endswith("_config")}
+
+
 def quantize_file(path, out, *, scheme: str = "int8", sparsity: str = "none") -> Path:
-    """A full MagicVideo file with its UNet's weights as int8 (``models/quant.py``), the VAE and
-    text encoder as they are, and the rest of its metadata kept."""
+    """A MagicVideo file with its UNet's weights as int8 (``models/quant.py``) and the rest of its
+    metadata kept. A full file keeps its VAE and text encoder as they are; a motion file's
+    linear layers (temporal attention, fps embedding) become int8 and its frame adaptors stay."""
+    header = read_header(path)
+    if header.is_magicvideo and header.metadata.get("kind") == "motion":
+        return _quantize_motion_file(header, out, scheme, sparsity)
     bundle = load_model(path)
     if bundle.unet is None:
         raise CheckpointError(f"{Path(path).name}: has no UNet to quantise")
     if quant.describe(bundle.unet):
         raise CheckpointError(f"{Path(path).name}: is quantised already; convert its full-precision file")
     quant.quantize(bundle.unet, scheme, sparsity)
-    keep = {k: v for k, v in bundle.metadata.items()
-            if k not in ("format", "format_version", "kind", "quantization") and not k.endswith("_config")}
-    return save_model(out, unet=bundle.unet, vae=bundle.vae, text_encoder=bundle.text_encoder, extra_metadata=keep,
+    return save_model(out, unet=bundle.unet, vae=bundle.vae, text_encoder=bundle.text_encoder,
+                      extra_metadata=_kept_metadata(bundle.metadata),
                       dtype=torch.float16)  # what stays floating point (scales, norms, the VAE) in half precision
+
+
+def _quantize_motion_file(header: Header, out, scheme: str, sparsity: str) -> Path:
+    _check_version(header)
+    if "quantization" in header.metadata:
+        raise CheckpointError(f"{header.path.name}: is quantised already; convert its full-precision file")
+    config = _config_from_json(header, "unet_config", UNetConfig)
+    if config is None:
+        raise CheckpointError(f"{header.path.name}: expected a unet_config in the metadata, found none")
+    unet = _new_unet(config, "cpu", torch.float32)  # the image layers stay empty: never read, never written
+    _fill(_motion_state(unet), header, UNET_PREFIX, what="the motion layers of its unet_config")
+    quant.quantize(unet, scheme, sparsity,
+                   keep=lambda name, module: quant.default_keep(name, module) or not is_motion_key(name + ".weight"))
+    return save_motion(out, unet, extra_metadata=_kept_metadata(header.metadata), dtype=torch.float16)
 
 
 def save_motion(path, unet: VideoUNet, *, extra_metadata: dict | None = None, dtype: torch.dtype | None = None) -> Path:
     """Write the motion-only file: adaptors, temporal layers, fps embedding, cond conv."""
     meta = _metadata("motion", extra_metadata)
     meta["unet_config"] = _config_json(unet)
+    quantized = quant.describe(unet)
+    motion_layers = {k: v for k, v in (quantized or {}).get("layers", {}).items() if is_motion_key(k + ".weight")}
+    if motion_layers:  # int8 motion layers: load_sd15 and apply_motion rebuild them from this
+        sparsity = "2:4" if "2:4" in motion_layers.values() else "none"
+        meta["quantization"] = json.dumps({**quantized, "sparsity": sparsity, "layers": motion_layers}, sort_keys=True)
     return _write(path, _tensors(unet, UNET_PREFIX, dtype, keep=is_motion_key), meta)
 
 
@@ -624,6 +688,10 @@ def save_sd15(path, *, unet: VideoUNet, vae: VideoVAE | None = None, dtype: torc
     The motion layers are dropped (save them with save_motion): the result loads in any
     SD1.x tool, and load_sd15(path, motion=...) rebuilds the video model.
     """
+    image = [k for k in (quant.describe(unet) or {}).get("layers", {}) if not is_motion_key(k + ".weight")]
+    if image:
+        raise CheckpointError(f"an SD1.x checkpoint holds full-precision weights, found {len(image)} int8 image layers "
+                              f"({', '.join(image[:_SHOW])}); save the full-precision UNet")
     tensors = _tensors(unet, UNET_PREFIX, dtype, keep=lambda k: not is_motion_key(k))
     if vae is not None:
         tensors.update(_tensors(vae, VAE_PREFIX, dtype, keep=lambda k: "temporal" not in k))

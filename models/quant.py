@@ -157,8 +157,9 @@ def describe(model: nn.Module) -> dict | None:
 
 
 def restructure(model: nn.Module, description: dict) -> None:
-    """Give a freshly built model the quantised layers a file describes (:func:`describe`), empty,
-    so that the file's tensors load into them. ValueError for what this code does not know."""
+    """Give a model the quantised layers a file describes (:func:`describe`), empty, so that the
+    file's tensors load into them; layers that already have that layout stay. ValueError for what
+    this code does not know."""
     scheme, version = description.get("scheme"), description.get("version")
     if scheme not in SCHEMES or version != FORMAT_VERSION:
         raise ValueError(f"quantization scheme {scheme!r} version {version!r}: this pack reads {SCHEMES} version "
@@ -166,6 +167,8 @@ def restructure(model: nn.Module, description: dict) -> None:
     modules = dict(model.named_modules())
     for name, sparsity in description.get("layers", {}).items():
         module = modules.get(name)
+        if isinstance(module, (QuantLinear, QuantConv2d)) and module.weight_q.sparsity == sparsity:
+            continue  # already this layout (e.g. a quantised motion file applied a second time)
         if not isinstance(module, (nn.Linear, nn.Conv2d)) or sparsity not in SPARSITIES:
             raise ValueError(f"quantised layer {name!r} ({sparsity!r}) does not fit this model's layout")
         with torch.device("meta"):

@@ -137,7 +137,8 @@ class ModelLoader:
                                                "Used when model_name is none."}),
                 "motion_module": ([NONE] + models, {"default": NONE,
                                   "tooltip": "A motion-only MagicVideo file (adaptors, temporal attention, fps) applied "
-                                             "onto the SD1.5 checkpoint. none keeps the untrained motion layers."}),
+                                             "onto the SD1.5 checkpoint, in full precision or int8 (`magicvideo "
+                                             "quantize`). none keeps the untrained motion layers."}),
                 "dtype": (list(pipeline.DTYPES), {"default": "auto",
                           "tooltip": "Weight precision. auto: bf16/fp16 on a GPU (VAE bf16 or fp32), fp32 on CPU."}),
             },
@@ -174,9 +175,9 @@ class ModelLoader:
         else:
             raise ValueError("no model chosen: pick a model_name, or set it to none and pick an sd15_checkpoint")
         if WEIGHTS[weights] is not None:
-            if quant.describe(bundle.unet):
+            if model_name != NONE and quant.describe(bundle.unet):
                 raise ValueError(f"{model_name} is quantised already; load it with weights 'as stored'")
-            quant.quantize(bundle.unet, sparsity=WEIGHTS[weights])
+            quant.quantize(bundle.unet, sparsity=WEIGHTS[weights])  # after an int8 motion file: the rest
         unet, video_vae, text = pipeline.prepare(bundle, device=mm.get_torch_device(), dtype=dtype)
         model = pipeline.VideoModel(unet, video_vae.config.scaling_factor, video_vae.latent_rgb())
         return (model, video_vae, text)

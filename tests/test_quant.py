@@ -3,12 +3,14 @@ layers that dequantise in their forward, on a tiny VideoUNet."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
 
 from magicvideo.models import quant
-from magicvideo.models.unet import UNetConfig, VideoUNet
+from magicvideo.models.unet import UNetConfig, VideoUNet, is_motion_key
 
 
 def test_2_4_keeps_the_two_largest_of_every_four_and_packs_them():
@@ -82,8 +84,6 @@ def test_unknown_schemes():
 
 
 def test_a_quantised_file_round_trips_and_says_what_it_is(tmp_path):
-    import json
-
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -107,15 +107,142 @@ def test_a_quantised_file_round_trips_and_says_what_it_is(tmp_path):
         save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={**meta, "quantization": json.dumps(bad)})
         with pytest.raises(checkpoint.CheckpointError, match=message):
             checkpoint.load_model(tmp_path / "bad.safetensors")
-    tampered = dict(tensors)
+    layers = json.loads(meta["quantization"])["layers"]
+    first = next(iter(layers))
+    for change, message in (({"layers": {**layers, "no.such.layer": "none"}}, "does not fit"),
+                            ({"layers": {**layers, first: "1:4"}}, "does not fit"),
+                            ({"layers": {**layers, first: "none" if layers[first] == "2:4" else "2:4"}}, "shape mismatch")):
+        bad = {**json.loads(meta["quantization"]), **change}
+        save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={**meta, "quantization": json.dumps(bad)})
+        with pytest.raises(checkpoint.CheckpointError, match=message):
+            checkpoint.load_model(tmp_path / "bad.safetensors")
     name = next(k for k in tensors if k.endswith("weight_q.values"))
-    tampered[name] = tensors[name][:, :-1].contiguous()
-    save_file(tampered, str(tmp_path / "tampered.safetensors"), metadata=meta)
-    with pytest.raises(checkpoint.CheckpointError, match="shape mismatch"):
-        checkpoint.load_model(tmp_path / "tampered.safetensors")
+    for value, message in ((tensors[name][:, :-1].contiguous(), "shape mismatch"), (tensors[name].half(), "wrong type")):
+        save_file({**tensors, name: value}, str(tmp_path / "tampered.safetensors"), metadata=meta)
+        with pytest.raises(checkpoint.CheckpointError, match=message):
+            checkpoint.load_model(tmp_path / "tampered.safetensors")
     (tmp_path / "truncated.safetensors").write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(checkpoint.CheckpointError):
+    with pytest.raises(checkpoint.CheckpointError, match="truncated"):
         checkpoint.load_model(tmp_path / "truncated.safetensors")
+
+
+def _dequantised_twin(quantised: nn.Module, plain: nn.Module) -> nn.Module:
+    """``plain`` (the same architecture in full precision) given every value ``quantised`` holds:
+    its int8 layers' weights dequantised, the rest as loaded (what the file stores in fp16)."""
+    state = quantised.state_dict()
+    with torch.no_grad():
+        for k, v in plain.state_dict().items():
+            if k in state:
+                v.copy_(state[k])
+        for name in quant.describe(quantised)["layers"]:
+            plain.get_submodule(name).weight.copy_(quantised.get_submodule(name).weight_q.dense())
+    return plain
+
+
+@pytest.mark.parametrize("sparsity", quant.SPARSITIES)
+def test_the_converter_round_trips_to_the_dequantised_weights(tmp_path, sparsity):
+    """magicvideo quantize -> file -> load: the outputs of the full-precision UNet given the
+    dequantised weights."""
+    from magicvideo import cli
+    from magicvideo.models import checkpoint
+
+    plain = checkpoint.save_model(tmp_path / "plain.safetensors", unet=_unet())
+    out = tmp_path / "q.safetensors"
+    assert cli.main(["quantize", str(plain), str(out), "--sparsity", sparsity]) == 0
+    loaded = checkpoint.load_model(out).unet
+    assert json.loads(checkpoint.read_header(out).metadata["quantization"])["sparsity"] == sparsity
+    twin = _dequantised_twin(loaded, _unet())
+    x, t, c = torch.randn(4, 4, 8, 8), torch.full((4,), 300.0), torch.randn(1, 5, 16).expand(4, -1, -1)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x, t, c, num_frames=4), twin(x, t, c, num_frames=4), atol=1e-5)
+
+
+def _sd_and_motion(tmp_path, vae=None):
+    """A tiny SD-layout checkpoint and a full-precision motion file for it."""
+    from magicvideo.models import checkpoint
+    from test_unet import randomize_motion_, tiny
+
+    sd = checkpoint.save_sd15(tmp_path / "sd.safetensors", unet=tiny(), vae=vae, dtype=None)
+    video = randomize_motion_(checkpoint.load_sd15(sd, unet_overrides={"max_frames": 8}).unet)
+    return sd, checkpoint.save_motion(tmp_path / "motion.safetensors", video)
+
+
+@pytest.mark.parametrize("sparsity", quant.SPARSITIES)
+def test_a_quantised_motion_file_applies_onto_an_sd_checkpoint(tmp_path, sparsity):
+    """A motion-only file quantised by the converter, applied onto an SD1.x checkpoint: its
+    temporal and fps layers int8, the image layers and frame adaptors as they were; the same
+    outputs as the dequantised weights, by either way in (load_sd15, apply_motion)."""
+    from magicvideo import cli
+    from magicvideo.models import checkpoint
+    from test_unet import inputs
+
+    sd, motion = _sd_and_motion(tmp_path)
+    out = tmp_path / "motion_q.safetensors"
+    assert cli.main(["quantize", str(motion), str(out), "--sparsity", sparsity]) == 0
+    header = checkpoint.read_header(out)
+    description = json.loads(header.metadata["quantization"])
+    assert header.metadata["kind"] == "motion" and description["sparsity"] == sparsity
+    assert description["layers"] and all(is_motion_key(k) for k in header.shapes)
+    assert all(is_motion_key(name + ".weight") for name in description["layers"])
+    assert any(".temporal" in name for name in description["layers"]) and any(k.endswith("adaptor.scale") for k in header.shapes)
+    assert out.stat().st_size < 0.5 * motion.stat().st_size
+
+    loaded = checkpoint.load_sd15(sd, motion=out).unet
+    assert quant.describe(loaded)["layers"] == description["layers"]  # the image layers stay full precision
+    twin = _dequantised_twin(loaded, checkpoint.load_sd15(sd, motion=motion).unet)
+    reference = checkpoint.load_sd15(sd, motion=motion).unet
+    x, t, c = inputs(4)
+    with torch.no_grad():
+        y = loaded(x, t, c, num_frames=4)
+        assert torch.allclose(y, twin(x, t, c, num_frames=4), atol=1e-5)
+        if sparsity == "none":
+            assert float((y - reference(x, t, c, num_frames=4)).norm() / y.norm()) < 0.02
+        applied = checkpoint.apply_motion(checkpoint.load_sd15(sd, unet_overrides={"max_frames": 8}).unet, out)
+        assert torch.equal(applied(x, t, c, num_frames=4), y)
+        assert torch.equal(checkpoint.apply_motion(applied, out)(x, t, c, num_frames=4), y)  # a second time
+        quant.quantize(loaded)  # the loader's int8 option after an int8 motion file: the rest of the UNet
+        assert len(quant.describe(loaded)["layers"]) > len(description["layers"])
+
+
+def test_a_quantised_motion_file_where_it_cannot_run(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from magicvideo.models import checkpoint
+    from test_unet import tiny
+
+    sd, motion = _sd_and_motion(tmp_path)
+    q = checkpoint.quantize_file(motion, tmp_path / "motion_q.safetensors", sparsity="2:4")
+    CheckpointError = checkpoint.CheckpointError
+    with pytest.raises(CheckpointError, match="motion file.*apply"):
+        checkpoint.load(q)
+    with pytest.raises(CheckpointError, match="expected a full MagicVideo model"):
+        checkpoint.load_model(q)
+    with pytest.raises(CheckpointError, match="quantised already"):
+        checkpoint.quantize_file(q, tmp_path / "twice.safetensors")
+    other = checkpoint.save_sd15(tmp_path / "other.safetensors", unet=tiny(model_channels=64), dtype=None)
+    with pytest.raises(CheckpointError, match="different UNet"):
+        checkpoint.load_sd15(other, motion=q)
+    with pytest.raises(CheckpointError, match="int8 motion file for this UNet"):  # int8 layers, float file
+        checkpoint.apply_motion(checkpoint.load_sd15(sd, motion=q).unet, motion)
+    whole = checkpoint.load_sd15(sd, motion=q).unet
+    quant.quantize(whole)
+    with pytest.raises(CheckpointError, match="int8 image layers"):  # an SD1.x file is full precision
+        checkpoint.save_sd15(tmp_path / "int8_sd.safetensors", unet=whole)
+
+    meta = checkpoint.read_header(q).metadata
+    with safe_open(str(q), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    layers = json.loads(meta["quantization"])["layers"]
+    for change, message in (({"layers": {**layers, "input_blocks.1.0.in_layers.2": "none"}}, "motion layers only"),
+                            ({"scheme": "int4"}, "scheme 'int4'")):
+        bad = {**json.loads(meta["quantization"]), **change}
+        save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={**meta, "quantization": json.dumps(bad)})
+        with pytest.raises(CheckpointError, match=message):
+            checkpoint.load_sd15(sd, motion=tmp_path / "bad.safetensors")
+    (tmp_path / "truncated.safetensors").write_bytes(q.read_bytes()[: q.stat().st_size * 3 // 4])
+    with pytest.raises(CheckpointError, match="truncated"):
+        checkpoint.load_sd15(sd, motion=tmp_path / "truncated.safetensors")
 
 
 @pytest.mark.host
@@ -125,7 +252,6 @@ def test_a_quantised_file_round_trips_and_says_what_it_is(tmp_path):
 def test_the_main_workflow_with_converted_weights_in_the_host(comfy, model, weights):
     """The loader's weights option converts the bundled default on load, and the shipped int8 + 2:4
     file loads as stored; the main workflow renders either way."""
-    import json
     from pathlib import Path
 
     from magicvideo.models import video_io
@@ -162,3 +288,15 @@ def test_the_loader_converts_on_load_and_refuses_a_second_conversion(host_module
         loader._load("plain_test.safetensors", "none", "none", "auto", "int4")
     with pytest.raises(checkpoint.CheckpointError, match="quantised already"):
         checkpoint.quantize_file(quantised, tmp_path / "twice.safetensors")
+
+    # an SD1.5 checkpoint with an int8 motion file; the int8 option converts the rest of the UNet
+    from magicvideo.models.vae import VAEConfig, VideoVAE
+
+    folder_paths.add_model_folder_path("checkpoints", str(tmp_path))
+    _, motion = _sd_and_motion(tmp_path, vae=VideoVAE(VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)))
+    checkpoint.quantize_file(motion, tmp_path / "motion_int8_24_test.safetensors", sparsity="2:4")
+    motion_layers = json.loads(checkpoint.read_header(tmp_path / "motion_int8_24_test.safetensors").metadata["quantization"])["layers"]
+    for weights, more in (("as stored", False), ("int8", True)):
+        model, _, _ = loader._load("none", "sd.safetensors", "motion_int8_24_test.safetensors", "auto", weights)
+        layers = quant.describe(model.unet)["layers"]
+        assert {k: layers[k] for k in motion_layers} == motion_layers and (len(layers) > len(motion_layers)) == more
