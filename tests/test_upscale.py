@@ -122,6 +122,30 @@ def test_wrong_files(model, tmp_path):
         checkpoint.load_upscaler(tmp_path / "mixed.safetensors")
 
 
+def test_the_training_stage_writes_an_upscaler_and_resumes(tmp_path):
+    import json
+
+    from magicvideo.training import cli
+
+    config = {"seed": 3, "data": {"source": "world", "frames": 4, "size": 64},
+              "upscale": {"config": {"channels": 4, "blocks": 1}, "pool_size": 3,
+                          "shares": {"clean": 1, "vae": 1, "sampled": 1}, "batch_size": 2, "frames": 3, "crop": 6,
+                          "steps": 3, "lr": 1e-3, "save_every": 2}}
+    path = tmp_path / "up.json"
+    path.write_text(json.dumps(config))
+    run, out = tmp_path / "run", tmp_path / "out.safetensors"
+    base = ["--config", str(path), "--stage", "upscale", "--run-dir", str(run), "--threads", "1"]
+    with pytest.raises(SystemExit, match="--init a MagicVideo file"):
+        cli.main(base)
+    cli.main(base + ["--init", str(REPO / "weights" / "magicvideo_default.safetensors"), "--steps", "2"])
+    cli.main(base + ["--resume", "--out", str(out)])  # the pool is reused, the steps go on
+    model = checkpoint.load_upscaler(out)
+    header = checkpoint.read_header(out)
+    assert model.config == UpscalerConfig(channels=4, blocks=1) and header.metadata["steps"] == "3"
+    assert json.loads(header.metadata["training_recipe"])["config"]["upscale"]["steps"] == 3
+    assert len([json.loads(line) for line in (run / "upscale.log").read_text().splitlines()]) >= 2
+
+
 @pytest.mark.skipif(not BUNDLED.exists(), reason="no bundled upscaler")
 def test_bundled_upscaler_beats_bicubic():
     import numpy as np

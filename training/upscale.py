@@ -155,7 +155,7 @@ def train_upscaler(cfg: dict, args, run_dir: Path, device: torch.device) -> Path
         loss.backward()
         opt.step()
         if step % 10 == 0 or step == steps - 1:
-            log.log(step, loss=float(loss), lr=opt.param_groups[0]["lr"])
+            log.log(step, loss=float(loss.detach()), lr=opt.param_groups[0]["lr"])
         if (step + 1) % tc["save_every"] == 0 or step == steps - 1:
             save_state(state_path, step, {"model": model}, opt)
             checkpoint.save_upscaler(out_path, model, extra_metadata={"training_recipe": recipe, "steps": str(step + 1)})
