@@ -233,9 +233,10 @@ class ComfyHost:
         self.pack_entry = link_pack(self.path)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.input_dir.mkdir(parents=True, exist_ok=True)
-        for picture in sorted((REPO_ROOT / "examples").glob("*.png")):  # the workflows' example inputs
-            if not (self.input_dir / picture.name).exists():
-                shutil.copyfile(picture, self.input_dir / picture.name)
+        examples = sorted(p for p in (REPO_ROOT / "examples").iterdir() if p.suffix in (".png", ".mp4"))
+        for example in examples:  # the workflows' example inputs: pictures and clips
+            if not (self.input_dir / example.name).exists():
+                shutil.copyfile(example, self.input_dir / example.name)
         cmd = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--output-directory", str(self.output_dir), "--input-directory", str(self.input_dir),
                "--disable-auto-launch", *self.extra_args]

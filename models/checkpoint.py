@@ -17,6 +17,10 @@ Key prefixes, as in SD1.x checkpoints so an SD1.5 file inflates by name:
     first_stage_model.*       VideoVAE (2D SD weights + temporal decoder layers)
     text_encoder.*            the built-in text encoder of the bundled default
 
+An upscaler file (``kind="upscaler"``, the super-resolver of ``models/upscale.py``) carries
+its ``upscaler_config`` and its weights under ``upscaler.``; ``load_upscaler`` reads it and
+every other loader refuses it by name (and it refuses the others).
+
 A motion-only file holds just the UNet's motion keys (``unet.is_motion_key``) under the
 same prefix, so full = SD1.5 checkpoint + motion file. Either kind may be quantised
 (``quantize_file``, ``models/quant.py``): its ``quantization`` metadata lists the int8 layers
@@ -46,17 +50,19 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import quant
+from .upscale import UpscalerConfig, VideoUpscaler
 from .unet import UNetConfig, VideoUNet, is_motion_key
 from .vae import VAEConfig, VideoVAE
 
 FORMAT = "magicvideo"
 FORMAT_VERSION = "2"
 READABLE_VERSIONS = ("1", "2")  # older ones are migrated on load
-KINDS = ("full", "motion")
+KINDS = ("full", "motion", "upscaler")
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "text_encoder."
+UPSCALER_PREFIX = "upscaler."
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
@@ -408,6 +414,9 @@ def load(path, *, motion=None, dtype=torch.float32, device="cpu", unet_overrides
     found = identify(header)
     if header.is_magicvideo:
         _check_version(header)
+        if header.metadata.get("kind") == "upscaler":
+            raise CheckpointError(f"{header.path.name}: expected a full model or an SD1.x checkpoint, found {found}: "
+                                  "load it with the MagicVideo Super-Resolver (load_upscaler)")
         if header.metadata.get("kind") == "motion":
             raise CheckpointError(
                 f"{header.path.name}: expected a full model or an SD1.x checkpoint, found {found}: "
@@ -454,6 +463,9 @@ def load_model(path, *, dtype=torch.float32, device="cpu") -> MagicVideoBundle:
             f"found {identify(header)}"
         )
     _check_version(header)
+    if header.metadata["kind"] == "upscaler":
+        raise CheckpointError(f"{header.path.name}: expected a full MagicVideo model, found {identify(header)}; "
+                              "load it with the MagicVideo Super-Resolver (load_upscaler)")
     if header.metadata["kind"] != "full":
         raise CheckpointError(f"{header.path.name}: expected a full MagicVideo model, found {identify(header)}; use load_sd15(..., motion=...)")
 
@@ -546,6 +558,29 @@ def load_sd15(path, *, motion=None, unet_overrides: dict | None = None, vae_over
     return MagicVideoBundle(_eval(unet), _eval(vae), None, metadata, source)
 
 
+def load_upscaler(path, *, dtype=torch.float32, device="cpu") -> VideoUpscaler:
+    """A super-resolver file (kind "upscaler"): its VideoUpscaler, in eval mode."""
+    header = read_header(path)
+    if not (header.is_magicvideo and header.metadata.get("kind") == "upscaler"):
+        raise CheckpointError(f"{header.path.name}: expected a MagicVideo upscaler file (kind=upscaler), "
+                              f"found {identify(header)}")
+    _check_version(header)
+    config = _config_from_json(header, "upscaler_config", UpscalerConfig)
+    if config is None:
+        raise CheckpointError(f"{header.path.name}: expected an upscaler_config in the metadata, found none")
+    model = VideoUpscaler(config).to(device=device, dtype=dtype)
+    _fill(model.state_dict(), header, UPSCALER_PREFIX, what="the VideoUpscaler of its upscaler_config")
+    return model.eval()
+
+
+def save_upscaler(path, model: VideoUpscaler, *, extra_metadata: dict | None = None,
+                  dtype: torch.dtype | None = torch.float16) -> Path:
+    """Write a super-resolver file (half precision by default: it is run in float32 after loading)."""
+    meta = _metadata("upscaler", extra_metadata)
+    meta["upscaler_config"] = _config_json(model)
+    return _write(path, _tensors(model, UPSCALER_PREFIX, dtype), meta)
+
+
 def _motion_state(unet: VideoUNet) -> dict[str, torch.Tensor]:
     return {k: v for k, v in unet.state_dict().items() if is_motion_key(k)}
 
@@ -553,7 +588,7 @@ def _motion_state(unet: VideoUNet) -> dict[str, torch.Tensor]:
 def apply_motion(unet: VideoUNet, path) -> VideoUNet:
     """Load a motion file's layers into an existing VideoUNet (whose config must match)."""
     header = read_header(path)
-    if not (header.is_magicvideo and header.metadata.get("kind") in KINDS):
+    if not (header.is_magicvideo and header.metadata.get("kind") in ("full", "motion")):
         raise CheckpointError(f"{header.path.name}: expected a MagicVideo motion file, found {identify(header)}")
     _check_version(header)
     config = _config_from_json(header, "unet_config", UNetConfig)

@@ -5,11 +5,11 @@ Each ``nodes/*.py`` module defines ``NODE_CLASS_MAPPINGS`` and
 ``MagicVideo``; categories live under ``MagicVideo/``.
 """
 
-from . import conditioning, interpolate, long_video, model, text, video
+from . import conditioning, interpolate, long_video, model, text, upscale, video
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}
 
-for _module in (video, model, text, conditioning, long_video, interpolate):
+for _module in (video, model, text, conditioning, long_video, interpolate, upscale):
     NODE_CLASS_MAPPINGS.update(_module.NODE_CLASS_MAPPINGS)
     NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)

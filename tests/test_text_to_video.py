@@ -1,4 +1,4 @@
-"""workflows/text_to_video.json in a real ComfyUI: the bundled default model, a prompt, an mp4.
+"""workflows/text_to_video.json in a real ComfyUI: the bundled default model, a prompt, a 256x256 mp4.
 
 The first workflow a user opens. It must run as shipped: the bundled weights are part of
 the repository, so a missing file is a failure, not a skip. The same settings through
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from magicvideo.models import checkpoint, pipeline, video_io
+from magicvideo.models import checkpoint, pipeline, upscale, video_io
 from magicvideo.models.sampling import PRESETS
 
 pytestmark = pytest.mark.host
@@ -21,6 +21,7 @@ pytestmark = pytest.mark.host
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOW = REPO / "workflows" / "text_to_video.json"
 WEIGHTS = REPO / "weights" / "magicvideo_default.safetensors"
+UPSCALER = REPO / "weights" / "magicvideo_upscaler.safetensors"
 PROMPT = "a red circle moving to the left"
 
 
@@ -60,6 +61,8 @@ def test_the_workflow_holds_the_documented_settings(comfy):
                                        "cfg_end", "motion_guidance", "motion_guidance_until")}
     ui_sampler = next(n for n in workflow["nodes"] if n["type"] == "MagicVideoKeyframeSampler")
     assert ui_sampler["widgets_values"][1] == "fixed", "the seed must stay fixed so the example reproduces"
+    [sr] = _nodes(prompt, "MagicVideoSuperResolver")  # 64x64 keyframes, 256x256 video
+    assert sr["upscaler"] == "magicvideo_upscaler.safetensors" and sr["images"][0] in prompt
     [save] = _nodes(prompt, "MagicVideoSaveVideo")
     assert save["format"] == "mp4" and save["fps"] == 8
     assert all(node.get("title") for node in workflow["nodes"]), "every node has a title"
@@ -73,7 +76,7 @@ def test_runs_in_the_host_and_writes_the_mp4(comfy, tmp_path):
     path = comfy.output_path(info)
     assert path.suffix == ".mp4" and path.is_file()
     video = video_io.read_video(path)
-    assert video.frames.shape == (16, 64, 64, 3) and video.fps == pytest.approx(8.0)
+    assert video.frames.shape == (16, 256, 256, 3) and video.fps == pytest.approx(8.0)
     assert video.frames.std() > 2, "the video is one flat colour"
 
     metadata = video_io.read_metadata(path)
@@ -84,6 +87,7 @@ def test_runs_in_the_host_and_writes_the_mp4(comfy, tmp_path):
     [sampler] = _nodes(prompt, "MagicVideoKeyframeSampler")
     frames = pipeline.text_to_video(checkpoint.load_model(WEIGHTS), PROMPT, frames=16, width=64, height=64,
                                     options=PRESETS["main"].replace(seed=sampler["seed"]), dtype="fp32")
+    frames = upscale.upscale(checkpoint.load_upscaler(UPSCALER), frames)
     raw = video_io.frames_to_uint8(frames).astype(np.int16)
     ours = video_io.read_video(video_io.write_video(tmp_path / "cli.mp4", frames, 8.0, "mp4").path).frames
     # Both went through H.264, whose output for the same frames is not bit-identical from run to

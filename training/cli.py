@@ -28,14 +28,16 @@ from . import distributed
 from .export import export_run
 from .loop import StepProfile, TimeBudget
 from .unet import train_unet
+from .upscale import train_upscaler
 from .vae import train_vae
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m magicvideo.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="JSON training config (see configs/default.json)")
-    p.add_argument("--stage", choices=["vae", "unet", "decoder", "export", "all"], default="all",
-                   help="vae, then unet (all = both); decoder fine-tunes the VAE decoder alone; "
+    p.add_argument("--stage", choices=["vae", "unet", "decoder", "export", "upscale", "all"], default="all",
+                   help="vae, then unet (all = both); decoder fine-tunes the VAE decoder alone; upscale trains "
+                        "the super-resolver (its inputs made with the --init model); "
                         "export writes the run's model file with its current VAE")
     p.add_argument("--run-dir", required=True, help="folder for logs, checkpoints and resumable state")
     p.add_argument("--resume", action="store_true", help="carry on from the run folder's last state")
@@ -66,8 +68,9 @@ def main(argv=None):
         StepProfile(args.profile, 0, Path("profile.txt"), torch.device("cpu"))  # likewise
     cfg = json.loads(Path(args.config).read_text())
     if args.steps:
-        for stage in ("vae", "unet"):
-            cfg[stage]["steps"] = args.steps
+        for stage in ("vae", "unet", "upscale"):
+            if stage in cfg:
+                cfg[stage]["steps"] = args.steps
     for item in args.set:
         key, _, value = item.partition("=")
         *parents, leaf = key.split(".")
@@ -110,6 +113,12 @@ def _run(args, cfg: dict, dist: distributed.Dist):
         final = train_unet(cfg, args, run_dir, device)
     if args.stage == "decoder":
         final = train_vae(cfg, args, run_dir, device, decoder_only=True)
+    if args.stage == "upscale":
+        if "upscale" not in cfg:
+            raise SystemExit("--stage upscale needs an 'upscale' section in the config (see configs/upscale.json)")
+        if dist.size > 1:
+            raise SystemExit("--stage upscale trains in one process (it is small); run it without torchrun")
+        final = train_upscaler(cfg, args, run_dir, device)
     if args.stage == "export" and dist.main:
         final = export_run(cfg, run_dir)
     if args.out and final is not None and dist.main:

@@ -1,0 +1,80 @@
+"""The Super-Resolver node: IMAGE frames -> the same frames at 4x (models/upscale.py)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+import comfy.model_management as mm
+import comfy.utils
+
+from ..models import checkpoint, upscale
+from .model import CATEGORY, FOLDER, _path, _safetensors
+
+DEFAULT_UPSCALER = "magicvideo_upscaler.safetensors"
+
+
+class SuperResolver:
+    DESCRIPTION = (
+        "MagicVideo's super-resolution stage: raises every frame of a video 4x (64x64 -> 256x256) with a small "
+        "trained network that sees each frame's neighbours, so still parts stay steady instead of flickering as "
+        "with a per-frame upscaler. Takes any IMAGE: MagicVideo VAE Decode's frames, a loaded video, core nodes' "
+        "images. Runs in chunks of frames and tiles of large frames, so memory does not grow with the video."
+    )
+    CATEGORY = f"{CATEGORY}/image"
+    FUNCTION = "upscale"
+    RETURN_TYPES = ("IMAGE",)
+    OUTPUT_TOOLTIPS = ("The frames at 4x the width and height, in the same order.",)
+
+    _cache: dict = {}
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        models = _safetensors(FOLDER)
+        default = DEFAULT_UPSCALER if DEFAULT_UPSCALER in models else (models[0] if models else DEFAULT_UPSCALER)
+        return {
+            "required": {
+                "images": ("IMAGE", {"tooltip": "Frames [frames, height, width, 3], e.g. from MagicVideo VAE Decode "
+                                                "or Load Video. Each side 4 to 2048 pixels."}),
+                "upscaler": (models or [DEFAULT_UPSCALER], {"default": default,
+                             "tooltip": "A MagicVideo upscaler file (models/magicvideo/ or the pack's bundled "
+                                        "magicvideo_upscaler.safetensors)."}),
+            },
+            "optional": {
+                "frames": ("INT", {"default": 0, "min": 0, "max": 100000,
+                           "tooltip": "Frames per video when the batch holds several videos (each is upscaled "
+                                      "apart, so no frame sees another video's); 0 = the whole batch is one video."}),
+                "chunk_size": ("INT", {"default": 16, "min": 1, "max": 1024,
+                               "tooltip": "Frames per pass: memory grows with it, the frames do not change."}),
+            },
+        }
+
+    def _model(self, name: str) -> upscale.VideoUpscaler:
+        path = _path(FOLDER, name)
+        key = (path, os.path.getmtime(path))
+        if key not in self._cache:
+            self._cache.clear()
+            self._cache[key] = checkpoint.load_upscaler(path)
+        return self._cache[key]
+
+    def upscale(self, images, upscaler, frames=0, chunk_size=16):
+        upscale.check_frames(images)
+        per_video = frames or images.shape[0]
+        if images.shape[0] % per_video:
+            raise ValueError(f"the IMAGE batch has {images.shape[0]} frames, which does not split into videos of "
+                             f"{per_video} frames")
+        model = self._model(upscaler)
+        pbar = comfy.utils.ProgressBar(images.shape[0])
+        out = []
+        for v, video in enumerate(images.split(per_video)):
+            def progress(done, total, v=v):
+                mm.throw_exception_if_processing_interrupted()
+                pbar.update_absolute(v * per_video + done, images.shape[0])
+
+            out.append(upscale.upscale(model, video.float().cpu(), chunk=chunk_size, callback=progress))
+        return (torch.cat(out),)
+
+
+NODE_CLASS_MAPPINGS = {"MagicVideoSuperResolver": SuperResolver}
+NODE_DISPLAY_NAME_MAPPINGS = {"MagicVideoSuperResolver": "MagicVideo Super-Resolver"}
