@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .distill import train_distill
 from .export import export_run
 from .loop import StepProfile, TimeBudget
 from .unet import train_unet
@@ -29,9 +30,10 @@ from .vae import train_vae
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m magicvideo.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="JSON training config (see configs/default.json)")
-    p.add_argument("--stage", choices=["vae", "unet", "decoder", "export", "all"], default="all",
+    p.add_argument("--stage", choices=["vae", "unet", "decoder", "export", "all", "distill"], default="all",
                    help="vae, then unet (all = both); decoder fine-tunes the VAE decoder alone; "
-                        "export writes the run's model file with its current VAE")
+                        "export writes the run's model file with its current VAE; distill makes a few-step "
+                        "student of the --init model (training/distill.py)")
     p.add_argument("--run-dir", required=True, help="folder for logs, checkpoints and resumable state")
     p.add_argument("--resume", action="store_true", help="carry on from the run folder's last state")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -61,8 +63,9 @@ def main(argv=None):
         StepProfile(args.profile, 0, Path("profile.txt"), torch.device("cpu"))  # likewise
     cfg = json.loads(Path(args.config).read_text())
     if args.steps:
-        for stage in ("vae", "unet"):
-            cfg[stage]["steps"] = args.steps
+        for stage in ("vae", "unet", "distill"):
+            if stage in cfg:
+                cfg[stage]["steps"] = args.steps
     for item in args.set:
         key, _, value = item.partition("=")
         *parents, leaf = key.split(".")
@@ -97,6 +100,8 @@ def main(argv=None):
         final = train_vae(cfg, args, run_dir, device, decoder_only=True)
     if args.stage == "export":
         final = export_run(cfg, run_dir)
+    if args.stage == "distill":
+        final = train_distill(cfg, args, run_dir, device)
     if args.out and final is not None:
         import shutil
 
