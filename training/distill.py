@@ -153,8 +153,8 @@ class Distiller:
         self.student.config.student_timesteps = tuple(dc["timesteps"])
         self.fake = fake if fake is not None else copy.deepcopy(teacher)
         self.fake.config.student_timesteps = ()
-        self.student.train()
-        self.fake.train()
+        self.student.train().requires_grad_(True)  # copies of the frozen teacher
+        self.fake.train().requires_grad_(True)
         cfg = teacher.config
         self.disc = FeatureDiscriminator(cfg.model_channels * cfg.channel_mult[-1], cfg.norm_groups)
         self.device = next(teacher.parameters()).device
