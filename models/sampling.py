@@ -56,7 +56,7 @@ _SAMPLERS = {
     "uni_pc": (UniPCMultistepScheduler, {}, True),
     # few-step (multistep consistency) sampling: predict the clean latents, noise them afresh to the
     # next timestep; a few-step student (training/distill.py) samples so at its own timesteps
-    "lcm": (LCMScheduler, {}, False),
+    "lcm": (LCMScheduler, {"original_inference_steps": TRAIN_TIMESTEPS}, False),
 }
 SAMPLERS = tuple(_SAMPLERS)
 SCHEDULERS = ("normal", "karras")
