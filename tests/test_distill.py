@@ -228,3 +228,49 @@ def test_the_teacher_is_refused_as_a_student_and_vice_versa(student_file, tmp_pa
     with pytest.raises(SystemExit, match="expected a many-step teacher, found a few-step student"):
         cli.main(["--config", str(config), "--stage", "distill", "--run-dir", str(tmp_path / "r"),
                   "--init", str(student_file)])
+
+
+def test_sliding_window_chainer_samples_a_student_at_its_timesteps(student_file):
+    from magicvideo.models import long_video
+
+    bundle = checkpoint.load_model(student_file)
+    seen = _Timesteps(bundle.unet)
+    spans = long_video.parse_schedule("a red circle moving to the left", 2)
+    for method in ("continue", "fusion"):
+        seen.calls.clear()
+        totals = []
+        out = long_video.sample_long_video(bundle.unet, bundle.text_encoder, spans, frames=10, latent_size=(4, 4),
+                                           window=6, overlap=2, method=method, options=sampling.PRESETS["main"],
+                                           callback=lambda s, total, x0: totals.append((s, total)))
+        windows = len(long_video.plan_windows(10, 6, 2, method))
+        assert out.shape == (10, 4, 4, 4) and torch.isfinite(out).all()
+        assert sorted({t for t, _ in seen.calls}, reverse=True) == list(SCHEDULE)  # 4 steps, one pass each
+        assert len(seen.calls) == 4 * (windows if method == "continue" else -(-windows // 4))
+        assert totals[-1][0] == totals[-1][1] == 4 * (windows if method == "continue" else 1)
+
+
+@pytest.fixture(scope="module")
+def nodes(host_modules):
+    import importlib
+
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True  # before comfy.model_management picks a device
+    return importlib.import_module("magicvideo.nodes.model")
+
+
+def test_sampler_node_takes_the_students_settings(nodes, student_file):
+    bundle = checkpoint.load_model(student_file)
+    model = pipeline.VideoModel(bundle.unet)
+    seen = _Timesteps(bundle.unet)
+    latent = nodes.EmptyVideoLatent().generate(width=32, height=32, frames=FRAMES, batch=1)[0]
+    cond = [[torch.zeros(1, 6, WIDTH), {}]]
+    main = nodes.MAIN
+    args = dict(model=model, positive=cond, negative=cond, latent=latent, seed=1, steps=main.steps, cfg=main.cfg,
+                sampler=main.sampler, scheduler=main.scheduler, fps=8.0, denoise=1.0, frames=0)
+    out = nodes.KeyframeSampler().sample(**args)[0]  # the node's defaults: the file sets 4 steps, cfg 1
+    assert out["samples"].shape == (FRAMES, 4, 4, 4) and seen.calls == [(t, FRAMES) for t in SCHEDULE]
+    seen.calls.clear()
+    nodes.KeyframeSampler().sample(**{**args, "steps": 2, "settings": "as_set"})  # asked: guided euler
+    assert len(seen.calls) == 2 and all(n == 2 * FRAMES for _, n in seen.calls)
+    assert nodes.KeyframeSampler.INPUT_TYPES()["optional"]["settings"][1]["default"] == "model"
