@@ -152,6 +152,8 @@ def test_stage_writes_a_student_file_and_resumes(teacher_file, tmp_path):
     cli.main(args + ["--resume", "--set", "distill.steps=3"])  # no --init: the run kept its teacher
     steps = [json.loads(line)["step"] for line in (run / "distill.log").read_text().splitlines()]
     assert steps == [0, 1, 2]
+    assert json.loads(checkpoint.read_header(run / "model.safetensors").metadata["training_recipe"])["distill"][
+        "teacher"] == "teacher.safetensors"
 
 
 @pytest.fixture(scope="module")

@@ -75,8 +75,8 @@ DEFAULTS = {
     "fake_updates": 5,  # fake-score + discriminator updates per student update (two time-scale)
     "batch_size": 4,
     "steps": 2000,  # student updates
-    "lr": 2e-5,
-    "fake_lr": 2e-5,
+    "lr": 5e-5,
+    "fake_lr": 5e-5,
     "warmup": 50,
     "ema": 0.99,
     "dmd_weight": 1.0,
@@ -369,14 +369,14 @@ def train_distill(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
     if init is not None and init.unet.config.student_timesteps:
         raise SystemExit(f"--init {args.init}: expected a many-step teacher, found a few-step student")
     if init is not None and not teacher_path.exists():  # the run keeps its teacher, so --resume needs no --init
+        keep = {k: v for k, v in init.metadata.items() if k in ("training_recipe", "lineage")}
         checkpoint.save_model(teacher_path, unet=init.unet, vae=init.vae, text_encoder=init.text_encoder,
-                              extra_metadata={k: v for k, v in init.metadata.items()
-                                              if k in ("training_recipe", "lineage")})
+                              extra_metadata={**keep, "file_name": Path(args.init).name})
     teacher_file = checkpoint.load_model(teacher_path)
     if teacher_file.text_encoder is None or teacher_file.vae is None:
         raise SystemExit("the distill stage needs a teacher file with its VAE and built-in text encoder")
     history = lineage(teacher_file)
-    cfg.setdefault("distill", {})["teacher"] = Path(args.init).name if args.init else cfg.get("distill", {}).get("teacher")
+    cfg.setdefault("distill", {})["teacher"] = teacher_file.metadata.get("file_name")  # the recipe names it
     (run_dir / "config.json").write_text(json.dumps(cfg, indent=2))
 
     torch.manual_seed(cfg["seed"] + 11)
