@@ -87,6 +87,22 @@ def test_student_update_reaches_the_student_only(teacher_file):
     assert not _moved(d.teacher, teacher) and not _moved(d.fake, fake) and not _moved(d.disc, disc)
 
 
+def test_given_frames_send_no_gradient_to_the_student(teacher_file):
+    d, text = _distiller(teacher_file)
+    d.fake.requires_grad_(False)
+    d.disc.requires_grad_(False)
+    batch = _batch(d, text, {"image": 1.0})
+    outputs = []
+    d.student.register_forward_hook(lambda m, i, out: outputs.append(out) if out.requires_grad else None)
+    random.seed(0)
+    loss, _ = d.student_loss(batch)
+    [out] = outputs  # the one pass with gradients (backward simulation runs without)
+    out.retain_grad()
+    loss.backward()
+    per_frame = out.grad.abs().flatten(1).sum(1)
+    assert (per_frame[batch.given] == 0).all() and (per_frame[~batch.given] > 0).all()
+
+
 def test_critic_update_leaves_the_student_alone(teacher_file):
     d, text = _distiller(teacher_file)
     batch = _batch(d, text, {"text": 0.5, "continue": 0.5})
