@@ -15,8 +15,8 @@
 #   RUN           the run folder: resumable state, teacher copy, teacher pairs (default runs/distill-gpu/run)
 #   PY            a Python with the pack's requirements (default python3)
 #   DEVICE        cuda (default) or cpu
-#   MINUTES       training time; the schedule is fitted to it (default 4: with the pool, the teacher
-#                 pairs and the table the whole run takes about 8 minutes on one H100)
+#   MINUTES       training time; the schedule is fitted to it (default 4; the pool, the teacher pairs
+#                 and the table come on top: an estimated 3-4 minutes, not yet timed on a GPU)
 #   BATCH         clips per step (default 32)
 #   N             prompts of the fixed set per row (default 100; 200 is the whole set)
 #   TEACHER_ROWS  1: score the teacher's rows (50, 20, 8, 4 steps) here too (about 4x the student's time)
