@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..models import checkpoint
+from ..models import checkpoint, pipeline
 from ..models.conditioning import prior_channels
 from ..models.sampling import PRESETS, TRAIN_TIMESTEPS, predict_x0, training_schedule, video_noise
 from .data import LatentPool, make_source
@@ -311,8 +311,6 @@ def make_pairs(d: Distiller, text, captions: list[str], frames: int, latent_shap
                device) -> dict:
     """Teacher pairs for the regression: per caption, a starting noise and the teacher's guided
     sample from it (text-to-video, ``pair_steps`` euler steps)."""
-    from ..models import pipeline
-
     options = PRESETS["main"].replace(steps=pair_steps, cfg=float(d.dc["real_cfg"]), cfg_end=1.0, motion_guidance=0.0,
                                       settings="as_set")
     generator = torch.Generator().manual_seed(seed)
@@ -333,11 +331,7 @@ def make_pairs(d: Distiller, text, captions: list[str], frames: int, latent_shap
 def load_or_make_pairs(path: Path, d: Distiller, text, pool: LatentPool, frames: int, seed: int, device):
     """The run's teacher pairs (``pairs.safetensors`` in the run folder), made once."""
     if path.exists():
-        tensors = load_file(str(path))
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            captions = json.loads(f.metadata()["captions"])
+        tensors, captions = load_file(str(path)), json.loads(checkpoint.read_header(path).metadata["captions"])
     else:
         captions = [c for c in pool.captions if c][: int(d.dc["pairs"])]
         latent_shape = tuple(pool.latents[0].shape[1:])
@@ -347,8 +341,11 @@ def load_or_make_pairs(path: Path, d: Distiller, text, pool: LatentPool, frames:
 
 
 def pair_batch(tensors, captions, text, frames: int, n: int, rng: random.Random, device, cond_channels: int):
+    """A batch of ``n`` teacher pairs (text-to-video): their captions, noises (``.noise``) and samples."""
     idx = rng.sample(range(len(captions)), min(n, len(captions)))
-    pick = lambda t: torch.cat([t[i * frames: (i + 1) * frames] for i in idx]).to(device)  # noqa: E731
+    def pick(t):
+        return torch.cat([t[i * frames: (i + 1) * frames] for i in idx]).to(device)
+
     x0, noise = pick(tensors["x0"]), pick(tensors["noise"])
     batch = make_batch(x0, [captions[i] for i in idx], text, frames, {"text": 1.0}, torch.Generator(), device,
                        cond_channels=cond_channels)
