@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -64,13 +65,15 @@ def seconds_per_clip(path: str, options, *, fps: float, repeats: int, device: st
     if given_frames:
         request["given_images"] = torch.full((given_frames, 64, 64, 3), 0.5)
     pipeline.text_to_video(bundle, TIMING_PROMPT, options=options, **request)  # warm-up
+    load_before = os.getloadavg()[0]  # times on a shared CPU depend on what else runs
     runs = []
     for _ in range(repeats):
         timings: dict = {}
         pipeline.text_to_video(bundle, TIMING_PROMPT, options=options, timings=timings, **request)
         runs.append(timings["total"])
     return {"seconds_per_clip": statistics.median(runs), "runs": runs, "device": device, "threads": threads,
-            "machine": platform.processor() or platform.machine(), "cores": __import__("os").cpu_count()}
+            "machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "load_average_before_after": [load_before, os.getloadavg()[0]]}
 
 
 def score(path: str, options, *, n: int, given_frames: int, device: str) -> dict:
