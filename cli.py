@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "upgrade":
             from .models import checkpoint
 
-            print(f"wrote {checkpoint.upgrade(args.model, args.out)} (format_version {checkpoint.FORMAT_VERSION})")
+            out = checkpoint.upgrade(args.model, args.out)
+            print(f"wrote {out} (format_version {checkpoint.read_header(out).metadata['format_version']})")
     except ValueError as exc:  # the library's errors say what was expected and what was found
         print(f"error: {exc}", file=sys.stderr)
         return 2

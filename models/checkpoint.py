@@ -9,7 +9,10 @@ MagicVideo file carries its architecture in the safetensors ``__metadata__``:
 Versions: 2 carries the text encoder's lexicon (``TextConfig.lexicon``: how motion guidance
 reads a prompt) in its text_config. Files of version 1 load too: their built-in text encoder
 was trained on the procedural world's captions, so :func:`migrate_text_config` gives it the
-world's lexicon on load.
+world's lexicon on load. 3 is a few-step student (``training/distill.py``): its unet_config
+has ``student_timesteps``, the timesteps it samples at, and ``distilled_from`` names its
+teacher. A file is written as the oldest version that can use it (a many-step model stays 2),
+so a pack that cannot sample a student refuses it by its version instead of sampling it wrong.
 
 Key prefixes, as in SD1.x checkpoints so an SD1.5 file inflates by name:
 
@@ -55,8 +58,9 @@ from .unet import UNetConfig, VideoUNet, is_motion_key
 from .vae import VAEConfig, VideoVAE
 
 FORMAT = "magicvideo"
-FORMAT_VERSION = "2"
-READABLE_VERSIONS = ("1", "2")  # older ones are migrated on load
+FORMAT_VERSION = "2"  # what a many-step model's file is written as
+STUDENT_FORMAT_VERSION = "3"  # a few-step student's: older packs must refuse it (they would sample it at 20 steps)
+READABLE_VERSIONS = ("1", "2", "3")  # older ones are migrated on load
 KINDS = ("full", "motion", "upscaler")
 
 UNET_PREFIX = "model.diffusion_model."
@@ -105,6 +109,14 @@ class Header:
     @property
     def is_magicvideo(self) -> bool:
         return self.metadata.get("format") == FORMAT
+
+    @property
+    def student_timesteps(self) -> list[int]:
+        """A few-step student's own timesteps ([] for any other file), from its unet_config."""
+        try:
+            return list(json.loads(self.metadata.get("unet_config", "{}")).get("student_timesteps") or [])
+        except (json.JSONDecodeError, AttributeError):
+            return []
 
 
 def read_header(path) -> Header:
@@ -177,6 +189,9 @@ def identify(header: Header) -> str:
     """Say in words what a file is (for error messages and the loader's choice)."""
     meta, keys = header.metadata, header.shapes
     if header.is_magicvideo:
+        if header.student_timesteps:
+            return (f"a MagicVideo few-step student ({meta.get('kind', '?')} file, format_version "
+                    f"{meta.get('format_version', '?')}, timesteps {header.student_timesteps})")
         return f"a MagicVideo {meta.get('kind', '?')} file (format_version {meta.get('format_version', '?')})"
     if not keys:
         return "a safetensors file with no tensors"
@@ -434,11 +449,22 @@ def _check_version(header: Header) -> None:
     version, kind = header.metadata.get("format_version"), header.metadata.get("kind")
     if version not in READABLE_VERSIONS:
         raise CheckpointError(
-            f"{header.path.name}: expected MagicVideo format_version {' or '.join(READABLE_VERSIONS)}, found {version!r} "
+            f"{header.path.name}: expected MagicVideo format_version {', '.join(READABLE_VERSIONS[:-1])} or "
+            f"{READABLE_VERSIONS[-1]}, found {version!r} "
             "(written by a different version of the pack; update the pack or re-export the file)"
         )
     if kind not in KINDS:
         raise CheckpointError(f"{header.path.name}: expected kind one of {KINDS}, found {kind!r}")
+
+
+def _refuse_student(header: Header) -> None:
+    """Motion layers are taken from many-step models only: a student's were distilled together
+    with its 2D weights and its timesteps, and on other 2D weights they would sample neither way."""
+    if header.student_timesteps:
+        raise CheckpointError(
+            f"{header.path.name}: expected motion layers of a many-step model, found {identify(header)}: a "
+            "student's motion layers were distilled with its own 2D weights and timesteps; load the student "
+            "file whole (MagicVideo Model Loader, model_name) instead of applying it as a motion module")
 
 
 def migrate_text_config(config: dict, version: str) -> dict:
@@ -514,6 +540,7 @@ def load_sd15(path, *, motion=None, unet_overrides: dict | None = None, vae_over
         if not (motion_header.is_magicvideo and motion_header.metadata.get("kind") == "motion"):
             raise CheckpointError(f"{motion_header.path.name}: expected a MagicVideo motion file, found {identify(motion_header)}")
         _check_version(motion_header)
+        _refuse_student(motion_header)
         motion_config = _config_from_json(motion_header, "unet_config", UNetConfig)
         if motion_config is None:
             raise CheckpointError(f"{motion_header.path.name}: expected a unet_config in the metadata, found none")
@@ -591,6 +618,7 @@ def apply_motion(unet: VideoUNet, path) -> VideoUNet:
     if not (header.is_magicvideo and header.metadata.get("kind") in ("full", "motion")):
         raise CheckpointError(f"{header.path.name}: expected a MagicVideo motion file, found {identify(header)}")
     _check_version(header)
+    _refuse_student(header)
     config = _config_from_json(header, "unet_config", UNetConfig)
     if config is not None and config != unet.config:
         differ = {k: (v, getattr(unet.config, k)) for k, v in config.to_dict().items() if v != unet.config.to_dict()[k]}
@@ -642,6 +670,13 @@ def _write(path, tensors: dict, metadata: dict) -> Path:
     return path
 
 
+def _version_for(unet_config_json: str | None) -> str:
+    """The oldest format version that can use a file with this unet_config."""
+    if unet_config_json and json.loads(unet_config_json).get("student_timesteps"):
+        return STUDENT_FORMAT_VERSION
+    return FORMAT_VERSION
+
+
 def _metadata(kind: str, extra: dict | None) -> dict:
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind}
     for k, v in (extra or {}).items():
@@ -665,6 +700,7 @@ def save_model(path, *, unet: VideoUNet | None = None, vae: VideoVAE | None = No
         if module is not None:
             meta[name] = _config_json(module)
             tensors.update(_tensors(module, prefix, dtype))
+    meta["format_version"] = _version_for(meta.get("unet_config"))
     return _write(path, tensors, meta)
 
 
@@ -707,6 +743,9 @@ def _quantize_motion_file(header: Header, out, scheme: str, sparsity: str) -> Pa
 
 def save_motion(path, unet: VideoUNet, *, extra_metadata: dict | None = None, dtype: torch.dtype | None = None) -> Path:
     """Write the motion-only file: adaptors, temporal layers, fps embedding, cond conv."""
+    if unet.config.student_timesteps:
+        raise CheckpointError("expected a many-step model to save motion layers from, found a few-step student "
+                              f"(timesteps {list(unet.config.student_timesteps)}); save it whole with save_model")
     meta = _metadata("motion", extra_metadata)
     meta["unet_config"] = _config_json(unet)
     quantized = quant.describe(unet)
@@ -783,7 +822,7 @@ def average_models(paths, out) -> Path:
     if "text_config" in meta:
         meta["text_config"] = json.dumps(migrate_text_config(json.loads(meta["text_config"]),
                                                              first.metadata["format_version"]))
-    meta.update(format=FORMAT, format_version=FORMAT_VERSION)
+    meta.update(format=FORMAT, format_version=_version_for(meta.get("unet_config")))
     recipes = [json.loads(h.metadata["training_recipe"]) if "training_recipe" in h.metadata else None for h in headers]
     meta["training_recipe"] = json.dumps({"average_of": recipes}, sort_keys=True)
     meta["averaged_from"] = json.dumps([f"{p.parent.name}/{p.name}" for p in paths])  # no full paths in files
@@ -803,7 +842,7 @@ def upgrade(path, out=None) -> Path:
     meta = dict(header.metadata)
     if "text_config" in meta:
         meta["text_config"] = json.dumps(migrate_text_config(json.loads(meta["text_config"]), meta["format_version"]))
-    meta["format_version"] = FORMAT_VERSION
+    meta["format_version"] = _version_for(meta.get("unet_config"))
     with safe_open(str(header.path), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     return _write(out or header.path, tensors, meta)

@@ -220,7 +220,7 @@ def sample_long_video(
     """
     plan = plan_windows(frames, window, overlap, method)
     _check_model(unet, max(w.frames for w in plan), overlap, method)
-    options.check()
+    options = sampling.for_model(options.check(), getattr(unet.config, "student_timesteps", ()))
     embeddings = [pipeline.encode_prompt(text_encoder, s.prompt) for s in spans]
     neg = pipeline.encode_prompt(text_encoder, negative) if options.cfg != 1.0 else None
     wants_motion = options.motion_guidance > 0

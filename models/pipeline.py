@@ -234,14 +234,15 @@ def sample_video(
     (see ``conditioning``). ``motion``: what the prompt asks of each object
     (``TextEncoder.motion_request``), for ``options.motion_guidance``; None = unsteered.
     ``callback(step, total, x0)`` runs after each step and may raise to stop. ``noise``: the
-    starting noise, shaped like ``latents`` (default: drawn from ``options.seed``). Models trained
+    starting noise, shaped like ``latents`` (default: drawn from ``options.seed``). A few-step
+    student samples with the settings its file sets (``sampling.for_model``). Models trained
     image-first make text-to-video as text-to-image then image-to-video (Magic 1-For-1): frame 0
     of each video alone, then the rest given it; the callback counts both passes.
     Returns float32 latents on the UNet's device.
     """
     config = unet.config
     try:
-        options.check()
+        options = sampling.for_model(options.check(), getattr(config, "student_timesteps", ()))
         if latents.ndim != 4 or latents.shape[1] != config.in_channels:
             raise RequestError(f"latents must be [frames, {config.in_channels}, h, w]; got {tuple(latents.shape)}")
         if num_frames < 1 or latents.shape[0] % num_frames:
@@ -386,7 +387,8 @@ def text_to_video(
     object (for motion guidance) is read with the encoder's lexicon. ``timings``, when given,
     receives seconds per stage: ``text_encode``, ``sampling``, ``vae_decode`` and ``total``.
     """
-    _, _, text = prepare(bundle, device=device, dtype=dtype)
+    unet, _, text = prepare(bundle, device=device, dtype=dtype)
+    options = sampling.for_model(options, unet.config.student_timesteps)  # a student's own settings
     t0 = time.perf_counter()
     positive = encode_prompt(text, prompt, ignore_unknown_words=ignore_unknown_words)
     neg = encode_prompt(text, negative, ignore_unknown_words=ignore_unknown_words) if options.cfg != 1.0 else None

@@ -31,13 +31,14 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    LCMScheduler,
     UniPCMultistepScheduler,
 )
 
 __all__ = [
     "TRAIN_TIMESTEPS", "BETA_START", "BETA_END", "BETA_SCHEDULE", "SAMPLERS", "SCHEDULERS", "SamplingOptions",
-    "PRESETS", "Denoiser", "schedule_config", "training_schedule", "make_scheduler", "predict_x0", "video_noise",
-    "sample",
+    "PRESETS", "SETTINGS", "Denoiser", "schedule_config", "training_schedule", "make_scheduler", "predict_x0",
+    "video_noise", "student_steps", "for_model", "sample",
 ]
 
 # the DDPM training schedule (SD's): the trainer and every sampler use these
@@ -53,9 +54,14 @@ _SAMPLERS = {
     "ddim": (DDIMScheduler, {"clip_sample": False, "set_alpha_to_one": True}, False),
     "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}, True),
     "uni_pc": (UniPCMultistepScheduler, {}, True),
+    # few-step (multistep consistency) sampling: predict the clean latents, noise them afresh to the
+    # next timestep; a few-step student (training/distill.py) samples so at its own timesteps
+    "lcm": (LCMScheduler, {"original_inference_steps": TRAIN_TIMESTEPS}, False),
 }
 SAMPLERS = tuple(_SAMPLERS)
 SCHEDULERS = ("normal", "karras")
+# "model": a few-step student's file sets the sampling (for_model); "as_set": the options as they are
+SETTINGS = ("model", "as_set")
 
 Callback = Callable[[int, int, torch.Tensor], None]
 
@@ -75,6 +81,11 @@ class SamplingOptions:
     trained with. ``motion_guidance`` / ``motion_guidance_until``: how far, and up to which
     point of the schedule, each object is steered along the path its words ask for
     (``guidance.MotionGuidance``; 0 = off). The same seed gives the same video on any device.
+    ``timesteps``: explicit timesteps from noise to clean (as many as ``steps``) instead of the
+    scheduler's spacing; a few-step student's own come from its file (:func:`for_model`).
+    ``settings``: ``"model"`` lets a few-step student's file set the sampling (its timesteps,
+    at most as many steps as it has, guidance and motion guidance off); ``"as_set"`` runs these
+    options as they are. Many-step models sample the same either way.
     """
 
     steps: int = 20
@@ -89,6 +100,8 @@ class SamplingOptions:
     seed: int = 0
     motion_guidance: float = 0.2
     motion_guidance_until: float = 0.3
+    timesteps: tuple[int, ...] = ()
+    settings: str = "model"
 
     def replace(self, **changes) -> "SamplingOptions":
         return dataclasses.replace(self, **changes)
@@ -111,6 +124,12 @@ class SamplingOptions:
         if self.motion_guidance < 0 or not 0.0 <= self.motion_guidance_until <= 1.0:
             raise ValueError(f"motion_guidance must be at least 0 and motion_guidance_until in 0..1; got "
                              f"{self.motion_guidance}, {self.motion_guidance_until}")
+        if self.settings not in SETTINGS:
+            raise ValueError(f"settings must be one of {list(SETTINGS)}, got {self.settings!r}")
+        ts = list(self.timesteps)
+        if ts and (len(ts) != self.steps or ts != sorted(set(ts), reverse=True) or not 0 <= ts[-1] <= ts[0] < TRAIN_TIMESTEPS):
+            raise ValueError(f"timesteps must be {self.steps} (steps) distinct timesteps falling from noise to clean "
+                             f"within 0..{TRAIN_TIMESTEPS - 1}; got {ts}")
         return self
 
     @classmethod
@@ -120,10 +139,11 @@ class SamplingOptions:
         defaults = defaults or PRESETS["main"]
         group = parser.add_argument_group("sampling (defaults: the main workflow's)")
         for f in dataclasses.fields(cls):
-            if f.name in skip:
+            if f.name in skip or f.name == "timesteps":  # a student's timesteps come from its file
                 continue
-            kind = {"steps": int, "seed": int, "sampler": str, "scheduler": str}.get(f.name, float)
-            extra = {"choices": SAMPLERS if f.name == "sampler" else SCHEDULERS} if kind is str else {}
+            kind = {"steps": int, "seed": int, "sampler": str, "scheduler": str, "settings": str}.get(f.name, float)
+            choices = {"sampler": SAMPLERS, "scheduler": SCHEDULERS, "settings": SETTINGS}
+            extra = {"choices": choices[f.name]} if kind is str else {}
             group.add_argument("--" + f.name.replace("_", "-"), type=kind, default=getattr(defaults, f.name),
                                help=_OPTION_HELP.get(f.name), **extra)
 
@@ -150,6 +170,8 @@ _OPTION_HELP = {
     "seed": "noise seed; the same seed gives the same video on any device",
     "motion_guidance": "steer each object along the path its words ask for (0 = off)",
     "motion_guidance_until": "steer the steps up to this point of the schedule (0 noise .. 1 clean)",
+    "settings": "model: a few-step student's file sets steps (at most its own), sampler and timesteps, and turns "
+                "guidance off; as_set: these options as they are",
 }
 
 PRESETS = {
@@ -159,6 +181,34 @@ PRESETS = {
     # plain classifier-free guidance on every step, nothing steered
     "plain": SamplingOptions(cfg=7.5, cfg_end=1.0, motion_guidance=0.0),
 }
+
+
+def student_steps(schedule: tuple[int, ...], steps: int) -> tuple[int, ...]:
+    """``steps`` of a student's timesteps (from noise to clean), evenly spread over them and always
+    starting with the first (pure noise): (999, 749, 499, 249) gives (999, 499) for 2 steps and
+    (999,) for 1. A student trained on all of them samples any such subset (its input at a later
+    timestep is its own noised prediction either way)."""
+    if not 1 <= steps <= len(schedule):
+        raise ValueError(f"a student with {len(schedule)} timesteps {list(schedule)} samples 1 to {len(schedule)} "
+                         f"steps, not {steps}")
+    return tuple(schedule[round(i * len(schedule) / steps)] for i in range(steps))
+
+
+def for_model(options: SamplingOptions, student_timesteps: tuple[int, ...] = ()) -> SamplingOptions:
+    """The options a model samples with: unchanged for a many-step model (``student_timesteps``
+    empty). For a few-step student with ``settings="model"``: its own timesteps (``options.steps``
+    of them, at most all), the ``lcm`` sampler, no classifier-free guidance and no motion guidance
+    (it was distilled to need neither). With ``settings="as_set"`` the options stay as they are,
+    except that the ``lcm`` sampler runs on the student's timesteps when ``steps`` fits them."""
+    if not student_timesteps or options.timesteps:
+        return options
+    steps = min(options.steps, len(student_timesteps))
+    if options.settings == "model":
+        return options.replace(sampler="lcm", scheduler="normal", steps=steps, cfg=1.0, motion_guidance=0.0,
+                               timesteps=student_steps(student_timesteps, steps))
+    if options.sampler == "lcm" and options.steps <= len(student_timesteps):
+        return options.replace(timesteps=student_steps(student_timesteps, options.steps))
+    return options
 
 
 class Denoiser(Protocol):
@@ -269,7 +319,12 @@ def sample(
         raise ValueError(f"latents must be [(videos x {num_frames} frames), channels, h, w]; got {tuple(latents.shape)}")
     device = latents.device
     sched = make_scheduler(options.sampler, options.scheduler, prediction_type)
-    sched.set_timesteps(options.steps, device=device)
+    if options.timesteps:
+        if "timesteps" not in inspect.signature(sched.set_timesteps).parameters:
+            raise ValueError(f"the {options.sampler} sampler cannot run explicit timesteps; use lcm")
+        sched.set_timesteps(timesteps=list(options.timesteps), device=device)
+    else:
+        sched.set_timesteps(options.steps, device=device)
     run = min(int(options.steps * options.denoise), options.steps)
     if run == 0:
         return latents.float().clone()

@@ -101,11 +101,17 @@ class UNetConfig:
     prediction_type: str = "epsilon"  # metadata for the sampler: "epsilon" | "v_prediction"
     noise_sharing: float = 0.0  # metadata: the noise prior it was trained with (sampling.video_noise)
     image_first: bool = False  # metadata: trained to continue clean given first frames (sampling.sample)
+    # metadata: a few-step student's own timesteps, from noise to clean (training/distill.py); () = a many-step model
+    student_timesteps: tuple[int, ...] = ()
 
     def __post_init__(self):
         self.channel_mult = tuple(int(m) for m in self.channel_mult)
         self.attention_resolutions = tuple(sorted({int(r) for r in self.attention_resolutions}, reverse=True))
         self.spatiotemporal_resolutions = tuple(sorted({int(r) for r in self.spatiotemporal_resolutions}, reverse=True))
+        self.student_timesteps = tuple(int(t) for t in self.student_timesteps)
+        ts = self.student_timesteps
+        if ts and (list(ts) != sorted(set(ts), reverse=True) or not 0 < ts[-1] <= ts[0] < 1000):
+            raise ValueError(f"student_timesteps must fall strictly from noise to clean within 1..999, got {list(ts)}")
         if set(self.spatiotemporal_resolutions) - set(self.attention_resolutions) - {2 ** (len(self.channel_mult) - 1)}:
             raise ValueError(f"spatiotemporal_resolutions {list(self.spatiotemporal_resolutions)} must be levels with a "
                              f"transformer: attention_resolutions {list(self.attention_resolutions)} or the middle block")
@@ -133,6 +139,10 @@ class UNetConfig:
         d["channel_mult"] = list(self.channel_mult)
         d["attention_resolutions"] = list(self.attention_resolutions)
         d["spatiotemporal_resolutions"] = list(self.spatiotemporal_resolutions)
+        if self.student_timesteps:  # absent from a many-step model's file, which older packs read as before
+            d["student_timesteps"] = list(self.student_timesteps)
+        else:
+            del d["student_timesteps"]
         return d
 
     @classmethod

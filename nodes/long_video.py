@@ -13,8 +13,8 @@ from __future__ import annotations
 import comfy.model_management as mm
 import comfy.utils
 
-from ..models import long_video, video_io
-from .model import MAIN, _latent, _preview_callback
+from ..models import long_video, sampling, video_io
+from .model import MAIN, SETTINGS_INPUT, _latent, _preview_callback
 from .video import embedded, output_path, shown
 
 CATEGORY = "MagicVideo/long video"
@@ -86,18 +86,21 @@ class SlidingWindowSampler:
                 "motion_guidance": ("FLOAT", {"default": MAIN.motion_guidance, "min": 0.0, "max": 2.0, "step": 0.05,
                                     "tooltip": "Steer each object along the motion its window's prompt asks for "
                                                "(see the Keyframe Sampler); continue and independent only."}),
+                "settings": SETTINGS_INPUT,
             },
         }
 
     def sample(self, model, text_encoder, schedule, seconds, width, height, seed, steps, cfg, method, window, overlap,
-               fps=MAIN.fps, motion_guidance=MAIN.motion_guidance):
+               fps=MAIN.fps, motion_guidance=MAIN.motion_guidance, settings=MAIN.settings):
         if width % 8 or height % 8:
             raise ValueError(f"width and height must be multiples of 8; got {width}x{height}")
         frames = max(1, round(seconds * fps))
         spans = long_video.parse_schedule(schedule, seconds)
-        options = MAIN.replace(seed=seed, steps=steps, cfg=cfg, fps=fps, motion_guidance=motion_guidance)
+        options = MAIN.replace(seed=seed, steps=steps, cfg=cfg, fps=fps, motion_guidance=motion_guidance,
+                               settings=settings)
+        options = sampling.for_model(options, model.config.student_timesteps)  # for the progress bar's total
         windows = long_video.plan_windows(frames, window, overlap, method)
-        total = steps * (1 if method == "fusion" else len(windows))
+        total = options.steps * (1 if method == "fusion" else len(windows))
         latents = long_video.sample_long_video(
             model.unet, text_encoder, spans, frames=frames, latent_size=(height // 8, width // 8), window=window,
             overlap=overlap, method=method, options=options, callback=_preview_callback(model, total))

@@ -33,6 +33,11 @@ folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir,
 folder_paths.add_model_folder_path(FOLDER, PACK_WEIGHTS)
 
 MAIN = sampling.PRESETS["main"]
+SETTINGS_INPUT = (list(sampling.SETTINGS), {
+    "default": MAIN.settings,
+    "tooltip": "model: a few-step student file (a distilled model) sets the sampling itself: its own timesteps "
+               "(steps = how many of them, at most all), the lcm sampler, cfg 1 and no motion guidance. as_set: "
+               "the settings above as they are. Many-step models sample the same either way."})
 WEIGHTS = {"as stored": None, "int8": "none", "int8 + 2:4": "2:4"}  # the loader's conversions (models/quant.py)  # the node defaults are the main workflow's settings
 
 
@@ -286,18 +291,19 @@ class KeyframeSampler:
                 "motion_guidance_until": ("FLOAT", {"default": MAIN.motion_guidance_until, "min": 0.0, "max": 1.0, "step": 0.05,
                                           "tooltip": "Motion guidance steers the steps up to this point of the "
                                                      "schedule (0 = pure noise, 1 = clean), where the layout is set."}),
+                "settings": SETTINGS_INPUT,
             },
         }
 
     def sample(self, model, positive, negative, latent, seed, steps, cfg, sampler, scheduler, fps, denoise, frames,
                reference=None, noise_sharing=-1.0, cfg_start=MAIN.cfg_start, cfg_end=MAIN.cfg_end,
                motion_guidance=MAIN.motion_guidance, motion_guidance_until=MAIN.motion_guidance_until,
-               given_frames=None):
+               given_frames=None, settings=MAIN.settings):
         num_frames = _num_frames(latent, frames)
         options = sampling.SamplingOptions(
             steps=steps, cfg=cfg, cfg_start=cfg_start, cfg_end=cfg_end, sampler=sampler, scheduler=scheduler, fps=fps,
             denoise=denoise, noise_sharing=None if noise_sharing < 0 else noise_sharing, seed=seed,
-            motion_guidance=motion_guidance, motion_guidance_until=motion_guidance_until)
+            motion_guidance=motion_guidance, motion_guidance_until=motion_guidance_until, settings=settings)
         if reference is not None and given_frames is not None:
             raise ValueError("give frames one way: both reference and given_frames are connected; disconnect one")
         given = given_frames

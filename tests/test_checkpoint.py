@@ -360,14 +360,14 @@ def test_truncated_file_is_explained(tmp_path, tiny_sd):
 
 def test_unknown_format_version_is_refused(tmp_path):
     path = fake_file(tmp_path / "future.safetensors", {"model.diffusion_model.x": (1,)},
-                     {"format": "magicvideo", "format_version": "3", "kind": "full"})
-    with pytest.raises(CheckpointError, match=r"expected MagicVideo format_version 1 or 2, found '3'.*update the pack"):
+                     {"format": "magicvideo", "format_version": "4", "kind": "full"})
+    with pytest.raises(CheckpointError, match=r"expected MagicVideo format_version 1, 2 or 3, found '4'.*update the pack"):
         ck.load(path)
-    with pytest.raises(CheckpointError, match=r"format_version 1 or 2, found '3'"):
+    with pytest.raises(CheckpointError, match=r"format_version 1, 2 or 3, found '4'"):
         ck.load_model(path)
-    with pytest.raises(CheckpointError, match=r"format_version 1 or 2, found '3'"):
+    with pytest.raises(CheckpointError, match=r"format_version 1, 2 or 3, found '4'"):
         ck.upgrade(path)
-    assert ck.read_header(path).metadata["format_version"] == "3"  # left as it was
+    assert ck.read_header(path).metadata["format_version"] == "4"  # left as it was
     unversioned = fake_file(tmp_path / "none.safetensors", {"model.diffusion_model.x": (1,)},
                             {"format": "magicvideo", "kind": "full"})
     with pytest.raises(CheckpointError, match=r"found None"):

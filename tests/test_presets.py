@@ -20,10 +20,10 @@ MAIN = PRESETS["main"]
 MODEL_GENERATE_FN = ev.model_generate_fn  # before any test patches it
 # the settings the workflow's Keyframe Sampler has as widgets (seed is per run; noise_sharing -1 = None)
 COMPARED = ("steps", "cfg", "sampler", "scheduler", "fps", "denoise", "cfg_start", "cfg_end", "motion_guidance",
-            "motion_guidance_until")
+            "motion_guidance_until", "settings")
 # the Keyframe Sampler's widgets in the order the UI saves them (control_after_generate follows seed)
 WIDGETS = ["seed", "control_after_generate", "steps", "cfg", "sampler", "scheduler", "fps", "denoise", "frames",
-           "noise_sharing", "cfg_start", "cfg_end", "motion_guidance", "motion_guidance_until"]
+           "noise_sharing", "cfg_start", "cfg_end", "motion_guidance", "motion_guidance_until", "settings"]
 
 
 def _preset(options: SamplingOptions) -> dict:
@@ -111,4 +111,4 @@ def test_the_keyframe_samplers_defaults_are_the_main_preset(nodes):
     # called without the optional inputs (an older workflow), the sampler runs the preset too
     params = inspect.signature(nodes.KeyframeSampler.sample).parameters
     assert {k: params[k].default for k in COMPARED if k in params and params[k].default is not inspect.Parameter.empty} \
-        == {k: getattr(MAIN, k) for k in ("cfg_start", "cfg_end", "motion_guidance", "motion_guidance_until")}
+        == {k: getattr(MAIN, k) for k in ("cfg_start", "cfg_end", "motion_guidance", "motion_guidance_until", "settings")}

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from . import distributed
+from .distill import train_distill
 from .export import export_run
 from .loop import StepProfile, TimeBudget
 from .unet import train_unet
@@ -35,9 +36,10 @@ from .vae import train_vae
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m magicvideo.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="JSON training config (see configs/default.json)")
-    p.add_argument("--stage", choices=["vae", "unet", "decoder", "export", "upscale", "all"], default="all",
+    p.add_argument("--stage", choices=["vae", "unet", "decoder", "export", "upscale", "distill", "all"], default="all",
                    help="vae, then unet (all = both); decoder fine-tunes the VAE decoder alone; upscale trains "
-                        "the super-resolver (its inputs made with the --init model); "
+                        "the super-resolver (its inputs made with the --init model); distill makes a few-step "
+                        "student of the --init model (training/distill.py); "
                         "export writes the run's model file with its current VAE")
     p.add_argument("--run-dir", required=True, help="folder for logs, checkpoints and resumable state")
     p.add_argument("--resume", action="store_true", help="carry on from the run folder's last state")
@@ -68,7 +70,7 @@ def main(argv=None):
         StepProfile(args.profile, 0, Path("profile.txt"), torch.device("cpu"))  # likewise
     cfg = json.loads(Path(args.config).read_text())
     if args.steps:
-        for stage in ("vae", "unet", "upscale"):
+        for stage in ("vae", "unet", "upscale", "distill"):
             if stage in cfg:
                 cfg[stage]["steps"] = args.steps
     for item in args.set:
@@ -121,6 +123,10 @@ def _run(args, cfg: dict, dist: distributed.Dist):
         final = train_upscaler(cfg, args, run_dir, device)
     if args.stage == "export" and dist.main:
         final = export_run(cfg, run_dir)
+    if args.stage == "distill":
+        if dist.size > 1:
+            raise SystemExit("--stage distill trains in one process for now; run it without torchrun")
+        final = train_distill(cfg, args, run_dir, device)
     if args.out and final is not None and dist.main:
         import shutil
 
