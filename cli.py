@@ -26,6 +26,7 @@ import torch
 
 PACK_ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = PACK_ROOT / "weights" / "magicvideo_default.safetensors"
+DEFAULT_INTERPOLATOR = PACK_ROOT / "weights" / "magicvideo_interpolator.safetensors"
 
 
 def _device(name: str) -> torch.device:
@@ -82,7 +83,7 @@ def generate(args) -> Path:
     options = pipeline.SamplingOptions.from_args(args)
     settings = dict(frames=args.frames, width=args.width, height=args.height, options=options, device=device,
                     dtype=args.dtype, chunk_size=args.chunk_size, callback=progress, interpolate=args.interpolate)
-    if args.interpolator:
+    if args.interpolate > 1:
         settings["interpolator"] = checkpoint.load_model(args.interpolator)
     try:
         if args.conditioning:
@@ -121,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.SamplingOptions.add_arguments(g)
     g.add_argument("--interpolate", type=int, default=1, metavar="K",
                    help="K > 1: K frames per keyframe gap by the frame interpolator (8 fps keyframes, K=3: 24 fps)")
-    g.add_argument("--interpolator", help="model file that interpolates (default: --model)")
+    g.add_argument("--interpolator", default=str(DEFAULT_INTERPOLATOR),
+                   help="model file that interpolates (default: the bundled interpolator)")
     g.add_argument("--chunk-size", type=int, default=8, help="frames decoded at once by the VAE")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--dtype", choices=list(pipeline.DTYPES), default="auto")

@@ -90,23 +90,28 @@ def run(args) -> dict:
         extra = {f"ours_denoise_{d:g}": d for d in args.denoise[1:]}  # the same model started from the blend
         methods = {"ours": [], **{n: [] for n in extra}, "blend_pixels": [], "blend_latents": [],
                    **{n: [] for n in others}}
+        if args.ceiling:  # what no interpolation in this latent space can beat: the truth's VAE round trip
+            methods = {"vae_round_trip": [], "blend_pixels": [], "blend_latents": []}
         truths, masks, seconds = [], [], 0.0
         for p in prompts:
             truth = world.render_batch([p.spec], frames=frames)[0]  # [F, H, W, 3]
             mask = world.object_coverage([p.spec], frames, truth.shape[1], truth.shape[1])[0].sum(1).clamp(max=1)
             keys = pipeline.encode_frames(vae, truth[::k])
             positive = pipeline.encode_prompt(text, p.caption)
-            opts = interpolate.PRESET.replace(seed=p.seed, denoise=args.denoise[0])
-            t0 = time.perf_counter()
-            ours = interpolate.interpolate(unet, keys, k, positive=positive, options=opts)
-            seconds += time.perf_counter() - t0
-            methods["ours"].append(pipeline.decode_frames(vae, ours, frames))
-            for name, d in extra.items():
-                methods[name].append(pipeline.decode_frames(vae, interpolate.interpolate(
-                    unet, keys, k, positive=positive, options=opts.replace(denoise=d)), frames))
-            for name, u in others.items():
-                methods[name].append(pipeline.decode_frames(vae, interpolate.interpolate(u, keys, k, positive=positive,
-                                                                                         options=opts), frames))
+            if args.ceiling:
+                methods["vae_round_trip"].append(pipeline.decode_frames(vae, pipeline.encode_frames(vae, truth), frames))
+            else:
+                opts = interpolate.PRESET.replace(seed=p.seed, denoise=args.denoise[0])
+                t0 = time.perf_counter()
+                ours = interpolate.interpolate(unet, keys, k, positive=positive, options=opts)
+                seconds += time.perf_counter() - t0
+                methods["ours"].append(pipeline.decode_frames(vae, ours, frames))
+                for name, d in extra.items():
+                    methods[name].append(pipeline.decode_frames(vae, interpolate.interpolate(
+                        unet, keys, k, positive=positive, options=opts.replace(denoise=d)), frames))
+                for name, u in others.items():
+                    methods[name].append(pipeline.decode_frames(vae, interpolate.interpolate(u, keys, k, positive=positive,
+                                                                                             options=opts), frames))
             decoded = pipeline.decode_frames(vae, keys, KEYFRAMES)
             w = torch.arange(k, dtype=torch.float32).div(k).view(1, -1, 1, 1, 1)
             pix = (decoded[:-1, None] * (1 - w) + decoded[1:, None] * w).flatten(0, 1)
@@ -128,6 +133,8 @@ def run(args) -> dict:
             print(f"x{k} {name}: PSNR {result[name]['psnr']:.2f} dB, on objects {result[name]['psnr_objects']:.2f} dB, "
                   f"SSIM {result[name]['ssim']:.3f}, all {result[name]['adherence'].get('all')}", flush=True)
         report["factors"][str(k)] = result
+        if args.ceiling:
+            continue
         strip += [truths[0][::k][:4].repeat_interleave(k, 0)[: 3 * k + 1], methods["blend_pixels"][0][: 3 * k + 1],
                   methods["ours"][0][: 3 * k + 1], truths[0][: 3 * k + 1]]
     if args.strip:
@@ -160,6 +167,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--strip", type=Path)
+    parser.add_argument("--ceiling", action="store_true",
+                        help="no model: the truth's VAE round trip (the ceiling of any latent method) and the blends")
     parser.add_argument("--memory", action="store_true", help="also the peak memory of 480 keyframes (fresh process)")
     parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

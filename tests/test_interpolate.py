@@ -9,7 +9,7 @@ import torch
 from magicvideo.models import interpolate
 from magicvideo.models.unet import UNetConfig, VideoUNet
 
-FAST = interpolate.PRESET.replace(steps=2)
+FAST = interpolate.PRESET.replace(steps=2, denoise=1.0)
 
 
 def _unet(**extra):

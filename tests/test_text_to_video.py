@@ -1,4 +1,5 @@
-"""workflows/text_to_video.json in a real ComfyUI: the bundled default model, a prompt, a 256x256 mp4.
+"""workflows/text_to_video.json in a real ComfyUI: the bundled default model, a prompt, a 256x256 mp4
+at 24 fps (keyframes at 8 fps, the bundled interpolator, the bundled super-resolver).
 
 The first workflow a user opens. It must run as shipped: the bundled weights are part of
 the repository, so a missing file is a failure, not a skip. The same settings through
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from magicvideo.models import checkpoint, pipeline, upscale, video_io
+from magicvideo.models import checkpoint, interpolate, pipeline, upscale, video_io
 from magicvideo.models.sampling import PRESETS
 
 pytestmark = pytest.mark.host
@@ -22,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 WORKFLOW = REPO / "workflows" / "text_to_video.json"
 WEIGHTS = REPO / "weights" / "magicvideo_default.safetensors"
 UPSCALER = REPO / "weights" / "magicvideo_upscaler.safetensors"
+INTERPOLATOR = REPO / "weights" / "magicvideo_interpolator.safetensors"
 PROMPT = "a red circle moving to the left"
 
 
@@ -41,7 +43,7 @@ def test_the_workflow_holds_the_documented_settings(comfy):
     workflow = _workflow()
     assert "magicvideo_default.safetensors" in comfy.object_info["MagicVideoModelLoader"]["input"]["required"]["model_name"][0]
     prompt = comfy.workflow_to_prompt(workflow)
-    [loader] = _nodes(prompt, "MagicVideoModelLoader")
+    [loader, _] = sorted(_nodes(prompt, "MagicVideoModelLoader"), key=lambda n: n["model_name"])
     assert loader["model_name"] == "magicvideo_default.safetensors" and loader["sd15_checkpoint"] == "none"
     assert sorted(n["text"] for n in _nodes(prompt, "MagicVideoTextEncode")) == ["", PROMPT]
     [latent] = _nodes(prompt, "MagicVideoEmptyLatent")
@@ -63,8 +65,12 @@ def test_the_workflow_holds_the_documented_settings(comfy):
     assert ui_sampler["widgets_values"][1] == "fixed", "the seed must stay fixed so the example reproduces"
     [sr] = _nodes(prompt, "MagicVideoSuperResolver")  # 64x64 keyframes, 256x256 video
     assert sr["upscaler"] == "magicvideo_upscaler.safetensors" and sr["images"][0] in prompt
+    [interp] = _nodes(prompt, "MagicVideoFrameInterpolator")  # 8 fps keyframes, 24 fps video
+    assert {k: interp[k] for k in ("factor", "steps", "fps", "denoise")} == \
+        {"factor": 3, "steps": interpolate.PRESET.steps, "fps": 8, "denoise": interpolate.PRESET.denoise}
+    assert prompt[interp["model"][0]]["inputs"]["model_name"] == "magicvideo_interpolator.safetensors"
     [save] = _nodes(prompt, "MagicVideoSaveVideo")
-    assert save["format"] == "mp4" and save["fps"] == 8
+    assert save["format"] == "mp4" and save["fps"] == 24
     assert all(node.get("title") for node in workflow["nodes"]), "every node has a title"
 
 
@@ -76,7 +82,7 @@ def test_runs_in_the_host_and_writes_the_mp4(comfy, tmp_path):
     path = comfy.output_path(info)
     assert path.suffix == ".mp4" and path.is_file()
     video = video_io.read_video(path)
-    assert video.frames.shape == (16, 256, 256, 3) and video.fps == pytest.approx(8.0)
+    assert video.frames.shape == (46, 256, 256, 3) and video.fps == pytest.approx(24.0)
     assert video.frames.std() > 2, "the video is one flat colour"
 
     metadata = video_io.read_metadata(path)
@@ -85,11 +91,14 @@ def test_runs_in_the_host_and_writes_the_mp4(comfy, tmp_path):
 
     # the graph and the library's one generation path (CLI, evaluator) make the same video
     [sampler] = _nodes(prompt, "MagicVideoKeyframeSampler")
+    [interp] = _nodes(prompt, "MagicVideoFrameInterpolator")
+    assert interp["seed"] == sampler["seed"]  # the library interpolates with the sampling seed
     frames = pipeline.text_to_video(checkpoint.load_model(WEIGHTS), PROMPT, frames=16, width=64, height=64,
-                                    options=PRESETS["main"].replace(seed=sampler["seed"]), dtype="fp32")
+                                    options=PRESETS["main"].replace(seed=sampler["seed"]), dtype="fp32",
+                                    interpolate=3, interpolator=checkpoint.load_model(INTERPOLATOR))
     frames = upscale.upscale(checkpoint.load_upscaler(UPSCALER), frames)
     raw = video_io.frames_to_uint8(frames).astype(np.int16)
-    ours = video_io.read_video(video_io.write_video(tmp_path / "cli.mp4", frames, 8.0, "mp4").path).frames
+    ours = video_io.read_video(video_io.write_video(tmp_path / "cli.mp4", frames, 24.0, "mp4").path).frames
     # Both went through H.264, whose output for the same frames is not bit-identical from run to
     # run (PyAV's libx264, measured: mean 1.5 levels apart on one clip): judge the graph's video
     # against the library's frames before encoding, allowing what the codec costs this clip.
