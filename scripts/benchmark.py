@@ -39,6 +39,8 @@ from measure import peak_rss_mib  # scripts/measure.py
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "weights" / "magicvideo_default.safetensors"
+INTERPOLATOR = REPO / "weights" / "magicvideo_interpolator.safetensors"
+UPSCALER = REPO / "weights" / "magicvideo_upscaler.safetensors"
 PROMPT = "a red circle moving to the left"
 DTYPES = ("fp32", "bf16", "fp16")
 
@@ -79,15 +81,31 @@ def work_generate(job: dict) -> dict:
     t0 = time.perf_counter()
     bundle = checkpoint.load_model(job["model"])
     pipeline.prepare(bundle, device=device, dtype=job["dtype"])
-    load = time.perf_counter() - t0
     options = pipeline.PRESETS[job["preset"]].replace(steps=job["steps"], fps=job["fps"], seed=0)
     settings = dict(frames=job["frames"], width=job["size"], height=job["size"], options=options, device=device,
                     dtype=job["dtype"])
-    pipeline.text_to_video(bundle, PROMPT, **{**settings, "options": options.replace(steps=1)})  # warm-up
+    upscaler = None
+    if job.get("stages"):  # the main workflow's later stages: interpolation x3, then 4x super-resolution
+        from magicvideo.models import upscale
+
+        settings.update(interpolate=3, interpolator=checkpoint.load_model(INTERPOLATOR))
+        upscaler = checkpoint.load_upscaler(UPSCALER, device=device)
+    load = time.perf_counter() - t0
+
+    def generate(timings=None, **changes):
+        frames = pipeline.text_to_video(bundle, PROMPT, timings=timings, **{**settings, **changes})
+        if upscaler is not None:
+            t = time.perf_counter()
+            upscale.upscale(upscaler, frames)
+            if timings is not None:
+                timings["super_resolution"] = time.perf_counter() - t
+                timings["total"] += timings["super_resolution"]
+
+    generate(options=options.replace(steps=1))  # warm-up
     runs = []
     for _ in range(job["repeats"]):
         timings: dict = {}
-        pipeline.text_to_video(bundle, PROMPT, timings=timings, **settings)
+        generate(timings)
         runs.append(timings)
     median = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     video_seconds = job["frames"] / job["fps"]
@@ -95,6 +113,7 @@ def work_generate(job: dict) -> dict:
         "dtype": job["dtype"], "steps": job["steps"], "load_s": load,
         "text_encode_s": median["text_encode"], "sampling_s": median["sampling"],
         "sampling_per_step_s": median["sampling"] / job["steps"], "vae_decode_s": median["vae_decode"],
+        "interpolation_s": median.get("interpolation"), "super_resolution_s": median.get("super_resolution"),
         "total_s": median["total"], "compute_s_per_video_s": median["total"] / video_seconds,
         "total_s_runs": [r["total"] for r in runs],
         "peak_memory_mib": _peak_memory_mib(device), "memory_before_load_mib": rss_before,
@@ -312,6 +331,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-peer", action="store_true", help="skip the AnimateDiff comparison")
+    ap.add_argument("--stages", action="store_true", help="the main workflow's whole path: keyframes, the bundled "
+                    "interpolator (x3, 24 fps) and the bundled super-resolver (4x)")
     ap.add_argument("--worker", nargs=2, metavar=("KIND", "JOB"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -335,13 +356,13 @@ def main(argv=None) -> int:
     vae_config = json.loads(header.metadata.get("vae_config", "null")) or {}
     downscale = 2 ** (len(vae_config.get("ch_mult", (1, 2, 4, 4))) - 1)
     base = {"model": str(args.model.resolve()), "threads": args.threads, "device": args.device, "frames": args.frames,
-            "size": args.size, "fps": args.fps, "preset": args.preset, "downscale": downscale}
+            "size": args.size, "fps": args.fps, "preset": args.preset, "downscale": downscale, "stages": args.stages}
     preset = PRESETS[args.preset]
     load_before = os.getloadavg()
     results = {
         "machine": machine_info(args.device, args.threads),
         "model": model_info(args.model),
-        "settings": {k: base[k] for k in ("frames", "size", "fps", "preset")}
+        "settings": {k: base[k] for k in ("frames", "size", "fps", "preset", "stages")}
         | {k: getattr(preset, k) for k in ("cfg", "cfg_end", "sampler", "motion_guidance")}
         | {"prompt": PROMPT, "repeats": args.repeats, "forwards": args.forwards},
         "generate": [],
