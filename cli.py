@@ -83,8 +83,11 @@ def generate(args) -> Path:
     options = pipeline.SamplingOptions.from_args(args)
     settings = dict(frames=args.frames, width=args.width, height=args.height, options=options, device=device,
                     dtype=args.dtype, chunk_size=args.chunk_size, callback=progress, interpolate=args.interpolate)
-    if args.interpolate > 1:
-        settings["interpolator"] = checkpoint.load_model(args.interpolator)
+    interpolator = args.interpolator
+    if interpolator is None and Path(args.model).resolve() == DEFAULT_MODEL.resolve():
+        interpolator = DEFAULT_INTERPOLATOR  # the bundled default's partner; another model interpolates itself
+    if args.interpolate > 1 and interpolator is not None:
+        settings["interpolator"] = checkpoint.load_model(interpolator)
     try:
         if args.conditioning:
             positive, negative = _conditioning_file(args, bundle)
@@ -122,8 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.SamplingOptions.add_arguments(g)
     g.add_argument("--interpolate", type=int, default=1, metavar="K",
                    help="K > 1: K frames per keyframe gap by the frame interpolator (8 fps keyframes, K=3: 24 fps)")
-    g.add_argument("--interpolator", default=str(DEFAULT_INTERPOLATOR),
-                   help="model file that interpolates (default: the bundled interpolator)")
+    g.add_argument("--interpolator", help="model file that interpolates (default: the bundled interpolator with the "
+                                          "bundled model, else --model itself)")
     g.add_argument("--chunk-size", type=int, default=8, help="frames decoded at once by the VAE")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--dtype", choices=list(pipeline.DTYPES), default="auto")

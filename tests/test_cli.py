@@ -110,10 +110,11 @@ def test_prompt_through_the_built_in_text_encoder(files):
 
 def test_interpolate_flag(files, capsys):
     """--interpolate K: K frames per keyframe gap at K times the rate, by a model that takes given
-    frames (``--interpolator``, the bundled one by default; the tiny model here does not: a clear error)."""
+    frames (``--interpolator``; by default the bundled interpolator with the bundled model, else the model itself;
+    the tiny model here does not take given frames: a clear error)."""
     model, cond, root = files
     with pytest.raises(SystemExit, match="not trained to take given frames"):
-        main(_args(model, cond, root / "k.mp4", "--interpolate", "2", "--interpolator", str(model)))
+        main(_args(model, cond, root / "k.mp4", "--interpolate", "2"))  # another model interpolates itself
     unet = VideoUNet(UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
                                 num_heads=2, context_dim=WIDTH, max_frames=8, cond_channels=5))
     vae = VideoVAE(VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, temporal_head_dim=16))
