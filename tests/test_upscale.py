@@ -146,6 +146,22 @@ def test_the_training_stage_writes_an_upscaler_and_resumes(tmp_path):
     assert len([json.loads(line) for line in (run / "upscale.log").read_text().splitlines()]) >= 2
 
 
+def test_the_loss_weighs_the_truths_edges_when_asked():
+    from magicvideo.training.upscale import edge_map, pixel_loss
+
+    high = torch.zeros(1, 3, 16, 16)
+    high[..., :, 8:] = 1.0  # a vertical edge between columns 7 and 8
+    assert edge_map(high)[0, 0, 0].tolist() == [0] * 6 + [1] * 4 + [0] * 6  # both sides, widened by one
+    at_edge, flat = high.clone(), high.clone()
+    at_edge[..., 4, 8] -= 0.5
+    flat[..., 4, 14] -= 0.5
+    assert pixel_loss(at_edge, high) == pixel_loss(flat, high)  # L1: all pixels alike
+    assert pixel_loss(at_edge, high, "mse") == pytest.approx(0.25 / 256)
+    assert pixel_loss(at_edge, high, "l1", 4.0) == pytest.approx(5 * pixel_loss(flat, high, "l1", 4.0))
+    with pytest.raises(ValueError, match="upscale.loss must be one of"):
+        pixel_loss(flat, high, "huber")
+
+
 @pytest.mark.skipif(not BUNDLED.exists(), reason="no bundled upscaler")
 def test_bundled_upscaler_beats_bicubic():
     import numpy as np

@@ -10,7 +10,9 @@ to a strength in ``strengths`` and finished by the sampler), so the upscaler lea
 their artefacts; a share of clean renders keeps it right on any clean input. Targets are the
 same clips' specs rendered at ``scale`` times the size. The inputs are made once into
 ``<run-dir>/upscale_pool.safetensors`` (uint8 frames + specs); targets are rendered per step.
-Training sees random crops of ``frames`` consecutive frames; the loss is L1 on the output.
+Training sees random crops of ``frames`` consecutive frames; the loss (``upscale.loss``) is L1 on
+the output by default, or the squared error (what PSNR scores), with ``upscale.edge_weight`` giving
+the pixels at the truth's edges more weight (the shapes' outlines are where the inputs lost most).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -31,6 +34,7 @@ from .loop import Logger, cosine_lr, load_state, save_state
 
 POOL_FORMAT = "magicvideo-upscale-pool"
 KINDS = ("clean", "vae", "sampled")
+LOSSES = ("l1", "mse")
 
 
 def degrade(bundle, specs, kinds, *, frames: int, size: int, rng: np.random.Generator) -> torch.Tensor:
@@ -109,8 +113,33 @@ def _batch(pool: dict, rng: np.random.Generator, tc: dict, scale: int):
     return low, high, t
 
 
+def edge_map(high: torch.Tensor) -> torch.Tensor:
+    """[N, 1, H, W] in 0..1: the largest colour step to a neighbour pixel (on both sides of the
+    step), widened by one pixel."""
+    dy = (high[..., 1:, :] - high[..., :-1, :]).abs().amax(1, keepdim=True)
+    dx = (high[..., :, 1:] - high[..., :, :-1]).abs().amax(1, keepdim=True)
+    edge = torch.stack([F.pad(dy, (0, 0, 0, 1)), F.pad(dy, (0, 0, 1, 0)),
+                        F.pad(dx, (0, 1, 0, 0)), F.pad(dx, (1, 0, 0, 0))]).amax(0)
+    return F.max_pool2d(edge, 3, stride=1, padding=1).clamp(0, 1)
+
+
+def pixel_loss(out: torch.Tensor, high: torch.Tensor, kind: str = "l1", edge_weight: float = 0.0) -> torch.Tensor:
+    """The training loss: L1 or squared error per pixel, each pixel weighted by 1 + ``edge_weight`` x
+    the truth's edge strength (:func:`edge_map`), so 0 weighs all pixels alike."""
+    if kind not in LOSSES:
+        raise ValueError(f"upscale.loss must be one of {list(LOSSES)}, got {kind!r}")
+    err = (out - high).abs() if kind == "l1" else (out - high).pow(2)
+    if edge_weight:
+        err = err * (1 + edge_weight * edge_map(high))
+    return err.mean()
+
+
 def train_upscaler(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
     tc = cfg["upscale"]
+    loss_kind, edge_weight = tc.get("loss", "l1"), float(tc.get("edge_weight", 0.0))
+    if loss_kind not in LOSSES or edge_weight < 0:
+        raise SystemExit(f"upscale.loss must be one of {list(LOSSES)} and upscale.edge_weight at least 0, "
+                         f"got {loss_kind!r} and {edge_weight}")
     scale = int(tc["config"].get("scale", 4))
     torch.manual_seed(cfg["seed"])
     model = VideoUpscaler(UpscalerConfig.from_dict(tc["config"])).to(device)
@@ -148,7 +177,7 @@ def train_upscaler(cfg: dict, args, run_dir: Path, device: torch.device) -> Path
     for step in range(start, steps):
         low, high, frames = _batch(pool, rng, tc, scale)
         out = model(low.to(device), frames)
-        loss = (out - high.to(device)).abs().mean()
+        loss = pixel_loss(out, high.to(device), loss_kind, edge_weight)
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, steps, tc["lr"], warmup=min(200, steps // 10))
         opt.zero_grad(set_to_none=True)
