@@ -660,6 +660,28 @@ def test_a_sparsity_aware_leg_keeps_two_of_every_four_weights(config_file, tmp_p
         cli.main(base + ["--stage", "unet", "--set", 'unet.sparsity="1:4"'])
 
 
+def test_the_init_model_teaches_its_pruned_copy(config_file, tmp_path):
+    """unet.teacher_weight: the --init model, frozen, predicts on the same inputs; its prediction is
+    a second target. Dense and unpruned the student starts equal to it (term 0 at step 0); pruned
+    2:4 it does not, and the term is logged."""
+    import json
+
+    run, leg = tmp_path / "run", tmp_path / "leg"
+    base = ["--config", str(config_file), "--threads", "1"]
+    cli.main(base + ["--run-dir", str(run), "--stage", "vae"])
+    cli.main(base + ["--run-dir", str(run), "--stage", "unet", "--set", "unet.steps=2"])
+    init = ["--init", str(run / "model.safetensors"), "--set", "unet.teacher_weight=1.0"]
+    cli.main(base + ["--run-dir", str(tmp_path / "dense"), "--stage", "unet", "--set", "unet.steps=1"] + init)
+    [first] = [json.loads(x) for x in (tmp_path / "dense" / "unet.log").read_text().splitlines()][:1]
+    assert first["teacher"] == pytest.approx(0.0, abs=1e-12)
+    cli.main(base + ["--run-dir", str(leg), "--stage", "unet", "--set", "unet.steps=2",
+                     "--set", 'unet.sparsity="2:4"'] + init)
+    logged = [json.loads(x) for x in (leg / "unet.log").read_text().splitlines()]
+    assert logged[0]["teacher"] > 0
+    with pytest.raises(SystemExit, match="unet.teacher_weight: expected a weight >= 0 with a MagicVideo --init"):
+        cli.main(base + ["--run-dir", str(tmp_path / "none"), "--stage", "unet", "--set", "unet.teacher_weight=1.0"])
+
+
 def test_a_world_source_at_k_times_the_rate_gives_true_in_betweens():
     """rate k: windows of (frames - 1) // k * k + 1 frames cut from the clip rendered at k times
     the rate; every k-th frame is a keyframe one usual frame interval from the next."""

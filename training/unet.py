@@ -241,11 +241,17 @@ def train_unet(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
         raise SystemExit("unet.interp_rate renders the world at 2-4 times the frame rate for the interp task: it needs "
                          "the world's clips (no --data-dir), an interp share in unet.tasks, and no binding_weight "
                          "(its object maps are made for the usual rate)")
+    teacher_weight = float(tc.get("teacher_weight", 0.0))
+    if teacher_weight and (teacher_weight < 0 or not args.init or tc.get("grow")):
+        raise SystemExit(f"unet.teacher_weight: expected a weight >= 0 with a MagicVideo --init (and no unet.grow), "
+                         f"found {teacher_weight} with --init {args.init}")
     dist = distributed.current(device)
     accumulate = int(tc.get("accumulate", 1))
     micro = dist.check_batch(tc["batch_size"], "unet.batch_size", accumulate)
     torch.manual_seed(cfg["seed"] + 1)
     init = magicvideo_init(args.init)
+    if teacher_weight and init is None:
+        raise SystemExit(f"unet.teacher_weight: expected a MagicVideo --init to teach, found {args.init}")
     history = lineage(init)
     if not history and args.resume and (run_dir / "model.safetensors").exists():  # resumed without --init
         history = json.loads(checkpoint.read_header(run_dir / "model.safetensors").metadata.get("lineage", "[]"))
@@ -273,6 +279,8 @@ def train_unet(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
         if not isinstance(tc["temporal_bidirectional"], bool):
             raise SystemExit(f"unet.temporal_bidirectional: expected true or false, found {tc['temporal_bidirectional']!r}")
         unet.set_temporal_bidirectional(tc["temporal_bidirectional"])
+    # the --init model as it was, frozen: its prediction is a second, low-variance target
+    teacher = copy.deepcopy(unet).to(device).eval().requires_grad_(False) if teacher_weight else None
     low_t_fraction, low_t_max = float(tc.get("low_t_fraction", 0.0)), int(tc.get("low_t_max", 300))
     if not 0.0 <= low_t_fraction <= 1.0 or not 0 < low_t_max <= len(training_schedule()):
         raise SystemExit(f"unet.low_t_fraction must be in [0, 1] and unet.low_t_max in [1, "
@@ -461,6 +469,12 @@ def train_unet(cfg: dict, args, run_dir: Path, device: torch.device) -> Path:
                     pred = wrapped["unet"](xt, t, context, num_frames=frames, fps=fps_t, cond=cond).float()
                 loss = ((pred - target).pow(2) * weights).sum() * scale
                 extra = {}
+                if teacher is not None:  # e.g. the dense model teaching its 2:4-pruned copy
+                    with torch.no_grad(), torch.autocast(device.type, dtype=precision or torch.float32,
+                                                         enabled=precision is not None):
+                        taught = teacher(xt, t, context.detach(), num_frames=frames, fps=fps_t, cond=cond).float()
+                    extra["teacher"] = ((pred - taught).pow(2) * weights).sum() * scale
+                    loss = loss + teacher_weight * extra["teacher"]
                 if aux_weight:
                     extra["text_aux"] = wrapped["probe"](context, labels)
                     loss = loss + aux_weight * extra["text_aux"] / accumulate
