@@ -698,9 +698,20 @@ def test_a_world_source_at_k_times_the_rate_gives_true_in_betweens():
         data.WorldSource(5, frames=7, size=32, rate=0)
 
 
-def test_interp_rate_trains_on_clips_at_k_times_the_rate(config_file, tmp_path):
+def test_interp_rate_trains_on_clips_at_k_times_the_rate(config_file, tmp_path, monkeypatch):
     """unet.interp_rate: interpolation batches come from clips at 2-3x the rate (frames 4 holds
     a gap for k <= 3), every k-th frame given, at fps 8k; other batches keep the usual tasks."""
+    from magicvideo.models.unet import VideoUNet
+
+    seen = []  # what each training forward was given: the real UNet runs, its inputs are recorded
+    forward = VideoUNet.forward
+
+    def recording(self, x, timesteps, context, num_frames, fps=None, cond=None):
+        if torch.is_grad_enabled():
+            seen.append((sorted(set(fps.tolist())), timesteps.view(-1, num_frames).eq(0).tolist()))
+        return forward(self, x, timesteps, context, num_frames, fps=fps, cond=cond)
+
+    monkeypatch.setattr(VideoUNet, "forward", recording)
     g = torch.Generator().manual_seed(0)
     drawn = [unet_stage.draw_rate({"text": 0.5, "interp": 0.5}, (2, 3), g) for _ in range(2000)]
     assert 0.45 < drawn.count(0) / 2000 < 0.55 and set(drawn) == {0, 2, 3}
@@ -711,11 +722,21 @@ def test_interp_rate_trains_on_clips_at_k_times_the_rate(config_file, tmp_path):
     logged = [json.loads(line) for line in (tmp_path / "run" / "unet.log").read_text().splitlines()]
     assert all(np.isfinite(r["loss"]) for r in logged)
     assert checkpoint.load_model(out).unet.config.image_first  # it learned from given frames
+    config = json.loads(config_file.read_text())
+    base_fps = config["data"].get("fps", 8)
+    rated = [(fps, given) for fps, given in seen if fps != [base_fps]]
+    assert len(seen) == 4 and rated, f"no batch at 2-3x the rate reached the UNet: {seen}"
+    for fps, given in rated:  # a whole batch at one rate k, every k-th frame given
+        [f] = fps
+        k = round(f / base_fps)
+        assert k in (2, 3) and all(row == [i % k == 0 for i in range(len(row))] for row in given), (fps, given)
+    seen.clear()
     # the interpolator's view: its temporal attention sees both sides of a gap, and its file says so
     both = tmp_path / "both.safetensors"
     cli.main(["--config", str(config_file), "--stage", "unet", "--run-dir", str(tmp_path / "run"), "--threads", "1",
               "--init", str(out), "--set", 'unet.tasks={"interp": 1.0}', "--set", "unet.interp_rate=true",
               "--set", "unet.temporal_bidirectional=true", "--set", "unet.steps=2", "--out", str(both)])
+    assert len(seen) == 2 and all(fps != [base_fps] for fps, _ in seen)  # interp only: every batch at a higher rate
     unet = checkpoint.load_model(both).unet
     assert unet.config.temporal_bidirectional and all(
         m.bidirectional for m in unet.modules() if hasattr(m, "bidirectional"))
