@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from magicvideo.models import checkpoint, interpolate, pipeline, upscale, video_io
+from magicvideo.models import checkpoint, interpolate, pipeline, sampling, upscale, video_io
 from magicvideo.models.sampling import PRESETS
 
 pytestmark = pytest.mark.host
@@ -24,6 +24,8 @@ WORKFLOW = REPO / "workflows" / "text_to_video.json"
 WEIGHTS = REPO / "weights" / "magicvideo_default.safetensors"
 UPSCALER = REPO / "weights" / "magicvideo_upscaler.safetensors"
 INTERPOLATOR = REPO / "weights" / "magicvideo_interpolator.safetensors"
+STUDENT = REPO / "weights" / "magicvideo_default_student.safetensors"
+STUDENT_WORKFLOW = REPO / "workflows" / "text_to_video_student.json"
 PROMPT = "a red circle moving to the left"
 
 
@@ -76,6 +78,29 @@ def test_the_workflow_holds_the_documented_settings(comfy):
 
 def test_runs_in_the_host_and_writes_the_mp4(comfy, tmp_path):
     workflow = _workflow()
+    video, path, prompt = _run(comfy, workflow)
+    metadata = video_io.read_metadata(path)
+    assert PROMPT in [n["text"] for n in _nodes(metadata["prompt"], "MagicVideoTextEncode")]
+    assert metadata["workflow"]["nodes"] == workflow["nodes"]
+    _same_as_the_library(video, prompt, WEIGHTS, tmp_path)
+
+
+def test_the_student_renders_the_main_workflow(comfy, tmp_path):
+    """workflows/text_to_video_student.json: the main graph on the shipped few-step student, whose
+    file sets the sampling (its own 4 timesteps, cfg 1, no motion guidance: ``settings`` "model")."""
+    workflow, main = json.loads(STUDENT_WORKFLOW.read_text()), _workflow()
+    assert [n["type"] for n in workflow["nodes"]] == [n["type"] for n in main["nodes"]]
+    assert workflow["links"] == main["links"], "the student's workflow is the main graph with another model"
+    student = checkpoint.load_model(STUDENT)
+    assert student.unet.config.student_timesteps == (999, 749, 499, 249)
+    ran = sampling.for_model(PRESETS["main"], student.unet.config.student_timesteps)
+    assert (ran.steps, ran.cfg, ran.sampler, ran.motion_guidance) == (4, 1.0, "lcm", 0.0)
+    video, path, prompt = _run(comfy, workflow)
+    assert video_io.read_metadata(path)["workflow"]["nodes"] == workflow["nodes"]
+    _same_as_the_library(video, prompt, STUDENT, tmp_path)
+
+
+def _run(comfy, workflow: dict):
     prompt = comfy.workflow_to_prompt(workflow)
     entry = comfy.run(prompt, workflow=workflow, timeout=600)
     [info] = comfy.output_files(entry)
@@ -84,16 +109,15 @@ def test_runs_in_the_host_and_writes_the_mp4(comfy, tmp_path):
     video = video_io.read_video(path)
     assert video.frames.shape == (46, 256, 256, 3) and video.fps == pytest.approx(24.0)
     assert video.frames.std() > 2, "the video is one flat colour"
+    return video, path, prompt
 
-    metadata = video_io.read_metadata(path)
-    assert PROMPT in [n["text"] for n in _nodes(metadata["prompt"], "MagicVideoTextEncode")]
-    assert metadata["workflow"]["nodes"] == workflow["nodes"]
 
-    # the graph and the library's one generation path (CLI, evaluator) make the same video
+def _same_as_the_library(video, prompt: dict, model: Path, tmp_path: Path) -> None:
+    """The graph and the library's one generation path (CLI, evaluator) make the same video."""
     [sampler] = _nodes(prompt, "MagicVideoKeyframeSampler")
     [interp] = _nodes(prompt, "MagicVideoFrameInterpolator")
     assert interp["seed"] == sampler["seed"]  # the library interpolates with the sampling seed
-    frames = pipeline.text_to_video(checkpoint.load_model(WEIGHTS), PROMPT, frames=16, width=64, height=64,
+    frames = pipeline.text_to_video(checkpoint.load_model(model), PROMPT, frames=16, width=64, height=64,
                                     options=PRESETS["main"].replace(seed=sampler["seed"]), dtype="fp32",
                                     interpolate=3, interpolator=checkpoint.load_model(INTERPOLATOR))
     frames = upscale.upscale(checkpoint.load_upscaler(UPSCALER), frames)
