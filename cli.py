@@ -135,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("out", help="the quantised file to write")
     q.add_argument("--scheme", default="int8", help="int8 (weight-only, one scale per output channel)")
     q.add_argument("--sparsity", default="none", help="none, or 2:4 (2 of every 4 input weights kept)")
+    c = sub.add_parser("convert", help="write a MagicVideo file with its floating-point weights in another dtype")
+    c.add_argument("model", help="a MagicVideo .safetensors file")
+    c.add_argument("out", help="the file to write")
+    c.add_argument("--dtype", default="fp16", help="fp16 (default), bf16 or fp32")
     u = sub.add_parser("upgrade", help="rewrite a MagicVideo file of an older format version as the current one")
     u.add_argument("model", help="a MagicVideo .safetensors file")
     u.add_argument("--out", help="where to write it (default: in place)")
@@ -151,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
             from .models import checkpoint
 
             print(f"wrote {checkpoint.quantize_file(args.model, args.out, scheme=args.scheme, sparsity=args.sparsity)}")
+        elif args.command == "convert":
+            from .models import checkpoint
+
+            print(f"wrote {checkpoint.convert_dtype(args.model, args.out, args.dtype)}")
         elif args.command == "upgrade":
             from .models import checkpoint
 

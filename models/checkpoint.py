@@ -832,6 +832,26 @@ def average_models(paths, out) -> Path:
     return _write(out, tensors, meta)
 
 
+STORE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def convert_dtype(path, out, dtype: str = "fp16") -> Path:
+    """Write a MagicVideo file (full, motion-only, quantised or upscaler) with its floating-point
+    tensors stored as ``dtype`` (fp16 / bf16 / fp32) and everything else as it was: integer
+    tensors, metadata, training recipe and lineage. The shipped interpolator and student are
+    their runs' fp32 exports written so."""
+    if dtype not in STORE_DTYPES:
+        raise CheckpointError(f"expected a dtype among {list(STORE_DTYPES)}, found {dtype!r}")
+    header = read_header(path)
+    if not header.is_magicvideo:
+        raise CheckpointError(f"{header.path.name}: expected a MagicVideo file, found {identify(header)}")
+    _check_version(header)
+    with safe_open(str(header.path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors = {k: t.to(STORE_DTYPES[dtype]) if t.is_floating_point() else t for k, t in tensors.items()}
+    return _write(out, tensors, dict(header.metadata))
+
+
 def upgrade(path, out=None) -> Path:
     """Rewrite a MagicVideo file of an older format version as the current one (its metadata
     migrated as on load, its tensors unchanged) at ``out`` (default: in place, atomically)."""

@@ -122,3 +122,21 @@ def test_interpolate_flag(files, capsys):
     assert main(_args(given, cond, root / "k.mp4", "--interpolate", "2", "--fps", "8", "--interpolator", str(given))) == 0
     video = video_io.read_video(root / "k.mp4")
     assert video.frames.shape[0] == 5 and video.fps == pytest.approx(16.0)
+
+
+def test_convert_writes_half_precision_weights_and_keeps_the_rest(files, tmp_path, capsys):
+    model, _, root = files
+    out = tmp_path / "half.safetensors"
+    assert main(["convert", str(root / "tiny_text.safetensors"), str(out)]) == 0
+    full, half = checkpoint.read_header(root / "tiny_text.safetensors"), checkpoint.read_header(out)
+    assert half.metadata == full.metadata
+    assert out.stat().st_size < 0.6 * (root / "tiny_text.safetensors").stat().st_size
+    a, b = checkpoint.load_model(root / "tiny_text.safetensors"), checkpoint.load_model(out)
+    for x, y in zip(a.unet.state_dict().values(), b.unet.state_dict().values()):
+        assert torch.allclose(x.float(), y.float(), atol=1e-2, rtol=1e-3)
+    assert main(["convert", str(model), str(tmp_path / "x.safetensors"), "--dtype", "int4"]) == 2
+    assert "expected a dtype among ['fp16', 'bf16', 'fp32'], found 'int4'" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()
+    (tmp_path / "not.safetensors").write_bytes(b"nothing")
+    assert main(["convert", str(tmp_path / "not.safetensors"), str(tmp_path / "y.safetensors")]) == 2
+    assert not (tmp_path / "y.safetensors").exists()
