@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from . import config
 from .lexicon import Lexicon
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
@@ -84,11 +85,7 @@ class TextConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TextConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        extra = set(d) - known
-        if extra:
-            raise ValueError(f"unknown TextConfig fields {sorted(extra)}; expected a subset of {sorted(known)}")
-        return cls(**d)
+        return config.from_dict(cls, d)
 
 
 class TextBlock(nn.Module):

@@ -43,7 +43,7 @@ indexes frames receives ``num_frames`` explicitly.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,7 @@ from einops import rearrange, repeat
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from . import config
 from .attention import (
     CrossAttention,
     DirectedSpatioTemporalAttention,
@@ -147,11 +148,7 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "UNetConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown UNetConfig fields: {unknown}")
-        return cls(**d)
+        return config.from_dict(cls, d)
 
     @property
     def image_fields(self) -> dict:

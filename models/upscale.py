@@ -25,13 +25,15 @@ cut into overlapping tiles (each with its context around it), blended linearly a
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+
+from . import config
 
 __all__ = ["UpscalerConfig", "VideoUpscaler", "TemporalConv", "upscale", "check_frames", "MIN_SIZE", "MAX_SIZE"]
 
@@ -68,11 +70,7 @@ class UpscalerConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "UpscalerConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown upscaler_config fields {sorted(unknown)}")
-        return cls(**d)
+        return config.from_dict(cls, d)
 
 
 class TemporalConv(nn.Module):

@@ -26,12 +26,14 @@ Images are float in [-1, 1], channels first, frames in the batch dimension: ``[(
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+
+from . import config
 
 __all__ = ["VAEConfig", "VideoVAE", "DirectedTemporalAttention", "latent_to_rgb"]
 
@@ -72,11 +74,7 @@ class VAEConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "VAEConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown VAE config keys {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
+        return config.from_dict(cls, d)
 
 
 # ----------------------------------------------------------------------------- 2D blocks (LDM layout)

@@ -172,7 +172,7 @@ def test_config_round_trip_and_checks():
     cfg = VAEConfig(**TINY, scaling_factor=0.5)
     assert VAEConfig.from_dict(cfg.to_dict()) == cfg
     assert VAEConfig().to_dict()["ch_mult"] == [1, 2, 4, 4] and VAEConfig().scaling_factor == 0.18215
-    with pytest.raises(ValueError, match="unknown VAE config keys"):
+    with pytest.raises(ValueError, match="unknown VAEConfig fields"):
         VAEConfig.from_dict({"channels": 3})
     with pytest.raises(ValueError, match="temporal_layers"):
         VAEConfig(ch_mult=(1, 2), temporal_layers=3)
