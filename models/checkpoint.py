@@ -842,27 +842,27 @@ def convert_dtype(path, out, dtype: str = "fp16") -> Path:
     their runs' fp32 exports written so."""
     if dtype not in STORE_DTYPES:
         raise CheckpointError(f"expected a dtype among {list(STORE_DTYPES)}, found {dtype!r}")
+    header, tensors = _read_whole(path)
+    tensors = {k: t.to(STORE_DTYPES[dtype]) if t.is_floating_point() else t for k, t in tensors.items()}
+    return _write(out, tensors, dict(header.metadata))
+
+
+def _read_whole(path) -> tuple[Header, dict[str, torch.Tensor]]:
+    """A readable MagicVideo file's header and all its tensors, for the commands that rewrite one."""
     header = read_header(path)
     if not header.is_magicvideo:
         raise CheckpointError(f"{header.path.name}: expected a MagicVideo file, found {identify(header)}")
     _check_version(header)
     with safe_open(str(header.path), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    tensors = {k: t.to(STORE_DTYPES[dtype]) if t.is_floating_point() else t for k, t in tensors.items()}
-    return _write(out, tensors, dict(header.metadata))
+        return header, {k: f.get_tensor(k) for k in f.keys()}
 
 
 def upgrade(path, out=None) -> Path:
     """Rewrite a MagicVideo file of an older format version as the current one (its metadata
     migrated as on load, its tensors unchanged) at ``out`` (default: in place, atomically)."""
-    header = read_header(path)
-    if not header.is_magicvideo:
-        raise CheckpointError(f"{header.path.name}: expected a MagicVideo file, found {identify(header)}")
-    _check_version(header)
+    header, tensors = _read_whole(path)
     meta = dict(header.metadata)
     if "text_config" in meta:
         meta["text_config"] = json.dumps(migrate_text_config(json.loads(meta["text_config"]), meta["format_version"]))
     meta["format_version"] = _version_for(meta.get("unet_config"))
-    with safe_open(str(header.path), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
     return _write(out or header.path, tensors, meta)
