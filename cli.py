@@ -27,6 +27,7 @@ import torch
 PACK_ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = PACK_ROOT / "weights" / "magicvideo_default.safetensors"
 DEFAULT_INTERPOLATOR = PACK_ROOT / "weights" / "magicvideo_interpolator.safetensors"
+DEFAULT_UPSCALER = PACK_ROOT / "weights" / "magicvideo_upscaler.safetensors"
 
 
 def _device(name: str) -> torch.device:
@@ -88,6 +89,8 @@ def generate(args) -> Path:
         interpolator = DEFAULT_INTERPOLATOR  # the bundled default's partner; another model interpolates itself
     if args.interpolate > 1 and interpolator is not None:
         settings["interpolator"] = checkpoint.load_model(interpolator)
+    if args.upscaler:
+        settings["upscaler"] = checkpoint.load_upscaler(DEFAULT_UPSCALER if args.upscaler == "default" else args.upscaler)
     try:
         if args.conditioning:
             positive, negative = _conditioning_file(args, bundle)
@@ -127,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="K > 1: K frames per keyframe gap by the frame interpolator (8 fps keyframes, K=3: 24 fps)")
     g.add_argument("--interpolator", help="model file that interpolates (default: the bundled interpolator with the "
                                           "bundled model, else --model itself)")
+    g.add_argument("--upscaler", help="a super-resolver file, or 'default' for the bundled one: frames x4 "
+                                      "(64x64 -> 256x256); none by default")
     g.add_argument("--chunk-size", type=int, default=8, help="frames decoded at once by the VAE")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--dtype", choices=list(pipeline.DTYPES), default="auto")

@@ -292,6 +292,20 @@ def _image_first(unet, latents, positive, negative, *, num_frames, options, moti
                         motion=motion, callback=second_pass)
 
 
+def _check_upscaler(upscaler, vae, positive: torch.Tensor) -> None:
+    """Before any sampling: an upscaler reading latents or text must take this VAE's and this prompt's."""
+    from .upscale import check_text
+
+    cfg = upscaler.config
+    if cfg.latent_channels and (cfg.latent_channels, cfg.latent_down) != (vae.config.embed_dim, vae.config.downscale):
+        raise RequestError(f"the upscaler reads latents of {cfg.latent_channels} channels at 1/{cfg.latent_down} "
+                           f"size; this model's VAE makes {vae.config.embed_dim} at 1/{vae.config.downscale}")
+    try:
+        check_text(upscaler, positive if cfg.text_channels else None)
+    except ValueError as exc:
+        raise RequestError(str(exc)) from None
+
+
 def conditioning_to_video(
     bundle,
     positive: torch.Tensor,
@@ -313,6 +327,7 @@ def conditioning_to_video(
     latents_only: bool = False,
     interpolate: int = 1,
     interpolator=None,
+    upscaler=None,
 ) -> torch.Tensor:
     """Text embeddings -> frames ``[frames, height, width, 3]`` float32 in 0..1 on the CPU.
 
@@ -323,11 +338,15 @@ def conditioning_to_video(
     (``models/interpolate.py``, its preset's steps, ``options.seed``) with the positive text,
     making ``(frames - 1) * k + 1`` frames at ``options.fps * k``; ``interpolator``: the bundle
     whose UNet interpolates (default this one). ``timings``, when given, receives seconds per
-    stage: ``sampling``, ``interpolation``, ``vae_decode``. ``latents_only``: skip the VAE and
-    return the latents (scaled) float32 on the CPU.
+    stage: ``sampling``, ``interpolation``, ``vae_decode``, ``upscale``. ``latents_only``: skip the VAE and
+    return the latents (scaled) float32 on the CPU. ``upscaler``: a super-resolver
+    (``models/upscale.py``) raises the decoded frames 4x, reading the latents and the positive
+    text when it was trained to.
     """
     unet, vae, _ = prepare(bundle, device=device, dtype=dtype)
     check_size(vae.config.downscale, width, height, frames)
+    if upscaler is not None:
+        _check_upscaler(upscaler, vae, positive)
     down = vae.config.downscale
     latents = torch.zeros(frames, unet.config.in_channels, height // down, width // down)
     if init_video is not None:
@@ -363,6 +382,13 @@ def conditioning_to_video(
     else:
         out = decode_frames(vae, latents, frames, chunk_size)
         stages["vae_decode"] = time.perf_counter() - t2
+        if upscaler is not None:
+            from .upscale import upscale
+
+            t3 = time.perf_counter()
+            raw = latents.float().cpu() / vae.config.scaling_factor if upscaler.config.latent_channels else None
+            out = upscale(upscaler, out, latents=raw, text=positive.float().cpu() if upscaler.config.text_channels else None)
+            stages["upscale"] = time.perf_counter() - t3
     if timings is not None:
         timings.update(stages)
     return out

@@ -18,6 +18,15 @@ frames.
     model = VideoUpscaler(UpscalerConfig())
     big = upscale(model, frames)   # [F, H, W, 3] in 0..1 -> [F, 4H, 4W, 3]
 
+A model with ``latent_channels`` also reads the VAE latents the frames were decoded from
+(``upscale(model, frames, latents=z)``): a 64x64 decode has already lost what the VideoVAE's
+small decoder could not draw (rounded corners, ringing edges, shifted colours), while the
+latents still hold it. A branch of residual blocks at the latent grid, raised to the
+frames' size by learned 2x steps, adds its features to the pixel body's first layer through
+a zero-initialised convolution, so such a model starts as the pixel model it was grown from.
+Trained with the latents dropped in a share of batches, it still takes frames alone (a
+loaded video) and then runs as the pixel model.
+
 :func:`upscale` runs frames in chunks that overlap by the temporal receptive field, so a
 chunked run gives the frames of a whole one; frames larger than ``tile`` input pixels are
 cut into overlapping tiles (each with its context around it), blended linearly across the seams.
@@ -35,7 +44,7 @@ from torch import nn
 
 from . import config
 
-__all__ = ["UpscalerConfig", "VideoUpscaler", "TemporalConv", "upscale", "check_frames", "MIN_SIZE", "MAX_SIZE"]
+__all__ = ["UpscalerConfig", "VideoUpscaler", "TemporalConv", "upscale", "check_frames", "check_latents", "check_text", "MIN_SIZE", "MAX_SIZE"]
 
 MIN_SIZE = 4  # input side: bicubic and the 3x3 convolutions' replicate padding need a few pixels
 MAX_SIZE = 2048  # input side: 8192 px output, the largest a host IMAGE of sane size holds
@@ -48,22 +57,37 @@ class UpscalerConfig:
     blocks: int = 4
     temporal: bool = True  # a TemporalConv in every residual block
     temporal_kernel: int = 3
+    latent_channels: int = 0  # > 0: also reads the VAE latents of the frames (the default's VideoVAE: 4)
+    latent_down: int = 8  # frame pixels per latent cell (a power of 2)
+    latent_blocks: int = 2  # residual blocks at the latent grid
+    latent_scale: float = 1.0  # multiplies the latents as given (raw VAE latents): the VAE's scaling factor
+    text_channels: int = 0  # > 0: also reads the prompt's embeddings [tokens, text_channels] (the default's: 128)
 
     def __post_init__(self):
         if self.scale < 1 or self.channels < 1 or self.blocks < 1:
             raise ValueError(f"scale, channels and blocks must be positive: {self}")
         if self.temporal_kernel < 1 or self.temporal_kernel % 2 == 0:
             raise ValueError(f"temporal_kernel must be odd: {self.temporal_kernel}")
+        if self.text_channels < 0:
+            raise ValueError(f"text_channels must be >= 0: {self}")
+        if self.latent_channels < 0 or self.latent_blocks < 0 or self.latent_down < 1 \
+                or self.latent_down & (self.latent_down - 1):
+            raise ValueError(f"latent_channels and latent_blocks must be >= 0 and latent_down a power of 2: {self}")
 
     @property
     def temporal_reach(self) -> int:
         """Frames on each side that an output frame depends on."""
-        return self.blocks * (self.temporal_kernel // 2) if self.temporal else 0
+        blocks = self.blocks + (self.latent_blocks if self.latent_channels else 0)
+        return blocks * (self.temporal_kernel // 2) if self.temporal else 0
 
     @property
     def spatial_reach(self) -> int:
-        """Input pixels on each side that an output pixel depends on (convs + bicubic)."""
-        return 2 * self.blocks + 2 + 2
+        """Input pixels on each side that an output pixel depends on (convs + bicubic; the latent
+        branch's convolutions at the latent grid and its 2x steps when it has one)."""
+        reach = 2 * self.blocks + 2 + 2
+        if self.latent_channels:
+            reach += (2 * self.latent_blocks + 2) * self.latent_down + 2 * self.latent_down.bit_length()
+        return reach
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -106,6 +130,25 @@ class ResidualBlock(nn.Module):
         return x + y
 
 
+class TextShift(nn.Module):
+    """The prompt as per-channel shifts of the body's first and last features: its tokens pooled
+    by one learned query's attention, then a small MLP whose last layer starts at zero."""
+
+    def __init__(self, width: int, channels: int):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(width) / width ** 0.5)
+        self.key = nn.Linear(width, width, bias=False)
+        self.mlp = nn.Sequential(nn.Linear(width, 2 * channels), nn.ReLU(), nn.Linear(2 * channels, 2 * channels))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, context: torch.Tensor) -> torch.Tensor:
+        """[b, tokens, width] -> [b, 2, channels, 1, 1]"""
+        weights = torch.softmax(self.key(context) @ self.query / context.shape[-1] ** 0.5, dim=1)  # [b, tokens]
+        pooled = (weights[..., None] * context).sum(1)
+        return self.mlp(pooled).view(context.shape[0], 2, -1, 1, 1)
+
+
 class VideoUpscaler(nn.Module):
     """[(b f), 3, h, w] in 0..1 -> [(b f), 3, scale h, scale w] (not clamped)."""
 
@@ -119,12 +162,44 @@ class VideoUpscaler(nn.Module):
         nn.init.zeros_(self.conv_out.weight)  # starts as bicubic
         nn.init.zeros_(self.conv_out.bias)
         self.shuffle = nn.PixelShuffle(config.scale)
+        if config.text_channels:
+            self.text = TextShift(config.text_channels, c)
+        if config.latent_channels:
+            self.latent_in = nn.Conv2d(config.latent_channels, c, 3, padding=1, padding_mode="replicate")
+            self.latent_blocks = nn.ModuleList(ResidualBlock(c, config.temporal, config.temporal_kernel)
+                                               for _ in range(config.latent_blocks))
+            self.latent_up = nn.ModuleList(nn.Sequential(nn.Conv2d(c, 4 * c, 3, padding=1, padding_mode="replicate"),
+                                                         nn.PixelShuffle(2), nn.ReLU())
+                                           for _ in range(config.latent_down.bit_length() - 1))
+            for conv in [self.latent_in] + [up[0] for up in self.latent_up]:  # He init: the features keep their
+                nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")     # scale through the 2x steps
+                nn.init.zeros_(conv.bias)
+            self.latent_out = nn.Conv2d(c, c, 1)
+            nn.init.zeros_(self.latent_out.weight)  # starts as the pixel model
+            nn.init.zeros_(self.latent_out.bias)
 
-    def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, frames: int, latents: torch.Tensor | None = None,
+                text: torch.Tensor | None = None) -> torch.Tensor:
+        """``latents`` [(b f), latent_channels, h / latent_down, w / latent_down] (raw VAE latents) or None;
+        ``text`` [b, tokens, text_channels] (each video's prompt embeddings) or None."""
         base = F.interpolate(x, scale_factor=self.config.scale, mode="bicubic", align_corners=False)
-        h = F.relu(self.conv_in(x * 2 - 1))
+        h = self.conv_in(x * 2 - 1)
+        shift = None
+        if text is not None and self.config.text_channels:
+            shift = self.text(text.to(x.dtype)).repeat_interleave(frames, dim=0)  # [(b f), 2, c, 1, 1]
+            h = h + shift[:, 0]
+        if latents is not None and self.config.latent_channels:
+            g = F.relu(self.latent_in(latents * self.config.latent_scale))
+            for block in self.latent_blocks:
+                g = block(g, frames)
+            for up in self.latent_up:
+                g = up(g)
+            h = h + self.latent_out(g)
+        h = F.relu(h)
         for block in self.blocks:
             h = block(h, frames)
+        if shift is not None:
+            h = h + shift[:, 1]
         return base + self.shuffle(self.conv_out(h))
 
 
@@ -161,21 +236,57 @@ def _ramp(n: int, lo_overlap: int, hi_overlap: int) -> torch.Tensor:
     return w
 
 
-def _tiled(model: VideoUpscaler, x: torch.Tensor, frames: int, tile: int, overlap: int, margin: int) -> torch.Tensor:
+def check_latents(model: VideoUpscaler, frames: torch.Tensor, latents: torch.Tensor | None) -> None:
+    """A ValueError naming what is expected when ``latents`` do not belong to ``frames`` for this model."""
+    cfg = model.config
+    if latents is None:
+        return
+    if not cfg.latent_channels:
+        raise ValueError("latents were given, but this upscaler does not read latents (latent_channels 0): "
+                         "give it the frames alone or choose an upscaler trained with latents")
+    f, h, w, _ = frames.shape
+    d = cfg.latent_down
+    want = (f, cfg.latent_channels, h // d, w // d)
+    if h % d or w % d or tuple(latents.shape) != want:
+        raise ValueError(f"the latents must be the frames' own: [frames, {cfg.latent_channels}, height/{d}, width/{d}] "
+                         f"= {list(want)} for {f} frames of {w}x{h}; got {list(latents.shape)}")
+
+
+def check_text(model: VideoUpscaler, text: torch.Tensor | None) -> None:
+    """A ValueError naming what is expected when ``text`` is not prompt embeddings this model reads."""
+    if text is None:
+        return
+    width = model.config.text_channels
+    if not width:
+        raise ValueError("a prompt was given, but this upscaler does not read text (text_channels 0): give it the "
+                         "frames alone or choose an upscaler trained with prompts")
+    if text.ndim != 3 or text.shape[0] != 1 or text.shape[-1] != width:
+        raise ValueError(f"the prompt must be one video's text embeddings [1, tokens, {width}] (the text encoder "
+                         f"this upscaler was trained with); got {list(text.shape)}")
+
+
+def _tiled(model: VideoUpscaler, x: torch.Tensor, frames: int, tile: int, overlap: int, margin: int,
+           latents: torch.Tensor | None = None, text: torch.Tensor | None = None) -> torch.Tensor:
     """x [(b f), 3, h, w] -> upscaled, in tiles of ``tile`` input pixels that overlap by ``overlap``
     and are blended linearly across it; each tile is run with ``margin`` pixels of context
-    around it (cropped after), so with margin >= the spatial reach a tile is the whole's."""
+    around it (cropped after), so with margin >= the spatial reach a tile is the whole's. With
+    latents, tiles, overlaps and margins fall on the latent grid."""
     s = model.config.scale
     _, _, h, w = x.shape
     if h <= tile and w <= tile:
-        return model(x, frames)
-    ys, xs = _spans(h, tile, overlap), _spans(w, tile, overlap)
+        return model(x, frames, latents, text)
+    unit = model.config.latent_down if latents is not None else 1
+    tile, overlap, margin = max(1, tile // unit), -(-overlap // unit), -(-margin // unit)
+    ys = [(a * unit, b * unit) for a, b in _spans(h // unit, tile, overlap)]
+    xs = [(a * unit, b * unit) for a, b in _spans(w // unit, tile, overlap)]
+    margin *= unit
     out = torch.zeros(x.shape[0], 3, h * s, w * s, dtype=x.dtype)
     weight = torch.zeros(1, 1, h * s, w * s, dtype=x.dtype)
     for i, (y0, y1) in enumerate(ys):
         for j, (x0, x1) in enumerate(xs):
             cy0, cy1, cx0, cx1 = max(0, y0 - margin), min(h, y1 + margin), max(0, x0 - margin), min(w, x1 + margin)
-            part = model(x[..., cy0:cy1, cx0:cx1], frames)
+            lat = None if latents is None else latents[..., cy0 // unit:cy1 // unit, cx0 // unit:cx1 // unit]
+            part = model(x[..., cy0:cy1, cx0:cx1], frames, lat, text)
             part = part[..., (y0 - cy0) * s:(y1 - cy0) * s, (x0 - cx0) * s:(x1 - cx0) * s]
             oy_lo = ys[i - 1][1] - y0 if i else 0
             oy_hi = y1 - ys[i + 1][0] if i + 1 < len(ys) else 0
@@ -188,9 +299,16 @@ def _tiled(model: VideoUpscaler, x: torch.Tensor, frames: int, tile: int, overla
 
 
 @torch.no_grad()
-def upscale(model: VideoUpscaler, frames: torch.Tensor, *, chunk: int = 16, tile: int = 128, overlap: int = 8,
-            margin: int | None = None, callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+def upscale(model: VideoUpscaler, frames: torch.Tensor, *, latents: torch.Tensor | None = None,
+            text: torch.Tensor | None = None, chunk: int = 16,
+            tile: int = 128, overlap: int = 8, margin: int | None = None,
+            callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Frames ``[F, H, W, 3]`` in 0..1 -> ``[F, 4H, 4W, 3]`` float32 in 0..1 on the CPU.
+
+    ``latents`` ``[F, c, H/8, W/8]``: the raw VAE latents the frames were decoded from, for a
+    model that reads them (``latent_channels``); without them such a model runs as its pixel self.
+    ``text`` ``[1, tokens, width]``: the prompt's embeddings (the text encoder's output the
+    keyframes were sampled with), for a model that reads them (``text_channels``).
 
     ``chunk`` output frames per pass (each pass sees ``temporal_reach`` more on each side, so
     the result does not depend on ``chunk``); frames wider or taller than ``tile`` input
@@ -201,6 +319,8 @@ def upscale(model: VideoUpscaler, frames: torch.Tensor, *, chunk: int = 16, tile
     """
     cfg = model.config
     check_frames(frames, cfg.scale)
+    check_latents(model, frames, latents)
+    check_text(model, text)
     if chunk < 1 or tile < 2 * MIN_SIZE or not 0 <= overlap <= tile // 2:
         raise ValueError(f"chunk must be >= 1, tile >= {2 * MIN_SIZE} and overlap 0..tile/2; got chunk={chunk}, "
                          f"tile={tile}, overlap={overlap}")
@@ -212,7 +332,9 @@ def upscale(model: VideoUpscaler, frames: torch.Tensor, *, chunk: int = 16, tile
         end = min(start + chunk, total)
         lo, hi = max(0, start - reach), min(total, end + reach)
         x = frames[lo:hi].movedim(-1, 1).to(param.device, param.dtype)
-        y = _tiled(model, x, hi - lo, tile, overlap, margin)
+        lat = None if latents is None else latents[lo:hi].to(param.device, param.dtype)
+        y = _tiled(model, x, hi - lo, tile, overlap, margin, lat,
+                   None if text is None else text.to(param.device, param.dtype))
         out[start:end] = y[start - lo: end - lo].float().clamp(0, 1).movedim(1, -1).cpu()
         if callback is not None:
             callback(end, total)

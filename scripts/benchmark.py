@@ -84,22 +84,13 @@ def work_generate(job: dict) -> dict:
     options = pipeline.PRESETS[job["preset"]].replace(steps=job["steps"], fps=job["fps"], seed=0)
     settings = dict(frames=job["frames"], width=job["size"], height=job["size"], options=options, device=device,
                     dtype=job["dtype"])
-    upscaler = None
     if job.get("stages"):  # the main workflow's later stages: interpolation x3, then 4x super-resolution
-        from magicvideo.models import upscale
-
-        settings.update(interpolate=3, interpolator=checkpoint.load_model(INTERPOLATOR))
-        upscaler = checkpoint.load_upscaler(UPSCALER, device=device)
+        settings.update(interpolate=3, interpolator=checkpoint.load_model(INTERPOLATOR),
+                        upscaler=checkpoint.load_upscaler(UPSCALER, device=device))
     load = time.perf_counter() - t0
 
     def generate(timings=None, **changes):
-        frames = pipeline.text_to_video(bundle, PROMPT, timings=timings, **{**settings, **changes})
-        if upscaler is not None:
-            t = time.perf_counter()
-            upscale.upscale(upscaler, frames)
-            if timings is not None:
-                timings["super_resolution"] = time.perf_counter() - t
-                timings["total"] += timings["super_resolution"]
+        pipeline.text_to_video(bundle, PROMPT, timings=timings, **{**settings, **changes})
 
     generate(options=options.replace(steps=1))  # warm-up
     runs = []
@@ -113,7 +104,7 @@ def work_generate(job: dict) -> dict:
         "dtype": job["dtype"], "steps": job["steps"], "load_s": load,
         "text_encode_s": median["text_encode"], "sampling_s": median["sampling"],
         "sampling_per_step_s": median["sampling"] / job["steps"], "vae_decode_s": median["vae_decode"],
-        "interpolation_s": median.get("interpolation"), "super_resolution_s": median.get("super_resolution"),
+        "interpolation_s": median.get("interpolation"), "super_resolution_s": median.get("upscale"),
         "total_s": median["total"], "compute_s_per_video_s": median["total"] / video_seconds,
         "total_s_runs": [r["total"] for r in runs],
         "peak_memory_mib": _peak_memory_mib(device), "memory_before_load_mib": rss_before,

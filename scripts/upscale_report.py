@@ -7,8 +7,10 @@ Held-out world clips (``--seed 1035``, a seed training does not use; a quarter o
 held-out colour/shape/motion triples, as in the evaluator's prompt sets) are rendered at 64x64
 and made into inputs as the pipeline makes them (``training/upscale.py``'s ``degrade``): the
 VideoVAE's round trip ("vae") and the decode of the keyframe model's partial denoise
-("sampled"). Each input is raised to 256x256 by bicubic, Lanczos (PIL), the bundled
-upscaler and (``--flat``) the same model trained without its temporal layers; all are scored
+("sampled"), each with the latents it was decoded from. Each input is raised to 256x256 by
+bicubic, Lanczos (PIL), the bundled upscaler (given the latents when it reads them, and then
+also without them: "ours_frames_only"), ``--pixel`` an upscaler of the frames alone (the one the
+latent model was grown from) and ``--flat`` one trained without temporal layers; all are scored
 against the same clips rendered at 256: PSNR and SSIM; the evaluator's colour and shape
 (beside the 64x64 input's own, and the input's PSNR against the truth at 64: what the VAE
 and the sampler already lost); flicker, the mean frame-to-frame change (0..255 levels) of
@@ -94,16 +96,21 @@ def adherence(videos, specs) -> dict:
 
 
 def run(args) -> dict:
-    from magicvideo.models import evaluate
+    from magicvideo.models import evaluate, pipeline
     from magicvideo.training.upscale import degrade
 
     torch.set_num_threads(args.threads)
-    methods = {"bicubic": bicubic, "lanczos": lanczos}
+    methods = {"bicubic": lambda low, lat, text: bicubic(low), "lanczos": lambda low, lat, text: lanczos(low)}
     ours = checkpoint.load_upscaler(args.upscaler)
-    methods["ours"] = lambda low: upscale.upscale(ours, low)
-    if args.flat:
-        flat = checkpoint.load_upscaler(args.flat)
-        methods["ours_without_temporal_layers"] = lambda low: upscale.upscale(flat, low)
+    reads_latents, reads_text = bool(ours.config.latent_channels), bool(ours.config.text_channels)
+    methods["ours"] = lambda low, lat, text: upscale.upscale(ours, low, latents=lat if reads_latents else None,
+                                                             text=text if reads_text else None)
+    if reads_latents or reads_text:
+        methods["ours_frames_only"] = lambda low, lat, text: upscale.upscale(ours, low)
+    for name, path in (("pixel_upscaler", args.pixel), ("ours_without_temporal_layers", args.flat)):
+        if path:
+            other = checkpoint.load_upscaler(path)
+            methods[name] = lambda low, lat, text, other=other: upscale.upscale(other, low)
     bundle = checkpoint.load_model(args.model)
     prompts = evaluate.prompt_set(args.seed, args.n)
     specs = [p.spec for p in prompts]
@@ -111,6 +118,7 @@ def run(args) -> dict:
     masks = [still_background(s) for s in specs]
     report = {"command": "scripts/upscale_report.py " + " ".join(sys.argv[1:]), "measured": time.strftime("%Y-%m-%d"),
               "upscaler": args.upscaler.name, "flat": args.flat.name if args.flat else None,
+              "pixel": args.pixel.name if args.pixel else None,
               "upscaler_config": ours.config.to_dict(), "clips": args.n, "frames": FRAMES, "size": [LOW, HIGH],
               "truth": {"adherence": adherence(truth, specs), "flicker": float(np.mean([flicker(t, m) for t, m
                                                                                        in zip(truth, masks)]))},
@@ -118,14 +126,15 @@ def run(args) -> dict:
     strip, names = [], []
     for kind in args.kinds:
         rng = np.random.default_rng(args.seed + 1)
-        low = degrade(bundle, specs, [kind] * len(specs), frames=FRAMES, size=LOW, rng=rng)
+        low, lats, captions = degrade(bundle, specs, [kind] * len(specs), frames=FRAMES, size=LOW, rng=rng)
+        texts = [pipeline.encode_prompt(bundle.text_encoder, c) for c in captions]
         low = (low * 255).round() / 255  # what a video file or the host's 8-bit preview holds
         result = {"input_64": {"adherence": adherence(low, specs),  # what the 64x64 input itself shows
                                "psnr_vs_truth_64": float(np.mean([psnr(v, t) for v, t in zip(low, truth_low)]))}}
         outs = {}
         for name, fn in methods.items():
             t0 = time.perf_counter()
-            videos = [fn(v) for v in low]
+            videos = [fn(v, z, c) for v, z, c in zip(low, lats, texts)]
             seconds = (time.perf_counter() - t0) / (len(low) * FRAMES)
             outs[name] = videos
             result[name] = {
@@ -152,15 +161,26 @@ def run(args) -> dict:
 def speed(args) -> dict:
     """One fresh process: upscale ``--speed-frames`` world frames; seconds per output frame, peak RSS."""
     torch.set_num_threads(args.threads)
+    from magicvideo.models import pipeline
+
     model = checkpoint.load_upscaler(args.upscaler)
     spec = world.sample_spec(np.random.default_rng(args.seed), "train")
     low = world.render(spec, args.speed_frames, LOW)
-    upscale.upscale(model, low[:2])  # warm-up
+    lats = text = None
+    if model.config.latent_channels or model.config.text_channels:  # made before the clock starts
+        bundle = checkpoint.load_model(args.model)
+        _, vae, encoder = pipeline.prepare(bundle, device="cpu")
+        if model.config.latent_channels:  # the latents a decode came from
+            lats = pipeline.encode_frames(vae, low) / vae.config.scaling_factor
+        if model.config.text_channels:
+            text = pipeline.encode_prompt(encoder, world.caption(spec, np.random.default_rng(args.seed)))
+    upscale.upscale(model, low[:2], latents=None if lats is None else lats[:2], text=text)  # warm-up
     before = peak_rss_mib()
     t0 = time.perf_counter()
-    out = upscale.upscale(model, low)
+    out = upscale.upscale(model, low, latents=lats, text=text)
     seconds = time.perf_counter() - t0
-    return {"frames": args.speed_frames, "output": list(out.shape), "threads": args.threads,
+    return {"frames": args.speed_frames, "output": list(out.shape), "threads": args.threads, "latents": lats is not None,
+            "text": text is not None,
             "seconds_per_output_frame": seconds / args.speed_frames, "peak_rss_mib": peak_rss_mib(),
             "rss_after_load_mib": before}
 
@@ -169,6 +189,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--upscaler", type=Path, default=WEIGHTS)
     parser.add_argument("--flat", type=Path, help="the same model trained without temporal layers")
+    parser.add_argument("--pixel", type=Path, help="an upscaler of the frames alone, to compare")
     parser.add_argument("--model", type=Path, default=MODEL, help="the keyframe model that makes the inputs")
     parser.add_argument("--kinds", nargs="+", default=["vae", "sampled"])
     parser.add_argument("--n", type=int, default=24)
@@ -178,6 +199,7 @@ def main() -> None:
     parser.add_argument("--strip", type=Path)
     parser.add_argument("--strip-clip", type=int, default=1)
     parser.add_argument("--strip-every", type=int, default=5)
+    parser.add_argument("--no-speed", action="store_true", help="skip the timing runs (a quick look at quality)")
     parser.add_argument("--speed-frames", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.speed_frames:
@@ -185,9 +207,9 @@ def main() -> None:
         return
     report = run(args)
     report["speed"] = {}
-    for frames in (16, 240):
+    for frames in () if args.no_speed else (16, 240):
         out = subprocess.run([sys.executable, __file__, "--speed-frames", str(frames), "--upscaler", str(args.upscaler),
-                              "--threads", str(args.threads)], check=True, capture_output=True, text=True,
+                              "--model", str(args.model), "--threads", str(args.threads)], check=True, capture_output=True, text=True,
                              env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
         report["speed"][str(frames)] = json.loads(out.stdout.strip().splitlines()[-1])
         print(report["speed"][str(frames)], flush=True)

@@ -140,3 +140,22 @@ def test_convert_writes_half_precision_weights_and_keeps_the_rest(files, tmp_pat
     (tmp_path / "not.safetensors").write_bytes(b"nothing")
     assert main(["convert", str(tmp_path / "not.safetensors"), str(tmp_path / "y.safetensors")]) == 2
     assert not (tmp_path / "y.safetensors").exists()
+
+
+def test_upscaler_flag(files, tmp_path):
+    """--upscaler FILE: the decoded frames raised 4x, the upscaler given the latents and the prompt
+    it reads; one that reads another text encoder's prompt is refused before sampling."""
+    from magicvideo.models.upscale import UpscalerConfig, VideoUpscaler
+
+    model, cond, root = files
+    torch.manual_seed(0)
+    guided = awake(VideoUpscaler(UpscalerConfig(channels=4, blocks=1, latent_channels=4, latent_blocks=1,
+                                                text_channels=WIDTH)))
+    path = checkpoint.save_upscaler(tmp_path / "up.safetensors", guided)
+    assert main(_args(model, cond, tmp_path / "u.gif", "--upscaler", str(path))) == 0
+    assert video_io.read_video(tmp_path / "u.gif").frames.shape == (3, 96, 128, 3)
+    other = checkpoint.save_upscaler(tmp_path / "other.safetensors",
+                                     VideoUpscaler(UpscalerConfig(channels=4, blocks=1, text_channels=12)))
+    with pytest.raises(SystemExit, match=r"\[1, tokens, 12\]"):
+        main(_args(model, cond, tmp_path / "v.gif", "--upscaler", str(other)))
+    assert not (tmp_path / "v.gif").exists()

@@ -70,6 +70,55 @@ def test_tiles_blend_without_seams(model, size):
     assert err.mean() < 0.01 and err.max() < 0.15
 
 
+def test_a_guided_model_starts_as_the_pixel_model_it_grows_from(model):
+    grown = VideoUpscaler(UpscalerConfig(channels=8, blocks=2, latent_channels=4, latent_blocks=1, text_channels=16))
+    missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith(("latent_", "text.")) for k in missing)
+    frames, latents, text = torch.rand(5, 16, 24, 3), torch.randn(5, 4, 2, 3), torch.randn(1, 7, 16)
+    assert torch.allclose(upscale.upscale(grown, frames, latents=latents, text=text), upscale.upscale(model, frames),
+                          atol=1e-6)
+
+
+def test_the_prompt_reaches_every_frame_and_tile():
+    model = _model(text_channels=16)
+    frames, text = torch.rand(6, 24, 24, 3), torch.randn(1, 7, 16)
+    whole = upscale.upscale(model, frames, text=text, chunk=100, tile=4096)
+    assert (whole - upscale.upscale(model, frames)).abs().mean(dim=(1, 2, 3)).min() > 0.01  # every frame
+    other = upscale.upscale(model, frames, text=torch.randn(1, 7, 16))  # another prompt, another picture
+    assert not torch.allclose(other, whole)
+    assert torch.allclose(upscale.upscale(model, frames, text=text, chunk=2, tile=16), whole, atol=1e-5)
+    with pytest.raises(ValueError, match=r"\[1, tokens, 16\] .* got \[1, 7, 12\]"):
+        upscale.upscale(model, frames, text=torch.randn(1, 7, 12))
+    with pytest.raises(ValueError, match="does not read text"):
+        upscale.upscale(_model(), frames, text=text)
+
+
+def test_latents_reach_the_output_chunked_and_tiled_as_whole():
+    model = _model(latent_channels=4, latent_blocks=1)
+    frames, latents = torch.rand(7, 40, 56, 3), torch.randn(7, 4, 5, 7)
+    whole = upscale.upscale(model, frames, latents=latents, chunk=100, tile=4096)
+    assert model.config.temporal_reach == 3
+    assert (whole - upscale.upscale(model, frames, chunk=100, tile=4096)).abs().mean() > 0.01  # they matter
+    assert torch.allclose(upscale.upscale(model, frames, latents=latents, chunk=2), whole, atol=1e-5)
+    tiled = upscale.upscale(model, frames, latents=latents, tile=16)  # 2x2-cell tiles, each with its context
+    assert torch.allclose(tiled, whole, atol=1e-5)
+    changed = latents.clone()
+    changed[0] += 1
+    a = upscale.upscale(model, frames, latents=changed)
+    assert not torch.allclose(a[3], whole[3]) and torch.equal(a[4:], whole[4:])  # 3 frames of reach, no more
+
+
+def test_latents_that_do_not_fit(model):
+    reads = _model(latent_channels=4, latent_blocks=1)
+    frames = torch.rand(4, 16, 24, 3)
+    with pytest.raises(ValueError, match=r"= \[4, 4, 2, 3\] for 4 frames of 24x16; got \[3, 4, 2, 3\]"):
+        upscale.upscale(reads, frames, latents=torch.randn(3, 4, 2, 3))
+    with pytest.raises(ValueError, match="height/8"):
+        upscale.upscale(reads, torch.rand(4, 12, 16, 3), latents=torch.randn(4, 4, 1, 2))
+    with pytest.raises(ValueError, match="does not read latents"):
+        upscale.upscale(model, frames, latents=torch.randn(4, 4, 2, 3))
+
+
 @pytest.mark.parametrize("h, w", [(4, 4), (5, 7), (13, 64), (63, 65)])
 def test_odd_sizes(model, h, w):
     out = upscale.upscale(model, torch.rand(3, h, w, 3))
@@ -144,6 +193,26 @@ def test_the_training_stage_writes_an_upscaler_and_resumes(tmp_path):
     assert model.config == UpscalerConfig(channels=4, blocks=1) and header.metadata["steps"] == "3"
     assert json.loads(header.metadata["training_recipe"])["config"]["upscale"]["steps"] == 3
     assert len([json.loads(line) for line in (run / "upscale.log").read_text().splitlines()]) >= 2
+
+    # an upscaler reading latents and the prompt grown from that file: its pixel network loaded, its
+    # latent scale the VAE's, trained on the pool's caption embeddings
+    config["upscale"].update(config={"channels": 4, "blocks": 1, "latent_channels": 4, "latent_blocks": 1,
+                                     "text_channels": 128},
+                             init=str(out), crop=16, latent_drop=0.5)
+    path.write_text(json.dumps(config))
+    with pytest.raises(SystemExit, match="holds no latents"):
+        legacy = tmp_path / "legacy"
+        legacy.mkdir()
+        save_file({"inputs": torch.zeros(1, 4, 64, 64, 3, dtype=torch.uint8)}, str(legacy / "upscale_pool.safetensors"),
+                  metadata={"format": "magicvideo-upscale-pool", "specs": "[]", "kinds": "[]"})
+        cli.main(["--config", str(path), "--stage", "upscale", "--run-dir", str(legacy), "--threads", "1"])
+    cli.main(["--config", str(path), "--stage", "upscale", "--run-dir", str(tmp_path / "latent"), "--threads", "1",
+              "--init", str(REPO / "weights" / "magicvideo_default.safetensors"), "--out", str(tmp_path / "l.safetensors")])
+    grown = checkpoint.load_upscaler(tmp_path / "l.safetensors")
+    default_vae = checkpoint.load_model(REPO / "weights" / "magicvideo_default.safetensors").vae.config
+    assert grown.config.latent_channels == 4 and grown.config.latent_scale == pytest.approx(default_vae.scaling_factor)
+    recipe = json.loads(checkpoint.read_header(tmp_path / "l.safetensors").metadata["training_recipe"])
+    assert recipe["config"]["upscale"]["init"] == "out.safetensors"
 
 
 def test_the_loss_weighs_the_truths_edges_when_asked():
