@@ -20,7 +20,9 @@ class SuperResolver:
         "MagicVideo's super-resolution stage: raises every frame of a video 4x (64x64 -> 256x256) with a small "
         "trained network that sees each frame's neighbours, so still parts stay steady instead of flickering as "
         "with a per-frame upscaler. Takes any IMAGE: MagicVideo VAE Decode's frames, a loaded video, core nodes' "
-        "images. Runs in chunks of frames and tiles of large frames, so memory does not grow with the video."
+        "images. Runs in chunks of frames and tiles of large frames, so memory does not grow with the video. "
+        "Given the latents the frames were decoded from and their prompt, it also redraws what the 64x64 decode "
+        "lost."
     )
     CATEGORY = f"{CATEGORY}/image"
     FUNCTION = "upscale"
@@ -42,6 +44,14 @@ class SuperResolver:
                                         "magicvideo_upscaler.safetensors)."}),
             },
             "optional": {
+                "latents": ("LATENT", {"tooltip": "The latents these frames were decoded from (what went into "
+                                                  "MagicVideo VAE Decode). The bundled upscaler reads them to redraw "
+                                                  "edges and colours the small decode lost; leave empty for any "
+                                                  "other IMAGE."}),
+                "positive": ("CONDITIONING", {"tooltip": "The prompt the frames were made with (MagicVideo Text "
+                                                         "Encode's). The bundled upscaler reads it to set colours the "
+                                                         "small model drew off (a navy background drawn black); "
+                                                         "leave empty for any other IMAGE."}),
                 "frames": ("INT", {"default": 0, "min": 0, "max": 100000,
                            "tooltip": "Frames per video when the batch holds several videos (each is upscaled "
                                       "apart, so no frame sees another video's); 0 = the whole batch is one video."}),
@@ -58,21 +68,29 @@ class SuperResolver:
             self._cache[key] = checkpoint.load_upscaler(path)
         return self._cache[key]
 
-    def upscale(self, images, upscaler, frames=0, chunk_size=16):
+    def upscale(self, images, upscaler, latents=None, positive=None, frames=0, chunk_size=16):
         upscale.check_frames(images)
         per_video = frames or images.shape[0]
         if images.shape[0] % per_video:
             raise ValueError(f"the IMAGE batch has {images.shape[0]} frames, which does not split into videos of "
                              f"{per_video} frames")
         model = self._model(upscaler)
+        z = None if latents is None else latents["samples"].float().cpu()
+        upscale.check_latents(model, images, z)
+        text = None if positive is None else positive[0][0].float().cpu()
+        if text is not None and len(positive) != 1:
+            raise ValueError(f"the upscaler reads one prompt; the positive CONDITIONING holds {len(positive)}")
+        upscale.check_text(model, text)
+        z_videos = [None] * (images.shape[0] // per_video) if z is None else z.split(per_video)
         pbar = comfy.utils.ProgressBar(images.shape[0])
         out = []
-        for v, video in enumerate(images.split(per_video)):
+        for v, (video, lat) in enumerate(zip(images.split(per_video), z_videos)):
             def progress(done, total, v=v):
                 mm.throw_exception_if_processing_interrupted()
                 pbar.update_absolute(v * per_video + done, images.shape[0])
 
-            out.append(upscale.upscale(model, video.float().cpu(), chunk=chunk_size, callback=progress))
+            out.append(upscale.upscale(model, video.float().cpu(), latents=lat, text=text, chunk=chunk_size,
+                                       callback=progress))
         return (torch.cat(out),)
 
 
