@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from magicvideo.models import checkpoint, interpolate, pipeline, sampling, upscale, video_io
+from magicvideo.models import checkpoint, interpolate, pipeline, sampling, video_io
 from magicvideo.models.sampling import PRESETS
 
 pytestmark = pytest.mark.host
@@ -67,6 +67,8 @@ def test_the_workflow_holds_the_documented_settings(comfy):
     assert ui_sampler["widgets_values"][1] == "fixed", "the seed must stay fixed so the example reproduces"
     [sr] = _nodes(prompt, "MagicVideoSuperResolver")  # 64x64 keyframes, 256x256 video
     assert sr["upscaler"] == "magicvideo_upscaler.safetensors" and sr["images"][0] in prompt
+    assert prompt[sr["latents"][0]]["class_type"] == "MagicVideoFrameInterpolator"  # the frames' own latents
+    assert prompt[sr["positive"][0]]["inputs"]["text"] == PROMPT  # and their prompt
     [interp] = _nodes(prompt, "MagicVideoFrameInterpolator")  # 8 fps keyframes, 24 fps video
     assert {k: interp[k] for k in ("factor", "steps", "fps", "denoise")} == \
         {"factor": 3, "steps": interpolate.PRESET.steps, "fps": 8, "denoise": interpolate.PRESET.denoise}
@@ -119,8 +121,8 @@ def _same_as_the_library(video, prompt: dict, model: Path, tmp_path: Path) -> No
     assert interp["seed"] == sampler["seed"]  # the library interpolates with the sampling seed
     frames = pipeline.text_to_video(checkpoint.load_model(model), PROMPT, frames=16, width=64, height=64,
                                     options=PRESETS["main"].replace(seed=sampler["seed"]), dtype="fp32",
-                                    interpolate=3, interpolator=checkpoint.load_model(INTERPOLATOR))
-    frames = upscale.upscale(checkpoint.load_upscaler(UPSCALER), frames)
+                                    interpolate=3, interpolator=checkpoint.load_model(INTERPOLATOR),
+                                    upscaler=checkpoint.load_upscaler(UPSCALER))
     raw = video_io.frames_to_uint8(frames).astype(np.int16)
     ours = video_io.read_video(video_io.write_video(tmp_path / "cli.mp4", frames, 24.0, "mp4").path).frames
     # Both went through H.264, whose output for the same frames is not bit-identical from run to

@@ -213,6 +213,8 @@ def test_the_training_stage_writes_an_upscaler_and_resumes(tmp_path):
     assert grown.config.latent_channels == 4 and grown.config.latent_scale == pytest.approx(default_vae.scaling_factor)
     recipe = json.loads(checkpoint.read_header(tmp_path / "l.safetensors").metadata["training_recipe"])
     assert recipe["config"]["upscale"]["init"] == "out.safetensors"
+    [grown_from] = json.loads(checkpoint.read_header(tmp_path / "l.safetensors").metadata["lineage"])
+    assert grown_from["config"]["upscale"]["config"] == {"channels": 4, "blocks": 1}  # the pixel file's recipe
 
 
 def test_the_loss_weighs_the_truths_edges_when_asked():
@@ -263,6 +265,10 @@ def test_the_node_runs_in_the_host(comfy):
     assert video.frames.shape == (5, 88, 120, 3)
     # a flat colour no world clip shows, through H.264: the bundled upscaler measured 8.5 levels off
     assert abs(video.frames[2].astype(int).mean(axis=(0, 1)) - [0x33, 0x66, 0xCC]).max() < 12
+    prompt["4"] = {"class_type": "MagicVideoEmptyLatent", "inputs": {"width": 64, "height": 64, "frames": 5, "batch": 1}}
+    prompt["2"]["inputs"]["latents"] = ["4", 0]  # latents of another size than the images': refused by name
+    assert "the latents must be the frames' own" in comfy.run_expect_error(prompt)
+    del prompt["2"]["inputs"]["latents"]
     prompt["1"]["inputs"]["height"] = 2
     assert "4 to 2048 pixels a side" in comfy.run_expect_error(prompt)
     prompt["1"]["inputs"]["height"] = 22

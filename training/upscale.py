@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from ..models import checkpoint, pipeline, world
 from ..models.sampling import PRESETS
 from ..models.upscale import UpscalerConfig, VideoUpscaler
+from .export import lineage
 from .loop import Logger, cosine_lr, load_state, save_state
 
 POOL_FORMAT = "magicvideo-upscale-pool"
@@ -232,6 +233,9 @@ def train_upscaler(cfg: dict, args, run_dir: Path, device: torch.device) -> Path
         print(f"[train upscale] resumed at step {start}", file=sys.stderr)
     elif tc.get("init"):
         _grow_from(model, tc["init"])
+        # the recipes of the file grown from, kept beside the run (the file itself may be replaced by this one)
+        (run_dir / "upscale_lineage.json").write_text(json.dumps(lineage(checkpoint.read_header(tc["init"]))))
+    history = json.loads((run_dir / "upscale_lineage.json").read_text()) if (run_dir / "upscale_lineage.json").exists() else []
 
     steps = tc["steps"]
     rng = np.random.default_rng(cfg["seed"] + 1 + start)
@@ -259,6 +263,9 @@ def train_upscaler(cfg: dict, args, run_dir: Path, device: torch.device) -> Path
             log.log(step, loss=float(loss.detach()), lr=opt.param_groups[0]["lr"])
         if (step + 1) % tc["save_every"] == 0 or step in (steps - 1, end - 1):
             save_state(state_path, step, {"model": model}, opt)
-            checkpoint.save_upscaler(out_path, model, extra_metadata={"training_recipe": recipe, "steps": str(step + 1)})
+            meta = {"training_recipe": recipe, "steps": str(step + 1)}
+            if history:
+                meta["lineage"] = json.dumps(history, sort_keys=True)
+            checkpoint.save_upscaler(out_path, model, extra_metadata=meta)
     print(file=sys.stderr)
     return out_path
