@@ -49,9 +49,10 @@ class SuperResolver:
                                                   "edges and colours the small decode lost; leave empty for any "
                                                   "other IMAGE."}),
                 "positive": ("CONDITIONING", {"tooltip": "The prompt the frames were made with (MagicVideo Text "
-                                                         "Encode's). The bundled upscaler reads it to set colours the "
-                                                         "small model drew off (a navy background drawn black); "
-                                                         "leave empty for any other IMAGE."}),
+                                                         "Encode's). The bundled upscaler reads it to restore colours "
+                                                         "the small VAE drew off (a navy background drawn grey-blue). "
+                                                         "Only for frames MagicVideo VAE Decode made: on other frames "
+                                                         "it shifts colours that were right."}),
                 "frames": ("INT", {"default": 0, "min": 0, "max": 100000,
                            "tooltip": "Frames per video when the batch holds several videos (each is upscaled "
                                       "apart, so no frame sees another video's); 0 = the whole batch is one video."}),

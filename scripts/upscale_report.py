@@ -8,9 +8,10 @@ held-out colour/shape/motion triples, as in the evaluator's prompt sets) are ren
 and made into inputs as the pipeline makes them (``training/upscale.py``'s ``degrade``): the
 VideoVAE's round trip ("vae") and the decode of the keyframe model's partial denoise
 ("sampled"), each with the latents it was decoded from. Each input is raised to 256x256 by
-bicubic, Lanczos (PIL), the bundled upscaler (given the latents when it reads them, and then
-also without them: "ours_frames_only"), ``--pixel`` an upscaler of the frames alone (the one the
-latent model was grown from) and ``--flat`` one trained without temporal layers; all are scored
+bicubic, Lanczos (PIL), the bundled upscaler (given the latents and the caption's embeddings when
+it reads them, and then also without them: "ours_frames_only", "ours_latents_only",
+"ours_prompt_only"), ``--pixel`` an upscaler of the frames alone (the one the guided model was
+grown from) and ``--flat`` one trained without temporal layers; all are scored
 against the same clips rendered at 256: PSNR and SSIM; the evaluator's colour and shape
 (beside the 64x64 input's own, and the input's PSNR against the truth at 64: what the VAE
 and the sampler already lost); flicker, the mean frame-to-frame change (0..255 levels) of
@@ -86,6 +87,45 @@ def lanczos(low: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.stack(frames)).float() / 255
 
 
+def error_split(videos, truth, specs) -> dict:
+    """Where the squared error lies: background at least 4 px from any object, the outlines (within
+    4 px), inside; the PSNR once each frame's background is shifted to the truth's mean colour; the
+    error left on the background after that shift, on plain and on textured backgrounds (RMS levels)."""
+    from scipy import ndimage
+
+    parts, fixed, resid = {"background": 0.0, "outlines": 0.0, "inside": 0.0}, 0.0, {"plain": [], "textured": []}
+    for video, true, spec in zip(videos, truth, specs):
+        cover = world.object_coverage([spec], FRAMES, HIGH, HIGH)[0].sum(1).numpy() > 0
+        near = ndimage.binary_dilation(cover, np.ones((1, 9, 9), bool)) & ~ndimage.binary_erosion(cover, np.ones((1, 9, 9), bool))
+        err = (video - true).pow(2).mean(-1).numpy()
+        parts["background"] += float(err[~cover & ~near].sum())
+        parts["outlines"] += float(err[near].sum())
+        parts["inside"] += float(err[cover & ~near].sum())
+        bg = torch.from_numpy(~cover & ~near)
+        diff = (video - true)[bg]  # [pixels, 3] over all frames
+        frame_of = torch.arange(FRAMES)[:, None, None].expand(FRAMES, HIGH, HIGH)[bg]
+        mean = torch.zeros(FRAMES, 3).index_add_(0, frame_of, diff) / torch.bincount(frame_of, minlength=FRAMES).clamp(min=1)[:, None]
+        shifted = video.clone()
+        shifted[bg] -= mean[frame_of]
+        fixed += float((shifted - true).pow(2).mean(-1).sum())
+        resid["plain" if spec.texture == "plain" else "textured"].append(float((diff - mean[frame_of]).pow(2).mean().sqrt() * 255))
+    total = sum(parts.values())
+    pixels = truth[0].numel() / 3 * len(truth)
+    return {"share": {k: v / total for k, v in parts.items()}, "psnr": float(10 * np.log10(pixels / total)),
+            "psnr_background_mean_shifted": float(10 * np.log10(pixels / fixed)),
+            "background_rms_after_shift": {k: float(np.mean(v)) if v else None for k, v in resid.items()}}
+
+
+def background_colours(low, specs) -> dict:
+    """The mean colour (0..255) an input draws each background with, away from the objects."""
+    out: dict = {}
+    for video, spec in zip(low, specs):
+        cover = world.object_coverage([spec], FRAMES, LOW, LOW)[0].sum(1) > 0
+        out.setdefault(spec.background, []).append((video[~cover].mean(0) * 255).tolist())
+    return {b: {"true": list(world.BACKGROUNDS[b]), "drawn": np.mean(c, 0).round(1).tolist(), "clips": len(c)}
+            for b, c in sorted(out.items())}
+
+
 def adherence(videos, specs) -> dict:
     from magicvideo.models import evaluate
 
@@ -107,6 +147,9 @@ def run(args) -> dict:
                                                              text=text if reads_text else None)
     if reads_latents or reads_text:
         methods["ours_frames_only"] = lambda low, lat, text: upscale.upscale(ours, low)
+    if reads_latents and reads_text:  # what each guidance adds
+        methods["ours_latents_only"] = lambda low, lat, text: upscale.upscale(ours, low, latents=lat)
+        methods["ours_prompt_only"] = lambda low, lat, text: upscale.upscale(ours, low, text=text)
     for name, path in (("pixel_upscaler", args.pixel), ("ours_without_temporal_layers", args.flat)):
         if path:
             other = checkpoint.load_upscaler(path)
@@ -148,6 +191,8 @@ def run(args) -> dict:
             print(f"{kind} {name}: PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.4f}, flicker {r['flicker']:.3f}, "
                   f"{r['adherence']}, {seconds:.4f} s/frame", flush=True)
         result["ours_minus_bicubic_psnr_db"] = result["ours"]["psnr"] - result["bicubic"]["psnr"]
+        result["error_split"] = {"ours": error_split(outs["ours"], truth, specs),
+                                 "input_background_colours": background_colours(low, specs)}
         report["inputs"][kind] = result
         i = args.strip_clip
         strip += [low[i], outs["bicubic"][i], outs["ours"][i], truth[i]]
