@@ -18,14 +18,17 @@ frames.
     model = VideoUpscaler(UpscalerConfig())
     big = upscale(model, frames)   # [F, H, W, 3] in 0..1 -> [F, 4H, 4W, 3]
 
-A model with ``latent_channels`` also reads the VAE latents the frames were decoded from
-(``upscale(model, frames, latents=z)``): a 64x64 decode has already lost what the VideoVAE's
-small decoder could not draw (rounded corners, ringing edges, shifted colours), while the
-latents still hold it. A branch of residual blocks at the latent grid, raised to the
-frames' size by learned 2x steps, adds its features to the pixel body's first layer through
-a zero-initialised convolution, so such a model starts as the pixel model it was grown from.
-Trained with the latents dropped in a share of batches, it still takes frames alone (a
-loaded video) and then runs as the pixel model.
+Two optional guides carry what the pipeline knows besides the frames. ``latent_channels``:
+the VAE latents the frames were decoded from (``upscale(model, frames, latents=z)``), read by
+a branch of residual blocks at the latent grid, raised to the frames' size by learned 2x
+steps and added to the body's first features through a zero-initialised convolution.
+``text_channels``: the prompt's embeddings (``text=``), pooled by a learned query and turned
+into per-channel shifts of the body's first and last features (:class:`TextShift`), because
+the small VideoVAE shifts background colours that the frames alone cannot tell apart and the
+prompt names. Both start at zero, so such a model starts as the pixel model it was grown
+from; trained with each guide left out of a share of batches, it also takes frames alone (a
+loaded video). What each adds is measured in ``docs/TRAINING.md`` ("Super-resolution"): the
+prompt a little, the latents nothing measurable.
 
 :func:`upscale` runs frames in chunks that overlap by the temporal receptive field, so a
 chunked run gives the frames of a whole one; frames larger than ``tile`` input pixels are

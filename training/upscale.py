@@ -9,7 +9,11 @@ model's own partial denoises of such clips (``make_decoder_pairs``' recipe: the 
 to a strength in ``strengths`` and finished by the sampler), so the upscaler learns to clean
 their artefacts; a share of clean renders keeps it right on any clean input. Targets are the
 same clips' specs rendered at ``scale`` times the size. The inputs are made once into
-``<run-dir>/upscale_pool.safetensors`` (uint8 frames + specs); targets are rendered per step.
+``<run-dir>/upscale_pool.safetensors`` (uint8 frames, the raw latents they were decoded from, the
+captions and their embeddings, specs); targets are rendered per step. A model with
+``latent_channels`` / ``text_channels`` is given the latents and the caption's embeddings (each
+left out of ``upscale.latent_drop`` / ``text_drop`` of the batches); ``upscale.init`` grows it from
+a pixel-only upscaler file, whose recipes the new file keeps as its ``lineage``.
 Training sees random crops of ``frames`` consecutive frames; the loss (``upscale.loss``) is L1 on
 the output by default, or the squared error (what PSNR scores), with ``upscale.edge_weight`` giving
 the pixels at the truth's edges more weight (the shapes' outlines are where the inputs lost most).
