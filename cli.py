@@ -90,7 +90,8 @@ def generate(args) -> Path:
     if args.interpolate > 1 and interpolator is not None:
         settings["interpolator"] = checkpoint.load_model(interpolator)
     if args.upscaler:
-        settings["upscaler"] = checkpoint.load_upscaler(DEFAULT_UPSCALER if args.upscaler == "default" else args.upscaler)
+        settings["upscaler"] = checkpoint.load_upscaler(DEFAULT_UPSCALER if args.upscaler == "default"
+                                                        else args.upscaler)
     try:
         if args.conditioning:
             positive, negative = _conditioning_file(args, bundle)

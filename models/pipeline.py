@@ -387,7 +387,8 @@ def conditioning_to_video(
 
             t3 = time.perf_counter()
             raw = latents.float().cpu() / vae.config.scaling_factor if upscaler.config.latent_channels else None
-            out = upscale(upscaler, out, latents=raw, text=positive.float().cpu() if upscaler.config.text_channels else None)
+            text = positive.float().cpu() if upscaler.config.text_channels else None
+            out = upscale(upscaler, out, latents=raw, text=text)
             stages["upscale"] = time.perf_counter() - t3
     if timings is not None:
         timings.update(stages)

@@ -47,7 +47,8 @@ from torch import nn
 
 from . import config
 
-__all__ = ["UpscalerConfig", "VideoUpscaler", "TemporalConv", "upscale", "check_frames", "check_latents", "check_text", "MIN_SIZE", "MAX_SIZE"]
+__all__ = ["UpscalerConfig", "VideoUpscaler", "TemporalConv", "upscale", "check_frames", "check_latents", "check_text",
+           "MIN_SIZE", "MAX_SIZE"]
 
 MIN_SIZE = 4  # input side: bicubic and the 3x3 convolutions' replicate padding need a few pixels
 MAX_SIZE = 2048  # input side: 8192 px output, the largest a host IMAGE of sane size holds

@@ -96,7 +96,8 @@ def error_split(videos, truth, specs) -> dict:
     parts, fixed, resid = {"background": 0.0, "outlines": 0.0, "inside": 0.0}, 0.0, {"plain": [], "textured": []}
     for video, true, spec in zip(videos, truth, specs):
         cover = world.object_coverage([spec], FRAMES, HIGH, HIGH)[0].sum(1).numpy() > 0
-        near = ndimage.binary_dilation(cover, np.ones((1, 9, 9), bool)) & ~ndimage.binary_erosion(cover, np.ones((1, 9, 9), bool))
+        box = np.ones((1, 9, 9), bool)
+        near = ndimage.binary_dilation(cover, box) & ~ndimage.binary_erosion(cover, box)
         err = (video - true).pow(2).mean(-1).numpy()
         parts["background"] += float(err[~cover & ~near].sum())
         parts["outlines"] += float(err[near].sum())
@@ -104,11 +105,13 @@ def error_split(videos, truth, specs) -> dict:
         bg = torch.from_numpy(~cover & ~near)
         diff = (video - true)[bg]  # [pixels, 3] over all frames
         frame_of = torch.arange(FRAMES)[:, None, None].expand(FRAMES, HIGH, HIGH)[bg]
-        mean = torch.zeros(FRAMES, 3).index_add_(0, frame_of, diff) / torch.bincount(frame_of, minlength=FRAMES).clamp(min=1)[:, None]
+        counts = torch.bincount(frame_of, minlength=FRAMES).clamp(min=1)[:, None]
+        mean = torch.zeros(FRAMES, 3).index_add_(0, frame_of, diff) / counts
         shifted = video.clone()
         shifted[bg] -= mean[frame_of]
         fixed += float((shifted - true).pow(2).mean(-1).sum())
-        resid["plain" if spec.texture == "plain" else "textured"].append(float((diff - mean[frame_of]).pow(2).mean().sqrt() * 255))
+        left = float((diff - mean[frame_of]).pow(2).mean().sqrt() * 255)
+        resid["plain" if spec.texture == "plain" else "textured"].append(left)
     total = sum(parts.values())
     pixels = truth[0].numel() / 3 * len(truth)
     return {"share": {k: v / total for k, v in parts.items()}, "psnr": float(10 * np.log10(pixels / total)),
@@ -253,8 +256,9 @@ def main() -> None:
     report = run(args)
     report["speed"] = {}
     for frames in () if args.no_speed else (16, 240):
-        out = subprocess.run([sys.executable, __file__, "--speed-frames", str(frames), "--upscaler", str(args.upscaler),
-                              "--model", str(args.model), "--threads", str(args.threads)], check=True, capture_output=True, text=True,
+        command = [sys.executable, __file__, "--speed-frames", str(frames), "--upscaler", str(args.upscaler),
+                   "--model", str(args.model), "--threads", str(args.threads)]
+        out = subprocess.run(command, check=True, capture_output=True, text=True,
                              env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
         report["speed"][str(frames)] = json.loads(out.stdout.strip().splitlines()[-1])
         print(report["speed"][str(frames)], flush=True)

@@ -186,7 +186,8 @@ def test_the_training_stage_writes_an_upscaler_and_resumes(tmp_path):
     base = ["--config", str(path), "--stage", "upscale", "--run-dir", str(run), "--threads", "1"]
     with pytest.raises(SystemExit, match="--init a MagicVideo file"):
         cli.main(base)
-    cli.main(base + ["--init", str(REPO / "weights" / "magicvideo_default.safetensors"), "--steps", "2"])
+    cli.main(base + ["--init", str(REPO / "weights" / "magicvideo_default.safetensors"), "--stop-at", "2"])
+    assert checkpoint.read_header(run / "upscaler.safetensors").metadata["steps"] == "2"  # a leg of the 3-step run
     cli.main(base + ["--resume", "--out", str(out)])  # the pool is reused, the steps go on
     model = checkpoint.load_upscaler(out)
     header = checkpoint.read_header(out)
@@ -207,7 +208,8 @@ def test_the_training_stage_writes_an_upscaler_and_resumes(tmp_path):
                   metadata={"format": "magicvideo-upscale-pool", "specs": "[]", "kinds": "[]"})
         cli.main(["--config", str(path), "--stage", "upscale", "--run-dir", str(legacy), "--threads", "1"])
     cli.main(["--config", str(path), "--stage", "upscale", "--run-dir", str(tmp_path / "latent"), "--threads", "1",
-              "--init", str(REPO / "weights" / "magicvideo_default.safetensors"), "--out", str(tmp_path / "l.safetensors")])
+              "--init", str(REPO / "weights" / "magicvideo_default.safetensors"),
+              "--out", str(tmp_path / "l.safetensors")])
     grown = checkpoint.load_upscaler(tmp_path / "l.safetensors")
     default_vae = checkpoint.load_model(REPO / "weights" / "magicvideo_default.safetensors").vae.config
     assert grown.config.latent_channels == 4 and grown.config.latent_scale == pytest.approx(default_vae.scaling_factor)
@@ -274,3 +276,24 @@ def test_the_node_runs_in_the_host(comfy):
     prompt["1"]["inputs"]["height"] = 22
     prompt["2"]["inputs"]["upscaler"] = "magicvideo_default.safetensors"
     assert "expected a MagicVideo upscaler file" in comfy.run_expect_error(prompt)
+
+
+def test_guided_batches_are_neither_mirrored_nor_reversed():
+    """A mirrored or time-reversed clip no longer matches its latents or its caption: batches for a
+    guided model come as the pool holds them; a pixel model's are flipped at random."""
+    import numpy as np
+
+    from magicvideo.models import world
+    from magicvideo.training.upscale import _batch
+
+    spec = world.sample_spec(np.random.default_rng(0), "train")
+    pool = {"inputs": torch.rand(1, 6, 16, 16, 3), "latents": torch.randn(1, 6, 4, 2, 2), "text": None,
+            "specs": [spec]}
+    tc = {"batch_size": 1, "frames": 3, "crop": 16}
+    windows = [pool["inputs"][0, f:f + 3].movedim(-1, 1) for f in range(4)]
+    rng = np.random.default_rng(1)
+    for _ in range(10):
+        low, _, _, latents, _ = _batch(pool, rng, tc, 2, unit=8, augment=False)
+        assert any(torch.equal(low, w) for w in windows) and latents.shape == (3, 4, 2, 2)
+    flipped = [not any(torch.equal(_batch(pool, rng, tc, 2)[0], w) for w in windows) for _ in range(10)]
+    assert any(flipped)

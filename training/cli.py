@@ -53,8 +53,8 @@ def main(argv=None):
                         "--set unet.lr=3e-4 --set unet.binding_words=object")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
-                   help="unet, distill and upscale stages: stop (and save) before this step; the learning-rate schedule keeps its "
-                        "full length, so a run can be split into legs that change other settings")
+                   help="unet, distill and upscale stages: stop (and save) before this step; the learning-rate "
+                        "schedule keeps its full length, so a run can be split into legs that change other settings")
     p.add_argument("--profile", type=int, default=None, metavar="N",
                    help="unet stage: profile N steps (from 35 steps in) with torch.profiler; the table of ops "
                         "by their own time goes to the run folder's profile.txt")

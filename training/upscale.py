@@ -94,7 +94,8 @@ def save_pool(path: Path, pool: dict, latent_scale: float) -> None:
     """The pool: uint8 frames, fp16 raw latents and caption embeddings, specs, kinds and captions, and the
     VAE's ``latent_scale``."""
     frames = (pool["inputs"] * 255).round().to(torch.uint8).contiguous()
-    tensors = {"inputs": frames, "latents": pool["latents"].half().contiguous(), "text": pool["text"].half().contiguous()}
+    tensors = {"inputs": frames, "latents": pool["latents"].half().contiguous(),
+               "text": pool["text"].half().contiguous()}
     save_file(tensors, str(path), metadata={
         "format": POOL_FORMAT, "specs": json.dumps([s.to_dict() for s in pool["specs"]]),
         "kinds": json.dumps(pool["kinds"]), "captions": json.dumps(pool["captions"]), "latent_scale": str(latent_scale)})
@@ -108,14 +109,17 @@ def load_pool(path: Path) -> dict:
         inputs = f.get_tensor("inputs").float() / 255
         latents = f.get_tensor("latents").float() if "latents" in f.keys() else None
         text = f.get_tensor("text").float() if "text" in f.keys() else None
-    return {"inputs": inputs, "latents": latents, "text": text, "latent_scale": float(meta.get("latent_scale", 1.0)), "specs": [world.ClipSpec.from_dict(d) for d in json.loads(meta["specs"])],
-            "kinds": json.loads(meta["kinds"])}
+    return {"inputs": inputs, "latents": latents, "text": text, "latent_scale": float(meta.get("latent_scale", 1.0)),
+            "specs": [world.ClipSpec.from_dict(d) for d in json.loads(meta["specs"])], "kinds": json.loads(meta["kinds"])}
 
 
-def _batch(pool: dict, rng: np.random.Generator, tc: dict, scale: int, unit: int = 0):
+def _batch(pool: dict, rng: np.random.Generator, tc: dict, scale: int, unit: int = 0, augment: bool = True):
     """-> low [(b f), 3, c, c], high [(b f), 3, c*scale, c*scale], frames, latents [(b f), ch, c/unit, c/unit]
     (None when ``unit`` is 0: crops then start anywhere, else on the latent grid of ``unit`` pixels),
-    the clips' caption embeddings [b, tokens, width] (None for a pool without them)."""
+    the clips' caption embeddings [b, tokens, width] (None for a pool without them). ``augment``: mirror
+    and time-reverse at random (the world's motions come in both directions); off for a model that reads
+    latents (the VideoVAE's latent of a mirrored clip is not its latent mirrored) or prompts (a mirrored
+    clip no longer moves as its caption says)."""
     b, t, crop = tc["batch_size"], tc["frames"], tc["crop"]
     n, clip_frames, size = pool["inputs"].shape[:3]
     idx = rng.choice(n, b, replace=False)
@@ -131,11 +135,9 @@ def _batch(pool: dict, rng: np.random.Generator, tc: dict, scale: int, unit: int
             lat = torch.empty(0)
         low = pool["inputs"][i, f0:f0 + t, y0:y0 + crop, x0:x0 + crop]
         high = truth[j, f0:f0 + t, y0 * scale:(y0 + crop) * scale, x0 * scale:(x0 + crop) * scale]
-        # mirrored and time-reversed at random (the world's motions come in both directions); not
-        # with latents: the VideoVAE's latent of a mirrored clip is not its latent mirrored
-        if not unit and rng.random() < 0.5:
+        if augment and rng.random() < 0.5:
             low, high = low.flip(2), high.flip(2)
-        if not unit and rng.random() < 0.5:
+        if augment and rng.random() < 0.5:
             low, high = low.flip(0), high.flip(0)
         lows.append(low)
         highs.append(high)
@@ -239,7 +241,8 @@ def train_upscaler(cfg: dict, args, run_dir: Path, device: torch.device) -> Path
         _grow_from(model, tc["init"])
         # the recipes of the file grown from, kept beside the run (the file itself may be replaced by this one)
         (run_dir / "upscale_lineage.json").write_text(json.dumps(lineage(checkpoint.read_header(tc["init"]))))
-    history = json.loads((run_dir / "upscale_lineage.json").read_text()) if (run_dir / "upscale_lineage.json").exists() else []
+    lineage_path = run_dir / "upscale_lineage.json"
+    history = json.loads(lineage_path.read_text()) if lineage_path.exists() else []
 
     steps = tc["steps"]
     rng = np.random.default_rng(cfg["seed"] + 1 + start)
@@ -250,7 +253,8 @@ def train_upscaler(cfg: dict, args, run_dir: Path, device: torch.device) -> Path
     end = min(steps, args.stop_at) if getattr(args, "stop_at", None) else steps
     model.train()
     for step in range(start, end):
-        low, high, frames, latents, text = _batch(pool, rng, tc, scale, unit)
+        low, high, frames, latents, text = _batch(pool, rng, tc, scale, unit,
+                                                  augment=not (unit or model.config.text_channels))
         if latents is not None and rng.random() < latent_drop:
             latents = None  # so the model also takes frames alone (a loaded video)
         if not model.config.text_channels or rng.random() < text_drop:
